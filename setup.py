@@ -1,0 +1,31 @@
+"""btfast: a fast, exact inference engine for BridgeTower models from `transformers`."""
+
+from setuptools import setup
+
+setup(
+    name="btfast",
+    version="0.1.0",
+    description="Fast, exact inference for Hugging Face BridgeTower models (Triton kernels, shape buckets, CUDA graphs)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["btfast", "btfast.model", "btfast.score", "btfast.kernels"],
+    # The kernels live in kernels/ but are installed as btfast.kernels: a top-level `kernels`
+    # package exists on PyPI and transformers probes for it.
+    package_dir={"btfast.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=4.40",
+        "triton>=3.0; platform_system == 'Linux'",
+        "pillow>=10",
+        "numpy",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "tokenizers", "pyarrow", "ruff"],
+        "parquet": ["pyarrow"],
+        "plot": ["matplotlib"],
+        "ray": ["ray[data]>=2.9", "pyarrow"],
+    },
+    entry_points={"console_scripts": ["btfast=btfast.cli:main"]},
+)
