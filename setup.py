@@ -1,6 +1,6 @@
 """btfast: a fast, exact inference engine for BridgeTower models from `transformers`."""
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="btfast",
@@ -9,7 +9,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["btfast", "btfast.model", "btfast.score", "btfast.kernels"],
+    packages=find_packages(include=["btfast", "btfast.*"]) + ["btfast.kernels"],
     # The kernels live in kernels/ but are installed as btfast.kernels: a top-level `kernels`
     # package exists on PyPI and transformers probes for it.
     package_dir={"btfast.kernels": "kernels"},

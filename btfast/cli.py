@@ -1,0 +1,45 @@
+"""The `btfast` command: one subcommand per job, each defined in the module that does the job."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> module defining `add_arguments(parser)` and `run(args) -> int`
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "bench": ("btfast.benchmark.cli", "throughput, latency, memory and accuracy against HF eager and torch.compile"),
+    "score": ("btfast.score.cli_score", "score image-text pairs offline (ITM or ITC), resumable"),
+    "retrieve": ("btfast.score.cli_retrieve", "ITC top-k candidates re-ranked by ITM, in both directions"),
+    "embed": ("btfast.score.cli_embed", "ITC image and text embeddings, written once for indexing"),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="btfast",
+        description="Fast, exact inference for Hugging Face BridgeTower models.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
+        if only is None or only == name:
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # Import only the module of the subcommand asked for: `btfast score` need not import the benchmark.
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in SUBCOMMANDS else None)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
