@@ -1,0 +1,302 @@
+"""`optimize(model)`: a drop-in module that runs a BridgeTower head through btfast's own forward."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.modeling_outputs import MaskedLMOutput, SequenceClassifierOutput
+from transformers.models.bridgetower.modeling_bridgetower import BridgeTowerContrastiveOutput, BridgeTowerModelOutput
+
+from btfast import inputs
+from btfast.errors import InputError
+from btfast.model import fusion, heads, text, vision
+from btfast.ops import Ops
+from btfast.spec import ModelSpec, read_spec
+from btfast.states import FusionOutput, ImageStates, TextStates
+from btfast.weights import Weights, pack
+
+log = logging.getLogger("btfast")
+
+# Arguments the reference serves and btfast hands to it (with a one-time warning), rather than answer wrongly.
+_REFERENCE_ONLY = ("output_attentions", "output_hidden_states", "interpolate_pos_encoding", "image_embeds")
+
+
+class OptimizedBridgeTower(nn.Module):
+    """A BridgeTower head with btfast's forward: same arguments, same output class, same numbers.
+
+    The wrapped model stays available as `.model` and still works; its q/k/v parameters become views
+    into packed tensors (no copy). `encode_text` / `encode_image` / `fuse` expose the three stages, so
+    each unique text or image can be encoded once and fused with many partners.
+    """
+
+    def __init__(self, model: nn.Module, kernels: bool | None = None) -> None:
+        super().__init__()
+        self.spec: ModelSpec = read_spec(model)
+        self.model = model.eval()
+        self.ops = Ops(kernels)
+        self._warned: set[str] = set()
+        self.weights: Weights = pack(model, self.spec)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> OptimizedBridgeTower:
+        # .to() / .cuda() / .half() give the model new parameter tensors: pack them again.
+        super()._apply(fn, recurse)
+        self.weights = pack(self.model, self.spec)
+        return self
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.weights.word.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weights.word.dtype
+
+    # -- stages -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> TextStates:
+        """Run the text tower on (B, L) token ids; right padding must use the pad id (as the reference)."""
+        inputs.check_text(self.spec, self.weights.word.shape[0], input_ids, attention_mask)
+        return self._encode_text(input_ids.to(self.device), _key_mask(attention_mask, self.device))
+
+    def _encode_text(self, input_ids: Tensor, key_mask: Tensor | None) -> TextStates:
+        w, ops, spec = self.weights, self.ops, self.spec
+        x = text.embed(w, ops, spec, input_ids)
+        split = spec.split
+        for layer in w.text_layers[:split]:
+            x = text.layer(layer, ops, spec, x, key_mask)
+        bridges = [ops.linear(x, w.text_transform[0])]
+        for j, layer in enumerate(w.text_layers[split:], start=1):
+            x = text.layer(layer, ops, spec, x, key_mask)
+            bridges.append(ops.linear(x, w.text_transform[j]))
+        return TextStates(torch.stack(bridges), key_mask, x[:, 0])
+
+    @torch.no_grad()
+    def encode_image(self, pixel_values: Tensor) -> ImageStates:
+        """Run the vision tower on (B, 3, S, S) normalised pixels."""
+        inputs.check_image(self.spec, pixel_values)
+        return self._encode_image(pixel_values.to(self.device, self.dtype))
+
+    def _encode_image(self, pixel_values: Tensor) -> ImageStates:
+        w, ops, spec = self.weights, self.ops, self.spec
+        x = vision.embed(w, ops, spec, pixel_values)
+        split = spec.split
+        for blk in w.vision_blocks[:split]:
+            x = vision.block(blk, ops, spec, x)
+        bridges = [ops.linear(ops.layer_norm(x, w.ln_post), w.image_transform[0])]
+        for j, blk in enumerate(w.vision_blocks[split:], start=1):
+            x = vision.block(blk, ops, spec, x)
+            bridges.append(ops.linear(ops.layer_norm(x, w.ln_post), w.image_transform[j]))
+        return ImageStates(torch.stack(bridges))
+
+    @torch.no_grad()
+    def fuse(self, text_states: TextStates, image_states: ImageStates) -> FusionOutput:
+        """Fuse text i with image i (equal lengths; use `.index()` to pair rows many-to-many)."""
+        if len(text_states) != len(image_states):
+            raise InputError(f"fuse pairs rows: {len(text_states)} texts but {len(image_states)} images")
+        return self._fuse(text_states, image_states)
+
+    def _fuse(self, ts: TextStates, im: ImageStates) -> FusionOutput:
+        w, ops = self.weights, self.ops
+        t, v = fusion.fuse(w, ops, self.spec, ts.bridges, im.bridges, ts.key_mask)
+        return FusionOutput(t, v, heads.pooler(w, ops, t, v))
+
+    # -- head-level helpers for scoring ---------------------------------------------------------------
+
+    def _need_head(self, head: str, what: str) -> None:
+        if self.spec.head != head:
+            raise InputError(f"{what} needs a {_HEAD_CLASS[head]} model; this one is {_HEAD_CLASS[self.spec.head]}")
+
+    @torch.no_grad()
+    def itm_logits(self, text_states: TextStates, image_states: ImageStates) -> Tensor:
+        """(B, 2) image-text matching logits of row-wise pairs; logit 1 is 'match'."""
+        self._need_head("itm", "itm_logits")
+        return heads.itm_logits(self.weights, self.ops, self.fuse(text_states, image_states).pooler_output)
+
+    @torch.no_grad()
+    def itc_embeddings(
+        self, text: TextStates | None = None, image: ImageStates | None = None
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Normalised unimodal ITC embeddings (text, image): no fusion needed, the first stage of retrieval."""
+        self._need_head("itc", "itc_embeddings")
+        w, ops = self.weights, self.ops
+        t = None if text is None else heads.itc_text(w, ops, text.cls)
+        v = None if image is None else heads.itc_image(w, ops, image.bridges[-1][:, 0])
+        return t, v
+
+    @torch.no_grad()
+    def cross_embeddings(self, text_states: TextStates, image_states: ImageStates) -> Tensor:
+        """Normalised ITC embedding of the fused pair (row-wise)."""
+        self._need_head("itc", "cross_embeddings")
+        return heads.itc_cross(self.weights, self.ops, self.fuse(text_states, image_states).pooler_output)
+
+    # -- the drop-in forward --------------------------------------------------------------------------
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message)
+
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        pixel_values: Tensor | None = None,
+        pixel_mask: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        labels: Tensor | None = None,
+        return_loss: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """As the wrapped head's forward. `token_type_ids` and `pixel_mask` are ignored, as by the reference."""
+        if inputs_embeds is not None:
+            raise InputError("inputs_embeds is not supported (nor by the reference): pass input_ids")
+        reference_only = [k for k in _REFERENCE_ONLY if kwargs.get(k)]
+        if reference_only:
+            return self._reference(
+                reference_only, input_ids, attention_mask, pixel_values, labels, return_loss, return_dict, kwargs
+            )
+        if kwargs.get("image_token_type_idx") not in (None, 1):
+            raise InputError("image_token_type_idx other than 1 is not supported by btfast")
+        unknown = set(kwargs) - set(_REFERENCE_ONLY) - {"image_token_type_idx", "use_cache"}
+        if unknown:
+            raise InputError(f"unexpected arguments: {', '.join(sorted(unknown))}")
+        if return_loss and self.spec.head != "itc":
+            raise InputError("return_loss applies to BridgeTowerForContrastiveLearning; use labels for ITM / MLM")
+
+        inputs.check_text(self.spec, self.weights.word.shape[0], input_ids, attention_mask)
+        inputs.check_image(self.spec, pixel_values)
+        inputs.check_pair(input_ids, pixel_values)
+        out = self.run(
+            input_ids.to(self.device),
+            _key_mask(attention_mask, self.device),
+            pixel_values.to(self.device, self.dtype),
+            labels,
+            bool(return_loss),
+        )
+        return out if return_dict is not False else out.to_tuple()
+
+    def run(
+        self, input_ids: Tensor, key_mask: Tensor | None, pixel_values: Tensor, labels: Tensor | None, return_loss: bool
+    ) -> Any:
+        """The whole forward on checked, on-device inputs; returns the head's HF output class."""
+        ts = self._encode_text(input_ids, key_mask)
+        im = self._encode_image(pixel_values)
+        fused = self._fuse(ts, im)
+        return self._head_output(ts, im, fused, labels, return_loss)
+
+    def _head_output(
+        self, ts: TextStates, im: ImageStates, fused: FusionOutput, labels: Tensor | None, return_loss: bool
+    ) -> Any:
+        w, ops, head = self.weights, self.ops, self.spec.head
+        if head == "base":
+            return BridgeTowerModelOutput(
+                text_features=fused.text_features,
+                image_features=fused.image_features,
+                pooler_output=fused.pooler_output,
+            )
+        if head == "itm":
+            logits = heads.itm_logits(w, ops, fused.pooler_output)
+            loss = None if labels is None else F.cross_entropy(logits, labels.to(logits.device))
+            return SequenceClassifierOutput(loss=loss, logits=logits)
+        if head == "mlm":
+            logits = heads.mlm_logits(w, ops, self.spec, fused.text_features)
+            loss = None
+            if labels is not None:
+                loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.to(logits.device).view(-1))
+            return MaskedLMOutput(loss=loss, logits=logits)
+        t, v = self.itc_embeddings(ts, im)
+        c = heads.itc_cross(w, ops, fused.pooler_output)
+        loss = heads.itc_loss(t, v, c, w.logit_scale) if return_loss else None
+        return BridgeTowerContrastiveOutput(
+            loss=loss, logits=torch.stack([t, v, c], dim=-2), text_embeds=t, image_embeds=v, cross_embeds=c
+        )
+
+    def _reference(
+        self,
+        why: list[str],
+        input_ids: Any,
+        attention_mask: Any,
+        pixel_values: Any,
+        labels: Any,
+        return_loss: Any,
+        return_dict: Any,
+        kwargs: dict[str, Any],
+    ) -> Any:
+        self._warn_once(
+            "reference:" + ",".join(why),
+            f"btfast: {', '.join(why)} requested: served by the transformers reference model (slow path)",
+        )
+        extra: dict[str, Any] = dict(kwargs)
+        if labels is not None:
+            extra["labels"] = labels
+        if return_loss is not None:
+            extra["return_loss"] = return_loss
+        if return_dict is not None:
+            extra["return_dict"] = return_dict
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, **extra)
+
+    # -- introspection -------------------------------------------------------------------------------
+
+    def explain(self) -> str:
+        """What btfast runs for this model: shapes, dtype, device, backends and every fallback with its reason."""
+        s = self.spec
+        lines = [
+            f"btfast: {_HEAD_CLASS[s.head]} on {self.device}, {self.dtype}",
+            f"  text {s.text_layers} layers, vision {len(self.weights.vision_blocks)} blocks, "
+            f"{s.cross_layers} cross layers (fusion from layer {s.split}), hidden {s.hidden}, "
+            f"link '{s.link_type}'{' shared' if s.share_links else ''}, "
+            f"transforms {'shared' if s.share_transforms else 'per layer'}",
+            f"  image {s.image_size}px / {s.patch_size}px patches = {s.image_tokens} tokens; "
+            f"text up to {s.max_text_len} tokens",
+        ]
+        ops = self.ops.reasons() or ["ops: torch (no call yet)" if self.device.type == "cuda" else "ops: torch"]
+        lines += ["  " + line for line in ops]
+        if self._warned:
+            lines.append("  reference model served: " + ", ".join(sorted(self._warned)))
+        return "\n".join(lines)
+
+
+_HEAD_CLASS = {
+    "base": "BridgeTowerModel",
+    "itm": "BridgeTowerForImageAndTextRetrieval",
+    "mlm": "BridgeTowerForMaskedLM",
+    "itc": "BridgeTowerForContrastiveLearning",
+}
+
+
+def _key_mask(attention_mask: Tensor | None, device: torch.device) -> Tensor | None:
+    return None if attention_mask is None else attention_mask.to(device).bool()
+
+
+def optimize(
+    model: nn.Module,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    kernels: bool | None = None,
+) -> OptimizedBridgeTower:
+    """Make a transformers BridgeTower model fast; calls return the same outputs as `model(...)`.
+
+    dtype: torch.bfloat16 / torch.float16 run in half precision (LayerNorm, softmax and accumulation
+    in fp32); the model's parameters are cast in place, as `model.to(dtype)` would. device: moves the
+    model there first. kernels: False forces torch ops; None uses the Triton kernels where they serve.
+    """
+    if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+        raise InputError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16; got {dtype}")
+    read_spec(model)  # refuse unsupported models before touching them
+    if device is not None:
+        model.to(device)
+    if dtype is not None:
+        model.to(dtype)
+    return OptimizedBridgeTower(model, kernels=kernels)
