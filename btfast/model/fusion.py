@@ -38,10 +38,12 @@ def fuse(
     """
     t = ops.layer_norm(text_bridges[0], w.text_ln0)
     v = ops.layer_norm(image_bridges[0], w.image_ln0)
-    for j in range(spec.cross_layers):
-        if j > 0:
-            t = ops.add_layernorm(text_bridges[j], t_out, w.text_links[j - 1].norm, w.text_links[j - 1])
-            v = ops.add_layernorm(image_bridges[j], v_out, w.image_links[j - 1].norm, w.image_links[j - 1])
+    t_out = cross_layer(w.cross_text[0], ops, spec, t, v, key_mask, None)
+    v_out = cross_layer(w.cross_image[0], ops, spec, v, t, None, key_mask)
+    for j in range(1, spec.cross_layers):
+        t_link, v_link = w.text_links[j - 1], w.image_links[j - 1]
+        t = ops.add_layernorm(text_bridges[j], t_out, t_link.norm, t_link)
+        v = ops.add_layernorm(image_bridges[j], v_out, v_link.norm, v_link)
         t_out = cross_layer(w.cross_text[j], ops, spec, t, v, key_mask, None)
         v_out = cross_layer(w.cross_image[j], ops, spec, v, t, None, key_mask)
     return t_out, v_out
