@@ -6,12 +6,14 @@ out = fast(**processor(images, texts, return_tensors="pt", padding=True))
 
 from btfast.errors import BtfastError, InputError, UnsupportedModelError
 from btfast.optimize import OptimizedBridgeTower, optimize
+from btfast.runtime import Buckets
 from btfast.states import FusionOutput, ImageStates, TextStates
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BtfastError",
+    "Buckets",
     "FusionOutput",
     "ImageStates",
     "InputError",

@@ -15,6 +15,7 @@ from btfast import inputs
 from btfast.errors import InputError
 from btfast.model import fusion, heads, text, vision
 from btfast.ops import Ops
+from btfast.runtime import Buckets, Runtime, as_buckets
 from btfast.spec import ModelSpec, read_spec
 from btfast.states import FusionOutput, ImageStates, TextStates
 from btfast.weights import Weights, pack
@@ -33,19 +34,59 @@ class OptimizedBridgeTower(nn.Module):
     each unique text or image can be encoded once and fused with many partners.
     """
 
-    def __init__(self, model: nn.Module, kernels: bool | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        kernels: bool | None = None,
+        buckets: Buckets | dict | None = None,
+        compile: bool | str | None = None,
+        cuda_graphs: bool | None = None,
+    ) -> None:
         super().__init__()
         self.spec: ModelSpec = read_spec(model)
         self.model = model.eval()
         self.ops = Ops(kernels)
         self._warned: set[str] = set()
+        self._runtime_options = (as_buckets(buckets), compile, cuda_graphs)
         self.weights: Weights = pack(model, self.spec)
+        self.runtime = self._make_runtime()
 
     def _apply(self, fn: Any, recurse: bool = True) -> OptimizedBridgeTower:
-        # .to() / .cuda() / .half() give the model new parameter tensors: pack them again.
+        # .to() / .cuda() / .half() give the model new parameter tensors: pack them again, and start a
+        # fresh runtime (compiled code and graphs hold the old tensors).
         super()._apply(fn, recurse)
         self.weights = pack(self.model, self.spec)
+        self.runtime = self._make_runtime()
         return self
+
+    def _make_runtime(self) -> Runtime:
+        buckets, compile, cuda_graphs = self._runtime_options
+        on_cuda = self.device.type == "cuda"
+        # Off CUDA, torch.compile measured no faster than eager for this model (bench/results), so it is
+        # off unless asked for; CUDA graphs need CUDA.
+        compile = on_cuda if compile is None else compile
+        graphs = on_cuda if cuda_graphs is None else bool(cuda_graphs)
+        if graphs and not on_cuda:
+            self._warn_once("graphs-off-cuda", "btfast: cuda_graphs=True ignored: the model is not on CUDA")
+            graphs = False
+        text_dims = {"base": (True, False, False), "itm": (False,), "mlm": (True,), "itc": (False, False, False)}
+        return Runtime(self._raw_forward, text_dims[self.spec.head], self.spec.pad_id, buckets, compile, graphs)
+
+    def warmup(
+        self, batch_sizes: tuple[int, ...] = (1, 8, 32, 128), text_lengths: tuple[int, ...] = (16, 40, 64)
+    ) -> dict[tuple[int, int], float]:
+        """Compile (and on CUDA capture) the buckets covering these sizes ahead of time; returns seconds per
+        bucket built. Calls inside these buckets then never compile again."""
+        like = (
+            torch.zeros(1, 1, dtype=torch.long, device=self.device),
+            torch.ones(1, 1, dtype=torch.bool, device=self.device),
+            torch.zeros(1, 3, self.spec.image_size, self.spec.image_size, dtype=self.dtype, device=self.device),
+        )
+        with torch.no_grad():
+            costs = self.runtime.warmup(batch_sizes, text_lengths, like)
+        if costs:
+            log.info("btfast warmup: built %d buckets in %.1fs", len(costs), sum(costs.values()))
+        return costs
 
     @property
     def config(self) -> Any:
@@ -190,37 +231,44 @@ class OptimizedBridgeTower(nn.Module):
     def run(
         self, input_ids: Tensor, key_mask: Tensor | None, pixel_values: Tensor, labels: Tensor | None, return_loss: bool
     ) -> Any:
-        """The whole forward on checked, on-device inputs; returns the head's HF output class."""
-        ts = self._encode_text(input_ids, key_mask)
-        im = self._encode_image(pixel_values)
-        fused = self._fuse(ts, im)
-        return self._head_output(ts, im, fused, labels, return_loss)
-
-    def _head_output(
-        self, ts: TextStates, im: ImageStates, fused: FusionOutput, labels: Tensor | None, return_loss: bool
-    ) -> Any:
-        w, ops, head = self.weights, self.ops, self.spec.head
+        """The whole forward on checked, on-device inputs (through the runtime); returns the HF output class."""
+        raw = self.runtime(input_ids, key_mask, pixel_values)
+        head = self.spec.head
         if head == "base":
-            return BridgeTowerModelOutput(
-                text_features=fused.text_features,
-                image_features=fused.image_features,
-                pooler_output=fused.pooler_output,
-            )
+            t, v, pooled = raw
+            return BridgeTowerModelOutput(text_features=t, image_features=v, pooler_output=pooled)
         if head == "itm":
-            logits = heads.itm_logits(w, ops, fused.pooler_output)
+            (logits,) = raw
             loss = None if labels is None else F.cross_entropy(logits, labels.to(logits.device))
             return SequenceClassifierOutput(loss=loss, logits=logits)
         if head == "mlm":
-            logits = heads.mlm_logits(w, ops, self.spec, fused.text_features)
+            (logits,) = raw
             loss = None
             if labels is not None:
                 loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.to(logits.device).view(-1))
             return MaskedLMOutput(loss=loss, logits=logits)
-        t, v = self.itc_embeddings(ts, im)
-        c = heads.itc_cross(w, ops, fused.pooler_output)
-        loss = heads.itc_loss(t, v, c, w.logit_scale) if return_loss else None
+        t, v, c = raw
+        loss = heads.itc_loss(t, v, c, self.weights.logit_scale) if return_loss else None
         return BridgeTowerContrastiveOutput(
             loss=loss, logits=torch.stack([t, v, c], dim=-2), text_embeds=t, image_embeds=v, cross_embeds=c
+        )
+
+    def _raw_forward(self, input_ids: Tensor, key_mask: Tensor | None, pixel_values: Tensor) -> tuple[Tensor, ...]:
+        """The head's output tensors (no loss): the function the runtime compiles and captures per bucket."""
+        w, ops, head = self.weights, self.ops, self.spec.head
+        ts = self._encode_text(input_ids, key_mask)
+        im = self._encode_image(pixel_values)
+        fused = self._fuse(ts, im)
+        if head == "base":
+            return fused.text_features, fused.image_features, fused.pooler_output
+        if head == "itm":
+            return (heads.itm_logits(w, ops, fused.pooler_output),)
+        if head == "mlm":
+            return (heads.mlm_logits(w, ops, self.spec, fused.text_features),)
+        return (
+            heads.itc_text(w, ops, ts.cls),
+            heads.itc_image(w, ops, im.bridges[-1][:, 0]),
+            heads.itc_cross(w, ops, fused.pooler_output),
         )
 
     def _reference(
@@ -263,6 +311,7 @@ class OptimizedBridgeTower(nn.Module):
         ]
         ops = self.ops.reasons() or ["ops: torch (no call yet)" if self.device.type == "cuda" else "ops: torch"]
         lines += ["  " + line for line in ops]
+        lines += ["  " + line for line in self.runtime.describe()]
         if self._warned:
             lines.append("  reference model served: " + ", ".join(sorted(self._warned)))
         return "\n".join(lines)
@@ -285,12 +334,18 @@ def optimize(
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     kernels: bool | None = None,
+    buckets: Buckets | dict | None = None,
+    compile: bool | str | None = None,
+    cuda_graphs: bool | None = None,
 ) -> OptimizedBridgeTower:
     """Make a transformers BridgeTower model fast; calls return the same outputs as `model(...)`.
 
     dtype: torch.bfloat16 / torch.float16 run in half precision (LayerNorm, softmax and accumulation
     in fp32); the model's parameters are cast in place, as `model.to(dtype)` would. device: moves the
     model there first. kernels: False forces torch ops; None uses the Triton kernels where they serve.
+    buckets: `btfast.Buckets(batch=..., text=...)` or a dict of the same; calls are padded up to them.
+    compile: torch.compile each bucket (default: on CUDA only; True = inductor, or a backend name).
+    cuda_graphs: capture and replay a CUDA graph per bucket (default: on CUDA).
     """
     if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
         raise InputError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16; got {dtype}")
@@ -299,4 +354,4 @@ def optimize(
         model.to(device)
     if dtype is not None:
         model.to(dtype)
-    return OptimizedBridgeTower(model, kernels=kernels)
+    return OptimizedBridgeTower(model, kernels=kernels, buckets=buckets, compile=compile, cuda_graphs=cuda_graphs)

@@ -1,0 +1,254 @@
+"""The runtime behind `optimize()`: static shape buckets, torch.compile and CUDA graphs.
+
+A call's batch size and text length are rounded up to a bucket; inputs are padded (pad id for text,
+so RoBERTa positions stay right; masked keys; zero images) and outputs sliced back. Each bucket gets
+one compiled callable and, on CUDA, one captured CUDA graph, reused forever; all graphs share one
+memory pool, and outputs are copied out of it, so a result kept from one call is never overwritten by
+the next. Batches larger than the largest bucket are split into chunks and joined.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger("btfast")
+
+DEFAULT_BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+DEFAULT_TEXT = (8, 16, 24, 32, 40, 48, 56, 64, 96, 128, 192, 256, 384, 512)
+
+
+@dataclass(frozen=True)
+class Buckets:
+    """Batch-size and text-length steps; a call is padded up to the next step of each."""
+
+    batch: tuple[int, ...] = DEFAULT_BATCH
+    text: tuple[int, ...] = DEFAULT_TEXT
+
+    def __post_init__(self) -> None:
+        for name in ("batch", "text"):
+            steps = tuple(getattr(self, name))
+            if not steps or any(int(s) != s or s < 1 for s in steps):
+                raise ValueError(f"bucket steps for {name} must be positive integers; got {steps}")
+            object.__setattr__(self, name, tuple(sorted(set(int(s) for s in steps))))
+
+    @property
+    def max_batch(self) -> int:
+        return self.batch[-1]
+
+    def batch_for(self, n: int) -> int:
+        return next(s for s in self.batch if s >= n)
+
+    def text_for(self, n: int) -> int:
+        """The text step for length n; past the largest step, n itself (one more compiled shape)."""
+        return next((s for s in self.text if s >= n), n)
+
+
+def as_buckets(buckets: Buckets | dict | None) -> Buckets:
+    if buckets is None:
+        return Buckets()
+    if isinstance(buckets, Buckets):
+        return buckets
+    if isinstance(buckets, dict):
+        return Buckets(**buckets)
+    raise TypeError(f"buckets must be a btfast.Buckets or a dict(batch=..., text=...); got {type(buckets).__name__}")
+
+
+@dataclass
+class _Entry:
+    """One bucket: its callable, and on CUDA its graph with static input and output buffers."""
+
+    fn: Callable[..., tuple[Tensor, ...]]
+    hits: int = 0
+    build_s: float = 0.0
+    graph: torch.cuda.CUDAGraph | None = None
+    inputs: tuple[Tensor, ...] = ()
+    outputs: tuple[Tensor, ...] = ()
+
+
+@dataclass
+class RuntimeStats:
+    calls: int = 0
+    chunks: int = 0
+    padded_rows: int = 0
+    padded_tokens: int = 0
+    new_shapes: list[tuple[int, int]] = field(default_factory=list)
+
+
+def _set_recompile_limit(n: int) -> None:
+    """Dynamo compiles each bucket shape once; let it keep that many instead of falling back to eager."""
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(cfg, name) and getattr(cfg, name) < n:
+            setattr(cfg, name, n)
+
+
+class Runtime:
+    """Runs `forward(input_ids, key_mask, pixel_values) -> tuple of tensors` through buckets.
+
+    `text_dims[i]` is True where output i has the text length as dim 1 (sliced back like the batch).
+    compile: False, True (inductor) or a torch.compile backend; cuda_graphs: capture per bucket (CUDA only).
+    """
+
+    def __init__(
+        self,
+        forward: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, ...]],
+        text_dims: Sequence[bool],
+        pad_id: int,
+        buckets: Buckets,
+        compile: bool | str | Callable = False,
+        cuda_graphs: bool = False,
+    ) -> None:
+        self.forward = forward
+        self.text_dims = tuple(text_dims)
+        self.pad_id = pad_id
+        self.buckets = buckets
+        self.compile = compile
+        self.cuda_graphs = cuda_graphs
+        self.entries: dict[tuple[int, int], _Entry] = {}
+        self.stats = RuntimeStats()
+        self._pool = None
+        self._compiled: Callable | None = None
+        if compile:
+            _set_recompile_limit(4 * len(buckets.batch) * len(buckets.text))
+
+    @property
+    def pads(self) -> bool:
+        """Padding to buckets pays only when shapes are compiled or captured; eager runs exact shapes."""
+        return bool(self.compile or self.cuda_graphs)
+
+    def _callable(self) -> Callable:
+        if not self.compile:
+            return self.forward
+        if self._compiled is None:
+            backend = "inductor" if self.compile is True else self.compile
+            self._compiled = torch.compile(self.forward, backend=backend, dynamic=False)
+        return self._compiled
+
+    # -- building a bucket ---------------------------------------------------------------------------
+
+    def _dummy(self, b: int, n: int, like: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        ids, _, pix = like
+        return (
+            torch.full((b, n), self.pad_id, dtype=ids.dtype, device=ids.device),
+            torch.zeros((b, n), dtype=torch.bool, device=ids.device),
+            torch.zeros((b, *pix.shape[1:]), dtype=pix.dtype, device=pix.device),
+        )
+
+    def _build(self, key: tuple[int, int], like: tuple[Tensor, Tensor, Tensor]) -> _Entry:
+        start = time.perf_counter()
+        fn = self._callable()
+        entry = _Entry(fn)
+        if self.cuda_graphs and like[0].is_cuda:
+            static = self._dummy(*key, like)
+            static[1][:, 0] = True  # a real-looking row for the warm-up runs
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # compile and autotune outside the capture
+                    fn(*static)
+            torch.cuda.current_stream().wait_stream(stream)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                entry.outputs = tuple(fn(*static))
+            entry.graph, entry.inputs = graph, static
+        elif self.compile:
+            fn(*self._dummy(*key, like))  # compile now, so the cost shows in warmup, not in a call
+        entry.build_s = time.perf_counter() - start
+        if like[0].is_cuda:
+            torch.cuda.synchronize()
+            entry.build_s = time.perf_counter() - start
+        if key[1] not in self.buckets.text:
+            self.stats.new_shapes.append(key)
+            log.warning("btfast: text length %d is past the largest bucket: compiled an extra shape", key[1])
+        return entry
+
+    def _entry(self, key: tuple[int, int], like: tuple[Tensor, Tensor, Tensor]) -> _Entry:
+        entry = self.entries.get(key)
+        if entry is None:
+            entry = self.entries[key] = self._build(key, like)
+        return entry
+
+    # -- calls ---------------------------------------------------------------------------------------
+
+    def _run_chunk(self, ids: Tensor, mask: Tensor | None, pix: Tensor) -> tuple[Tensor, ...]:
+        b, n = ids.shape
+        if not self.pads:
+            return tuple(self.forward(ids, mask, pix))
+        key = (self.buckets.batch_for(b), self.buckets.text_for(n))
+        entry = self._entry(key, (ids, mask, pix))
+        entry.hits += 1
+        self.stats.padded_rows += key[0] - b
+        self.stats.padded_tokens += key[0] * key[1] - b * n
+        if entry.graph is not None:
+            s_ids, s_mask, s_pix = entry.inputs
+            s_ids.fill_(self.pad_id)
+            s_ids[:b, :n].copy_(ids)
+            s_mask.zero_()
+            s_mask[:b, :n].copy_(mask)
+            s_pix[:b].copy_(pix)
+            s_pix[b:].zero_()
+            entry.graph.replay()
+            outs = entry.outputs
+        else:
+            p_ids, p_mask, p_pix = self._dummy(*key, (ids, mask, pix))
+            p_ids[:b, :n] = ids
+            p_mask[:b, :n] = mask
+            p_pix[:b] = pix
+            outs = entry.fn(p_ids, p_mask, p_pix)
+        # copy out: graph outputs live in the shared pool and the next replay overwrites them
+        return tuple((o[:b, :n] if t else o[:b]).clone() for o, t in zip(outs, self.text_dims))
+
+    def __call__(self, ids: Tensor, mask: Tensor | None, pix: Tensor) -> tuple[Tensor, ...]:
+        self.stats.calls += 1
+        if mask is None and self.pads:
+            mask = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+        step = self.buckets.max_batch
+        parts = []
+        for start in range(0, ids.shape[0], step):
+            sl = slice(start, start + step)
+            parts.append(self._run_chunk(ids[sl], None if mask is None else mask[sl], pix[sl]))
+            self.stats.chunks += 1
+        if len(parts) == 1:
+            return parts[0]
+        return tuple(torch.cat(outs, dim=0) for outs in zip(*parts))
+
+    def warmup(
+        self, batch_sizes: Sequence[int], text_lengths: Sequence[int], like: tuple[Tensor, Tensor, Tensor]
+    ) -> dict[tuple[int, int], float]:
+        """Build the buckets covering these sizes now; returns seconds spent per bucket."""
+        if not self.pads:
+            return {}
+        costs = {}
+        for b in batch_sizes:
+            for n in text_lengths:
+                key = (self.buckets.batch_for(min(b, self.buckets.max_batch)), self.buckets.text_for(n))
+                if key not in self.entries:
+                    self.entries[key] = self._build(key, like)
+                    costs[key] = self.entries[key].build_s
+        return costs
+
+    def describe(self) -> list[str]:
+        """The bucket table with hits, build costs and captured graphs."""
+        mode = []
+        if self.compile:
+            mode.append(f"torch.compile ({'inductor' if self.compile is True else self.compile})")
+        if self.cuda_graphs:
+            mode.append("CUDA graphs")
+        lines = [
+            f"runtime: {' + '.join(mode) if mode else 'eager, exact shapes (no padding)'}; "
+            f"buckets batch {list(self.buckets.batch)}, text {list(self.buckets.text)}",
+            f"  calls {self.stats.calls}, chunks {self.stats.chunks}, padded rows {self.stats.padded_rows}, "
+            f"padded tokens {self.stats.padded_tokens}",
+        ]
+        for (b, n), e in sorted(self.entries.items()):
+            graph = ", graph captured" if e.graph is not None else ""
+            lines.append(f"  bucket batch {b:>4} x text {n:>4}: {e.hits} hits, built in {e.build_s:.2f}s{graph}")
+        return lines

@@ -1,0 +1,125 @@
+"""The runtime: buckets, padding, chunking, compile once per bucket, results never overwritten."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_outputs_close
+from torch._dynamo.testing import CompileCounter
+from transformers import (
+    BridgeTowerForContrastiveLearning,
+    BridgeTowerForImageAndTextRetrieval,
+    BridgeTowerForMaskedLM,
+    BridgeTowerModel,
+)
+
+import btfast
+from btfast.runtime import Buckets
+from btfast.testing import build, random_inputs, tiny_config
+
+SMALL = dict(batch=(1, 2, 4), text=(8, 16))
+
+
+def test_bucket_steps():
+    b = Buckets(batch=(4, 1, 2, 2), text=(16, 8))
+    assert b.batch == (1, 2, 4) and b.text == (8, 16)
+    assert [b.batch_for(n) for n in (1, 2, 3, 4)] == [1, 2, 4, 4]
+    assert [b.text_for(n) for n in (1, 8, 9, 16, 17)] == [8, 8, 16, 16, 17]
+    with pytest.raises(ValueError, match="positive integers"):
+        Buckets(batch=(0, 2))
+    default = Buckets()
+    assert default.max_batch == 256 and default.text_for(40) == 40 and default.text_for(500) == 512
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [BridgeTowerModel, BridgeTowerForImageAndTextRetrieval, BridgeTowerForMaskedLM, BridgeTowerForContrastiveLearning],
+    ids=lambda c: c.__name__,
+)
+def test_padded_buckets_give_unpadded_results(cls):
+    """Batch 3 x length 7 runs in bucket 4 x 8 (a padded row, padded tokens); every field equals eager."""
+    cfg = tiny_config()
+    model = build(cls, cfg)
+    x = random_inputs(cfg, batch=3, seq_len=7, lengths=[7, 4, 2])
+    call = {"return_loss": True} if cls is BridgeTowerForContrastiveLearning else {}
+    with torch.no_grad():
+        ref = model(**x, **call)
+    fast = btfast.optimize(model, compile=CompileCounter(), buckets=SMALL)
+    out = fast(**x, **call)
+    assert fast.runtime.stats.padded_rows == 1 and fast.runtime.stats.padded_tokens == 4 * 8 - 3 * 7
+    assert assert_outputs_close(out, ref, 1e-5, valid=x["attention_mask"].bool())
+
+
+def test_no_attention_mask_is_padded_correctly():
+    cfg = tiny_config()
+    model = build(BridgeTowerForMaskedLM, cfg)
+    x = random_inputs(cfg, batch=3, seq_len=5)
+    del x["attention_mask"]
+    with torch.no_grad():
+        ref = model(**x)
+    out = btfast.optimize(model, compile=CompileCounter(), buckets=SMALL)(**x)
+    assert_outputs_close(out, ref, 1e-5)
+
+
+def test_batches_past_the_largest_bucket_are_chunked():
+    cfg = tiny_config()
+    model = build(BridgeTowerForContrastiveLearning, cfg)
+    x = random_inputs(cfg, batch=7, seq_len=6, lengths=[6, 1, 2, 3, 4, 5, 6])
+    with torch.no_grad():
+        ref = model(**x, return_loss=True)
+    fast = btfast.optimize(model, compile=CompileCounter(), buckets=SMALL)
+    out = fast(**x, return_loss=True)
+    assert fast.runtime.stats.chunks == 2  # 4 + 3 rows
+    assert_outputs_close(out, ref, 1e-5)  # the loss spans both chunks
+
+
+def test_zero_recompilations_after_warmup():
+    cfg = tiny_config()
+    counter = CompileCounter()
+    fast = btfast.optimize(build(BridgeTowerForImageAndTextRetrieval, cfg), compile=counter, buckets=SMALL)
+    costs = fast.warmup(batch_sizes=(1, 2, 4), text_lengths=(8, 16))
+    assert len(costs) == 6 and all(s > 0 for s in costs.values())
+    frames = counter.frame_count
+    assert frames >= 1
+    for batch in (1, 2, 3, 4, 6):
+        for length in (1, 5, 8, 12, 16):
+            fast(**random_inputs(cfg, batch=batch, seq_len=length))
+    assert counter.frame_count == frames, "a call inside the warmed buckets compiled again"
+    text = fast.explain()
+    assert "bucket batch    4 x text   16" in text and "hits" in text
+
+
+def test_results_are_not_overwritten_by_the_next_call():
+    cfg = tiny_config()
+    fast = btfast.optimize(build(BridgeTowerModel, cfg), compile=CompileCounter(), buckets=SMALL)
+    a_in, b_in = random_inputs(cfg, batch=2, seed=1), random_inputs(cfg, batch=2, seed=2)
+    a = fast(**a_in)
+    kept = a.pooler_output.clone()
+    fast(**b_in)
+    torch.testing.assert_close(a.pooler_output, kept, rtol=0, atol=0)
+
+
+def test_eager_runtime_runs_exact_shapes():
+    cfg = tiny_config()
+    fast = btfast.optimize(build(BridgeTowerModel, cfg), compile=False, cuda_graphs=False)
+    fast(**random_inputs(cfg, batch=3, seq_len=7))
+    assert fast.runtime.stats.padded_tokens == 0 and not fast.runtime.entries
+    assert "eager, exact shapes" in fast.explain()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_graphs_match_eager_and_results_survive(dtype):
+    cfg = tiny_config()
+    model = build(BridgeTowerForImageAndTextRetrieval, cfg)
+    x = random_inputs(cfg, batch=3, seq_len=7, lengths=[7, 4, 2])
+    with torch.no_grad():
+        ref = model(**x).logits
+    fast = btfast.optimize(model, device="cuda", dtype=dtype, buckets=SMALL)
+    first = fast(**x).logits
+    kept = first.clone()
+    fast(**random_inputs(cfg, batch=3, seq_len=7, seed=5))
+    torch.testing.assert_close(first, kept, rtol=0, atol=0)
+    tol = 1e-4 if dtype == torch.float32 else 6e-2
+    assert ((first.float().cpu() - ref).abs().max() / ref.abs().max()).item() < tol
+    assert any(e.graph is not None for e in fast.runtime.entries.values())
