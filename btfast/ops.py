@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -47,23 +48,53 @@ def _link_coefficients(link: Link | None) -> tuple[Tensor | float, Tensor | floa
     return 1.0, 1.0
 
 
+KERNEL_OPS = ("add_layernorm", "linear", "attention")
+# The Triton GEMM replaces cuBLAS only when asked (kernels="all") until a GPU benchmark shows it winning end to end.
+DEFAULT_KERNELS = ("add_layernorm", "attention")
+_POLICY_NOTE = {
+    "linear": "cuBLAS by default until a GPU benchmark shows the Triton GEMM winning; kernels='all' forces it"
+}
+
+
+def _resolve(kernels: bool | str | Iterable[str] | None) -> tuple[tuple[str, ...], bool]:
+    """(ops to serve with Triton, whether the user asked for them explicitly)."""
+    if kernels is None:
+        return DEFAULT_KERNELS, False
+    if kernels is False:
+        return (), True
+    if kernels is True or kernels == "all":
+        return KERNEL_OPS, True
+    names = (kernels,) if isinstance(kernels, str) else tuple(kernels)
+    unknown = [n for n in names if n not in KERNEL_OPS]
+    if unknown:
+        raise ValueError(f"unknown kernels {unknown}; choose from {KERNEL_OPS}, True, False or 'all'")
+    return names, True
+
+
 class Ops:
-    """Primitive ops of the BridgeTower forward. `triton=None` means: use the kernels where they can serve."""
+    """Primitive ops of the BridgeTower forward.
 
-    def __init__(self, triton: bool | None = None) -> None:
+    kernels: None = the default Triton set on CUDA; True / "all" = every kernel; False = torch only; or a
+    list of op names. Asked for explicitly under TRITON_INTERPRET=1, the kernels also run on CPU (tests).
+    """
+
+    def __init__(self, kernels: bool | str | Iterable[str] | None = None) -> None:
+        wanted, self.explicit = _resolve(kernels)
         self.kernels = None
-        self.disabled_reason: str | None = None
-        if triton is False:
-            self.disabled_reason = "disabled by optimize(..., kernels=False)"
-        else:
+        self.interpret = False
+        self.off: dict[str, str] = {}  # op -> why Triton does not serve it at all
+        for op in KERNEL_OPS:
+            if op not in wanted:
+                self.off[op] = "disabled by optimize(..., kernels=False)" if kernels is False else _POLICY_NOTE[op]
+        if wanted:
             try:
-                import btfast.kernels as kernels
+                import btfast.kernels as kernels_module
+                from btfast.kernels._common import INTERPRET
 
-                self.kernels = kernels if hasattr(kernels, "attention") else None
-                if self.kernels is None:
-                    self.disabled_reason = "btfast.kernels provides no kernels in this build"
+                self.kernels, self.interpret = kernels_module, INTERPRET
             except Exception as e:  # triton missing or broken: say so, run torch
-                self.disabled_reason = f"btfast.kernels cannot be imported ({type(e).__name__}: {e})"
+                for op in wanted:
+                    self.off[op] = f"btfast.kernels cannot be imported ({type(e).__name__}: {e})"
         self.used: Counter[str] = Counter()
         self.fallbacks: Counter[str] = Counter()
 
@@ -71,16 +102,15 @@ class Ops:
 
     def _triton_ok(self, op: str, x: Tensor, reasons_fn_name: str, *args: object) -> bool:
         """Whether the Triton kernel serves this call; otherwise record (and log once) why not."""
-        if not x.is_cuda:
+        if op in self.off:
+            return False
+        if not x.is_cuda and not (self.interpret and self.explicit):
             return False  # off CUDA torch is the intended path, not a fallback
-        if self.kernels is None:
-            reason = f"{op}: torch ({self.disabled_reason})"
-        else:
-            why = getattr(self.kernels, reasons_fn_name)(*args)
-            if not why:
-                self.used[f"{op}: triton"] += 1
-                return True
-            reason = f"{op}: torch ({'; '.join(why)})"
+        why = getattr(self.kernels, reasons_fn_name)(*args)
+        if not why:
+            self.used[f"{op}: triton"] += 1
+            return True
+        reason = f"{op}: torch ({'; '.join(why)})"
         if reason not in self.fallbacks:
             log.warning("btfast fallback: %s", reason)
         self.fallbacks[reason] += 1
@@ -90,9 +120,51 @@ class Ops:
         """Human-readable lines: which backend served which op, and every fallback with its reason."""
         lines = [f"{k} ({n} calls)" for k, n in sorted(self.used.items())]
         lines += [f"fallback {k} ({n} calls)" for k, n in sorted(self.fallbacks.items())]
-        if self.kernels is None and self.disabled_reason:
-            lines.append(f"Triton kernels off: {self.disabled_reason}")
+        lines += [f"{op}: torch ({why})" for op, why in self.off.items()]
         return lines
+
+    @torch.no_grad()
+    def self_check(self, device: torch.device, dtype: torch.dtype, hidden: int, heads: int) -> None:
+        """Run each Triton kernel once on small inputs of the model's sizes against the torch path.
+
+        A kernel that fails to compile or disagrees is switched off for this model, with the reason in
+        `explain()` and a warning: a broken kernel never reaches a user's outputs.
+        """
+        if self.kernels is None:
+            return
+        g = torch.Generator(device="cpu").manual_seed(0)
+
+        def rand(*shape: int) -> Tensor:
+            return torch.randn(*shape, generator=g).to(device, dtype)
+
+        norm = Norm(rand(hidden) + 1, rand(hidden), 1e-5)
+        lin = Linear(rand(hidden, hidden) / hidden**0.5, rand(hidden))
+        mask = torch.ones(2, 9, dtype=torch.bool, device=device)
+        mask[1, 4:] = False
+        q, k, v = rand(2, heads, 5, 64), rand(2, heads, 9, 64), rand(2, heads, 9, 64)
+        x, r = rand(2, 7, hidden), rand(2, 7, hidden)
+        cases = {
+            "add_layernorm": lambda: self.add_layernorm(x, r, norm),
+            "linear": lambda: self.linear(x, lin, activation="gelu", residual=r),
+            "attention": lambda: self.attention(q, k, v, mask),
+        }
+        tol = 2e-3 if dtype == torch.float32 else 5e-2
+        for op, case in cases.items():
+            if op in self.off:
+                continue
+            try:
+                got = case()
+                self.off[op] = "self-check"  # the same call, served by torch
+                want = case()
+                del self.off[op]
+                err = ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-6)).item()
+                if not err <= tol:
+                    self.off[op] = f"self-check disagreed with torch (relative error {err:.2g} > {tol:g})"
+            except Exception as e:  # compile or launch failure on this GPU / Triton version
+                self.off[op] = f"self-check failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            if op in self.off:
+                log.warning("btfast: Triton %s kernel off for this model: %s", op, self.off[op])
+        self.used.clear()
 
     # -- ops -----------------------------------------------------------------------------------------
 
@@ -102,7 +174,9 @@ class Ops:
     def add_layernorm(self, x: Tensor, residual: Tensor | None, norm: Norm, link: Link | None = None) -> Tensor:
         """LayerNorm(alpha·x + beta·residual) in fp32; alpha/beta from a bridge `link` (1 otherwise)."""
         alpha, beta = _link_coefficients(link)
-        if self._triton_ok("add_layernorm", x, "add_layernorm_unsupported_reasons", x, residual, norm.weight):
+        if self._triton_ok(
+            "add_layernorm", x, "add_layernorm_unsupported_reasons", x, residual, norm.weight, norm.bias, alpha, beta
+        ):
             return self.kernels.add_layernorm(x, residual, norm.weight, norm.bias, norm.eps, alpha=alpha, beta=beta)
         s = x if isinstance(alpha, float) and alpha == 1.0 else x * alpha
         if residual is not None:
@@ -114,7 +188,7 @@ class Ops:
 
     def linear(self, x: Tensor, lin: Linear, activation: str | None = None, residual: Tensor | None = None) -> Tensor:
         """act(x·Wᵀ + b) + residual."""
-        if self._triton_ok("linear", x, "linear_unsupported_reasons", x, lin.weight, activation):
+        if self._triton_ok("linear", x, "linear_unsupported_reasons", x, lin.weight, lin.bias, activation, residual):
             return self.kernels.linear(x, lin.weight, lin.bias, activation=activation, residual=residual)
         y = _activate(F.linear(x, lin.weight, lin.bias), activation)
         return y if residual is None else y + residual

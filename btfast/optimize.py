@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -37,7 +38,7 @@ class OptimizedBridgeTower(nn.Module):
     def __init__(
         self,
         model: nn.Module,
-        kernels: bool | None = None,
+        kernels: bool | str | Iterable[str] | None = None,
         buckets: Buckets | dict | None = None,
         compile: bool | str | None = None,
         cuda_graphs: bool | None = None,
@@ -62,6 +63,8 @@ class OptimizedBridgeTower(nn.Module):
     def _make_runtime(self) -> Runtime:
         buckets, compile, cuda_graphs = self._runtime_options
         on_cuda = self.device.type == "cuda"
+        if on_cuda or (self.ops.interpret and self.ops.explicit):
+            self.ops.self_check(self.device, self.dtype, self.spec.hidden, self.spec.text_heads)
         # Off CUDA, torch.compile measured no faster than eager for this model (bench/results), so it is
         # off unless asked for; CUDA graphs need CUDA.
         compile = on_cuda if compile is None else compile
@@ -333,7 +336,7 @@ def optimize(
     model: nn.Module,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
-    kernels: bool | None = None,
+    kernels: bool | str | Iterable[str] | None = None,
     buckets: Buckets | dict | None = None,
     compile: bool | str | None = None,
     cuda_graphs: bool | None = None,
@@ -342,7 +345,8 @@ def optimize(
 
     dtype: torch.bfloat16 / torch.float16 run in half precision (LayerNorm, softmax and accumulation
     in fp32); the model's parameters are cast in place, as `model.to(dtype)` would. device: moves the
-    model there first. kernels: False forces torch ops; None uses the Triton kernels where they serve.
+    model there first. kernels: None = the default Triton kernels on CUDA (add+LayerNorm, attention),
+    True / "all" = every kernel (the GEMM too), False = torch only, or a list of op names.
     buckets: `btfast.Buckets(batch=..., text=...)` or a dict of the same; calls are padded up to them.
     compile: torch.compile each bucket (default: on CUDA only; True = inductor, or a backend name).
     cuda_graphs: capture and replay a CUDA graph per bucket (default: on CUDA).
