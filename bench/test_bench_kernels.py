@@ -4,19 +4,14 @@ CI runs it with ``--benchmark-disable`` (each benchmark body runs once, as a tes
 ``kernels_bench.py``, so this also keeps the GPU benchmark's case builders working.
 """
 
-import os
-
+import kernels_bench
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # before triton is imported
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import kernels_bench  # noqa: E402
-from btfast.kernels._common import INTERPRET  # noqa: E402
+from btfast.kernels._common import INTERPRET
 
 if not torch.cuda.is_available() and not INTERPRET:
-    pytest.skip("triton was imported before TRITON_INTERPRET could be set", allow_module_level=True)
+    pytest.skip("no CUDA and TRITON_INTERPRET is not set (the root conftest.py sets it)", allow_module_level=True)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if torch.cuda.is_available() else torch.float32
