@@ -161,7 +161,7 @@ class Ops:
                 if not err <= tol:
                     self.off[op] = f"self-check disagreed with torch (relative error {err:.2g} > {tol:g})"
             except Exception as e:  # compile or launch failure on this GPU / Triton version
-                self.off[op] = f"self-check failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                self.off[op] = f"self-check failed: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
             if op in self.off:
                 log.warning("btfast: Triton %s kernel off for this model: %s", op, self.off[op])
         self.used.clear()

@@ -114,6 +114,7 @@ class Runtime:
         self.stats = RuntimeStats()
         self._pool = None
         self._compiled: Callable | None = None
+        self.disabled: list[str] = []  # what failed on this machine and was turned off, with why
         if compile:
             _set_recompile_limit(4 * len(buckets.batch) * len(buckets.text))
 
@@ -141,6 +142,23 @@ class Runtime:
         )
 
     def _build(self, key: tuple[int, int], like: tuple[Tensor, Tensor, Tensor]) -> _Entry:
+        """Compile / capture one bucket. If that fails here (a compiler or driver problem), turn the failing
+        feature off for this model, say so, and serve the bucket without it: never a failed call."""
+        try:
+            return self._try_build(key, like)
+        except Exception as e:
+            what = "CUDA graphs" if self.cuda_graphs and like[0].is_cuda else "torch.compile"
+            detail = " ".join(str(e).split())[:300]
+            reason = f"{what} off: building bucket {key} failed ({type(e).__name__}: {detail})"
+            log.warning("btfast: %s", reason)
+            self.disabled.append(reason)
+            if what == "CUDA graphs":
+                self.cuda_graphs = False
+            else:
+                self.compile, self._compiled = False, None
+            return self._build(key, like) if self.pads else _Entry(self.forward)
+
+    def _try_build(self, key: tuple[int, int], like: tuple[Tensor, Tensor, Tensor]) -> _Entry:
         start = time.perf_counter()
         fn = self._callable()
         entry = _Entry(fn)
@@ -248,6 +266,7 @@ class Runtime:
             f"  calls {self.stats.calls}, chunks {self.stats.chunks}, padded rows {self.stats.padded_rows}, "
             f"padded tokens {self.stats.padded_tokens}",
         ]
+        lines += [f"  {reason}" for reason in self.disabled]
         for (b, n), e in sorted(self.entries.items()):
             graph = ", graph captured" if e.graph is not None else ""
             lines.append(f"  bucket batch {b:>4} x text {n:>4}: {e.hits} hits, built in {e.build_s:.2f}s{graph}")

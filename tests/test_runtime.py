@@ -123,3 +123,21 @@ def test_cuda_graphs_match_eager_and_results_survive(dtype):
     tol = 1e-4 if dtype == torch.float32 else 6e-2
     assert ((first.float().cpu() - ref).abs().max() / ref.abs().max()).item() < tol
     assert any(e.graph is not None for e in fast.runtime.entries.values())
+
+
+def test_a_compiler_failure_turns_compile_off_and_says_why(caplog):
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("this compiler cannot build the graph")
+
+    cfg = tiny_config()
+    model = build(BridgeTowerForImageAndTextRetrieval, cfg)
+    x = random_inputs(cfg, batch=3, seq_len=7, lengths=[7, 4, 2])
+    with torch.no_grad():
+        ref = model(**x).logits
+    fast = btfast.optimize(model, compile=broken_backend, buckets=SMALL)
+    with caplog.at_level("WARNING", logger="btfast"):
+        out = fast(**x).logits
+        fast(**x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert sum("torch.compile off" in r.getMessage() for r in caplog.records) == 1
+    assert "this compiler cannot build the graph" in fast.explain()
