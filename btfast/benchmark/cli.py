@@ -1,0 +1,353 @@
+"""`btfast bench`: throughput, latency, memory, MFU and accuracy of btfast against transformers, in one run.
+
+With no arguments: the main job, the real bridgetower-base architecture (random weights), HF eager and btfast
+on the same batch on the local device, printing pairs/s of both, the ratio and the ITM logits' max relative
+difference. `--quick` and `--preset gpu` run the full comparison and write JSON / Markdown / PNG reports.
+Heavy imports (torch, transformers) happen inside `run`, so `btfast --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from typing import Any
+
+DEFAULT_OUT = "bench/results"
+
+EPILOG = """\
+systems (--systems, comma list): hf-eager-<dtype> (transformers, eager attention), hf-compile-<dtype>
+(torch.compile(hf_model, mode=max-autotune, dynamic=False)), btfast-<dtype> (btfast.optimize with its
+defaults); <dtype> is fp32, bf16 or fp16. A bare hf-eager / hf-compile / btfast means <dtype> = --dtype;
+`all` = hf-eager-fp32, hf-eager-D, btfast-fp32, btfast-D, hf-compile-D (D = --dtype).
+hf-eager-fp32 is the accuracy reference (computed untimed when not among the systems).
+
+presets (explicit options override them):
+  (none)      base; hf-eager and btfast in --dtype (default fp32 on CPU, bf16 on CUDA); CPU: batch 4, 3 timed
+              calls; CUDA: batch 64, 20 calls; text 40. Prints the figures; writes files only with --out.
+  --quick     base; all systems; CPU: batch 1,4, text 40, 3 calls, budget 270 s (hf-compile skipped on CPU:
+              max-autotune compiles for minutes there); CUDA: batch 1,8,32,128, text 16/40/64.
+              Writes bench/results/<date>-<device>-quick.{json,md,png}.
+  --preset gpu  base and large; all systems; text 40 at batch 1..256, text 16 / 64 at a few batches, 512
+              as a stress case; hf-compile at a few cells only; budget 290 s. Writes <date>-<device>-gpu.*
+
+figures: pairs/s (batch / median latency), p50 / p99 latency, first-call time (compile etc.), peak device
+memory, MFU against a GEMM peak measured in the same run (bf16 on CUDA, fp32 on CPU), max error of the
+ITM logits against hf-eager-fp32. Exit status: 0 when something was measured, 1 otherwise, 2 bad arguments.
+"""
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _models(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [n for n in names if n not in ("tiny", "base", "large")]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"models are base, large or tiny (comma list); got {text!r}")
+    return names
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
+    g = parser.add_argument_group("what to run")
+    g.add_argument(
+        "--model",
+        type=_models,
+        default=None,
+        metavar="base|large|tiny",
+        help="architecture(s), random weights: base = bridgetower-base (768 hidden, 288 px), large = "
+        "bridgetower-large (1024, 294 px), tiny = a small test model; a comma list runs each "
+        "(default: base; --preset gpu: base,large)",
+    )
+    g.add_argument(
+        "--systems",
+        default=None,
+        metavar="LIST",
+        help="comma list of systems to compare, see below (default: hf-eager,btfast; presets: all)",
+    )
+    g.add_argument(
+        "--batch-sizes",
+        type=_ints,
+        default=None,
+        metavar="N,N,...",
+        help="pairs per call, e.g. 1,8,64,256 (default: 4 on CPU / 64 on CUDA; presets: their sweep)",
+    )
+    g.add_argument(
+        "--text-lengths",
+        type=_ints,
+        default=None,
+        metavar="L,L,...",
+        help="text tokens per pair (every text exactly this long), e.g. 16,40,64,512 (default: 40; tiny: 16)",
+    )
+    g.add_argument(
+        "--dtype",
+        choices=["bf16", "fp16", "fp32"],
+        default=None,
+        help="reduced precision of the comparison (hf-eager-D, btfast-D, hf-compile-D); with no preset "
+        "the dtype HF eager and btfast both run in (default: fp32 on CPU, bf16 on CUDA; presets: "
+        "bf16)",
+    )
+    g.add_argument(
+        "--device", default=None, metavar="cpu|cuda[:N]", help="where to run (default: cuda if available, else cpu)"
+    )
+    t = parser.add_argument_group("how to measure")
+    t.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        metavar="N",
+        help="timed calls per cell; pairs/s uses their median (default: 3 on CPU, 20 on CUDA; presets: their own)",
+    )
+    t.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        metavar="N",
+        help="untimed calls before timing; the first is reported as first-call time (default: 1 on "
+        "CPU, 3 on CUDA; hf-compile at least 3)",
+    )
+    t.add_argument(
+        "--cell-seconds",
+        type=float,
+        default=None,
+        metavar="S",
+        help="stop a cell's timed calls after S seconds once 3 ran (default: none; --preset gpu: 2)",
+    )
+    t.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="time budget of the whole run, shared out between systems as they start; cells that "
+        "would overrun are skipped with the reason printed (default: none; --quick: 270 on CPU, "
+        "240 on CUDA; --preset gpu: 290)",
+    )
+    t.add_argument(
+        "--compile-mode",
+        default="max-autotune",
+        choices=["max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead", "default"],
+        help="torch.compile mode of the hf-compile systems (default: max-autotune)",
+    )
+    t.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default: 0)")
+    p = parser.add_argument_group("presets and output")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="the full comparison at a few sizes: under 5 minutes on a 2-core CPU; writes reports",
+    )
+    p.add_argument(
+        "--preset",
+        choices=["gpu", "quick"],
+        default=None,
+        help="gpu: the full GPU sweep (base and large, batch 1..256, text 16/40/64 and 512), about "
+        "5 minutes on an H100; quick: same as --quick",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help=f"write <date>-<device>-<preset>.json / .md / .png there (default with a preset: "
+        f"{DEFAULT_OUT}; without one: no files)",
+    )
+    p.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
+    p.add_argument("--no-progress", action="store_true", help="no live progress display (the summary still prints)")
+
+
+def _cells(models: list[str], texts: list[int], batches: list[int]) -> list[Any]:
+    from btfast.benchmark.runner import Cell
+
+    return [Cell(m, t, b) for m in models for t in texts for b in batches]
+
+
+def build_plan(args: argparse.Namespace) -> Any:
+    """Turn the arguments (and the preset they name) into a runner.Plan; raises ValueError on bad combinations."""
+    import torch
+
+    from btfast.benchmark.runner import Cell, Plan
+    from btfast.benchmark.systems import comparison, parse_systems
+
+    preset = "quick" if args.quick else args.preset
+    if args.quick and args.preset not in (None, "quick"):
+        raise ValueError("--quick and --preset gpu are different presets: pick one")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but torch sees no CUDA device")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    cuda = device.type == "cuda"
+    models = args.model or (["base", "large"] if preset == "gpu" else ["base"])
+    notes: list[str] = []
+
+    if preset is None:
+        low = args.dtype or ("bf16" if cuda else "fp32")
+        systems = parse_systems(args.systems or f"hf-eager-{low},btfast-{low}", low)
+        batches, warmup, repeats = ([64], 3, 20) if cuda else ([4], 1, 3)
+        budget, cell_s = None, None
+        texts = [16] if models == ["tiny"] else [40]
+        label = "default"
+    else:
+        low = args.dtype or "bf16"
+        systems = parse_systems(args.systems, low) if args.systems else comparison(low)
+        texts = [16] if models == ["tiny"] else [16, 40, 64] if cuda and preset == "quick" else [40]
+        if preset == "quick":
+            batches = [1, 8, 32, 128] if cuda else [1, 4]
+            warmup, repeats, budget, cell_s = (3, 10, 240.0, 2.0) if cuda else (1, 3, 270.0, None)
+        else:
+            batches = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+            warmup, repeats, budget, cell_s = 2, 10, 290.0, 2.0
+        label = preset
+
+    batches = args.batch_sizes or batches
+    warmup = args.warmup if args.warmup is not None else warmup
+    repeats = args.repeats if args.repeats is not None else repeats
+    budget = args.budget if args.budget is not None else budget
+    cell_s = args.cell_seconds if args.cell_seconds is not None else cell_s
+    if repeats < 1 or warmup < 0:
+        raise ValueError("--repeats must be ≥ 1 and --warmup ≥ 0")
+
+    only: dict[str, tuple[set[Any], str]] = {}
+    if preset == "gpu" and args.batch_sizes is None and args.text_lengths is None:
+        cells = []
+        for m in models:
+            main = [1, 2, 4, 8, 16, 32, 64, 128, 256] if m != "large" else [1, 4, 16, 64, 256]
+            cells += [Cell(m, 40, b) for b in main]
+            cells += [Cell(m, t, b) for t in (16, 64) for b in ([1, 16, 64, 256] if m != "large" else [16, 256])]
+            cells += [Cell(m, 512, b) for b in ([1, 8, 32] if m != "large" else [8])]
+        compile_cells = {Cell(m, 40, b) for m in models for b in ([8, 64] if m != "large" else [64])}
+        for s in systems:
+            if s.compiles:
+                only[s.name] = (
+                    compile_cells,
+                    "hf-compile runs at a few cells only: max-autotune compiles and autotunes every shape anew "
+                    "(minutes each)",
+                )
+        notes.append("text 512 is a stress case (the position table's limit), at a few batch sizes")
+    elif preset == "quick" and cuda and args.batch_sizes is None and args.text_lengths is None and models != ["tiny"]:
+        cells = [Cell(m, 40, b) for m in models for b in batches]
+        cells += [Cell(m, t, 32) for m in models for t in (16, 64)]
+        compile_cells = {Cell(m, 40, 32) for m in models}
+        for s in systems:
+            if s.compiles:
+                only[s.name] = (compile_cells, "hf-compile runs at one cell in --quick (compile time)")
+    else:
+        cells = _cells(models, args.text_lengths or texts, batches)
+
+    skip: dict[str, str] = {}
+    explicit = bool(args.systems)
+    for s in systems:
+        if s.compiles and not cuda and preset == "quick" and not explicit:
+            skip[s.name] = (
+                f"torch.compile(mode={args.compile_mode!r}) on CPU autotunes every GEMM with inductor's C++ "
+                "backend on the CPU's cores: a trial on a 2-core CPU took over 2 minutes for the tiny "
+                "model alone, past the --quick budget; ask for it with --systems (and a --budget) to include it"
+            )
+    if not cuda:
+        notes.append(f"CPU run: {torch.get_num_threads()} threads; MFU is against an fp32 GEMM peak (see above)")
+    return Plan(
+        cells=cells,
+        systems=systems,
+        device=device,
+        warmup=warmup,
+        repeats=repeats,
+        cell_seconds=cell_s,
+        budget_s=budget,
+        compile_mode=args.compile_mode,
+        seed=args.seed,
+        preset=label,
+        skip=skip,
+        only=only,
+        notes=notes,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    try:
+        plan = build_plan(args)
+    except ValueError as e:
+        print(f"btfast bench: {e}", file=sys.stderr)
+        return 2
+
+    from btfast.benchmark import report
+    from btfast.benchmark.progress import Progress
+    from btfast.benchmark.runner import Runner
+    from btfast.benchmark.timing import device_name
+
+    cells = plan.cells
+    texts = sorted({c.text_len for c in cells})
+    batches = sorted({c.batch for c in cells})
+    print(
+        f"btfast bench ({plan.preset}): {', '.join(plan.models())} architecture(s), random weights, on "
+        f"{device_name(plan.device)}\n  systems: {', '.join(s.name for s in plan.systems)}\n"
+        f"  {len(cells)} cell(s): text {','.join(map(str, texts))} x batch {','.join(map(str, batches))}; "
+        f"{plan.warmup} warmup + up to {plan.repeats} timed call(s) per cell"
+        + (f"; budget {plan.budget_s:.0f} s" if plan.budget_s else ""),
+        flush=True,
+    )
+    progress = Progress(total=len(cells) * len(plan.systems), enabled=not args.no_progress)
+    runner = Runner(plan, progress)
+    interrupted = False
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # `timeout` sends SIGTERM: keep what was measured
+    try:
+        results = runner.run()
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\nbtfast bench: interrupted; writing what was measured so far", file=sys.stderr, flush=True)
+        results = runner.snapshot(interrupted=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        progress.close()
+
+    print(report.summary(results))
+    if plan.preset == "default":
+        _print_main_job(results)
+    preset = plan.preset if plan.preset != "default" else None
+    out = args.out or (DEFAULT_OUT if preset else None)
+    if out:
+        written = report.write_all(results, Path(out), plot=not args.no_plot)
+        for kind, where in written.items():
+            print(f"  {kind}: {where}")
+    if interrupted:
+        return 130
+    return 0 if any(r["status"] == "ok" for r in results["results"]) else 1
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _print_main_job(results: dict[str, Any]) -> None:
+    """The README's main job: for each cell, btfast ÷ HF eager and the ITM logits' max relative difference."""
+    rows = [r for r in results["results"] if r["status"] == "ok"]
+    for r in rows:
+        if r["impl"] != "btfast":
+            continue
+        hf = next(
+            (
+                h
+                for h in rows
+                if h["impl"] == "hf-eager"
+                and h["dtype"] == r["dtype"]
+                and (h["model"], h["text_len"], h["batch"]) == (r["model"], r["text_len"], r["batch"])
+            ),
+            None,
+        )
+        if hf is None:
+            continue
+        diff = r.get("rel_diff_vs_hf_eager")
+        print(
+            f"{r['model']}, batch {r['batch']} x text {r['text_len']}, {r['dtype']}: btfast {r['pairs_per_s']:.4g} "
+            f"pairs/s, HF eager {hf['pairs_per_s']:.4g} pairs/s: {r['pairs_per_s'] / hf['pairs_per_s']:.2f}x; "
+            f"ITM logits max relative difference (max|btfast - HF| / max|HF|): "
+            + ("n/a" if diff is None else f"{diff:.2e}")
+        )

@@ -1,0 +1,56 @@
+"""Live progress: one line per finished cell (its figure or why it was skipped), under a tqdm bar on a terminal
+(what runs now, cells done, elapsed / left). Notes (what is being built, every skip and its reason) go above
+the bar: nothing is skipped silently.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, TextIO
+
+
+class Progress:
+    def __init__(self, total: int, enabled: bool = True, stream: TextIO | None = None) -> None:
+        self.total = total
+        self.enabled = enabled
+        self.stream = stream or sys.stderr
+        self.done = 0
+        self.t0 = time.perf_counter()
+        self.bar: Any = None
+        if enabled and total and getattr(self.stream, "isatty", lambda: False)():
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, file=self.stream, unit="cell", dynamic_ncols=True, leave=True)
+            except ImportError:
+                self.bar = None
+
+    def note(self, message: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(message, file=self.stream)
+        else:
+            print(message, file=self.stream, flush=True)
+
+    def status(self, what: str) -> None:
+        """What runs now (shown on the bar; on a plain stream the cell's result line says it)."""
+        if self.bar is not None:
+            self.bar.set_description_str(what, refresh=True)
+
+    def advance(self, result: str) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        width = len(str(self.total))
+        line = f"[{self.done:>{width}}/{self.total} {time.perf_counter() - self.t0:6.0f}s] {result}"
+        if self.bar is not None:
+            self.bar.write(line, file=self.stream)
+            self.bar.update(1)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,450 @@
+"""Run a benchmark plan: every system on every cell (model, text length, batch size), on the same inputs.
+
+Inputs: per model and text length, one batch of the largest size is drawn once (`btfast.testing.random_inputs`,
+fixed seed, texts of exactly that length, random pixels); a cell of batch B uses its first B rows, so every
+system and batch size sees the same pairs. Systems run one after another, each on a freshly built model
+(same seed, same weights), so only one model occupies the device at a time. Each cell: warmup calls (the
+first one timed apart: compile, autotune, graph capture), then timed calls; the last warmup call's ITM
+logits are kept and compared, at the end, with those of hf-eager-fp32 (the reference) on the same inputs.
+
+A time budget is shared out between systems as they start (what is left, weighted: systems that compile,
+hf-compile and btfast on CUDA, count twice); a cell whose estimated time (from the system's previous cell, first-call
+overhead included) would overrun its system's share is skipped, and the reason is printed and recorded,
+never silent; cells run in plan order, so the main sweep comes before the side cases. An out-of-memory
+cell is recorded as such and the larger batches of that text length are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from btfast.benchmark import timing
+from btfast.benchmark.flops import flops_per_pair
+from btfast.benchmark.progress import Progress
+from btfast.benchmark.systems import REFERENCE, System, load, parse_system
+
+MODELS = ("tiny", "base", "large")
+FIRST_COMPILE_S = 60.0  # an hf-compile system starts only with this much of its budget share left
+
+
+def model_config(name: str) -> Any:
+    from btfast import testing
+
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    return {"tiny": testing.tiny_config, "base": testing.base_config, "large": testing.large_config}[name]()
+
+
+@dataclass(frozen=True, order=True)
+class Cell:
+    model: str
+    text_len: int
+    batch: int
+
+
+@dataclass
+class Plan:
+    """What to run. `cells` in run order; `only[system name]` restricts a system to some cells (with the reason)."""
+
+    cells: list[Cell]
+    systems: list[System]
+    device: torch.device
+    warmup: int = 1
+    repeats: int = 5
+    cell_seconds: float | None = None
+    budget_s: float | None = None
+    compile_mode: str = "max-autotune"
+    compile_backend: str = "inductor"
+    seed: int = 0
+    preset: str = "custom"
+    skip: dict[str, str] = field(default_factory=dict)  # system name -> why it is not run at all
+    only: dict[str, tuple[set[Cell], str]] = field(default_factory=dict)
+    reference: bool = True  # compute hf-eager-fp32 logits (untimed) where no hf-eager-fp32 system runs
+    notes: list[str] = field(default_factory=list)
+
+    def models(self) -> list[str]:
+        return list(dict.fromkeys(c.model for c in self.cells))
+
+
+def _git(*args: str) -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Where and with what a run happened: device, versions, commit."""
+    import transformers
+
+    import btfast
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:  # triton is optional off Linux / CUDA
+        triton_version = None
+    commit = _git("rev-parse", "HEAD")
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    if commit is None and os.environ.get("BTFAST_COMMIT"):  # a copied tree without .git (bench/gpu.sh)
+        commit, dirty = os.environ["BTFAST_COMMIT"], None
+    env: dict[str, Any] = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "device": timing.device_name(device),
+        "device_type": device.type,
+        "device_slug": timing.device_slug(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "transformers": transformers.__version__,
+        "btfast": btfast.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "commit": commit,
+        "commit_dirty": bool(dirty) if dirty is not None else None,
+        "cpu_threads": torch.get_num_threads(),
+        "argv": sys.argv[1:],
+    }
+    if hasattr(os, "getloadavg"):  # other work on the machine skews CPU figures: say how busy it was
+        env["load_average"] = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    if device.type == "cuda":
+        env["cuda"] = torch.version.cuda
+        env["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
+        env["tf32_cudnn"] = torch.backends.cudnn.allow_tf32
+        env["device_memory_bytes"] = torch.cuda.get_device_properties(device).total_memory
+    return env
+
+
+def _inputs(config: Any, batch: int, text_len: int, seed: int) -> dict[str, torch.Tensor]:
+    from btfast.testing import random_inputs
+
+    return random_inputs(config, batch=batch, seq_len=text_len, seed=seed + text_len)
+
+
+def _slice(batch: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+    return {k: v[:n] for k, v in batch.items()}
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def duration(seconds: float) -> str:
+    return f"{seconds:.3g} s" if seconds >= 1 else f"{seconds * 1e3:.3g} ms"
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300] if text else ''}"
+
+
+class Runner:
+    def __init__(self, plan: Plan, progress: Progress | None = None) -> None:
+        self.plan = plan
+        self.progress = progress or Progress(total=0, enabled=False)
+        self.rows: list[dict[str, Any]] = []
+        self.logits: dict[tuple[Cell, str], torch.Tensor] = {}
+        self.system_info: dict[str, dict[str, Any]] = {}
+        self.t_start = time.perf_counter()
+        self.max_text: dict[str, int] = {}
+        self.flops: dict[str, dict[str, Any]] = {}
+        self.peak: timing.GemmPeak | None = None
+        self.env: dict[str, Any] | None = None
+
+    # -- bookkeeping ----------------------------------------------------------------------------------------------
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t_start
+
+    def _row(self, cell: Cell, system: System, status: str, reason: str | None = None, **kw: Any) -> dict[str, Any]:
+        row = dict(
+            model=cell.model,
+            text_len=cell.text_len,
+            batch=cell.batch,
+            system=system.name,
+            impl=system.impl,
+            dtype=system.dtype_name,
+            status=status,
+            reason=reason,
+        )
+        row.update(kw)
+        self.rows.append(row)
+        return row
+
+    def _skip(self, cell: Cell, system: System, reason: str, status: str = "skipped") -> None:
+        self._row(cell, system, status, reason)
+        self.progress.advance(f"{system.name} {cell.model} L={cell.text_len} B={cell.batch}: {status} ({reason})")
+
+    # -- the run -------------------------------------------------------------------------------------------------
+
+    def _weight(self, system: System) -> int:
+        """A system's weight in the budget: 0 if skipped, 2 if it compiles (hf-compile; btfast on CUDA), else 1."""
+        if system.name in self.plan.skip:
+            return 0
+        compiles = system.compiles or (system.impl == "btfast" and self.plan.device.type == "cuda")
+        return 2 if compiles else 1
+
+    def run(self) -> dict[str, Any]:
+        """Run the plan and return every figure (see `snapshot`); Ctrl-C / SIGTERM leave a partial `snapshot()`."""
+        plan = self.plan
+        self.env = environment(plan.device)
+        self.progress.note(f"measuring the GEMM peak on {timing.device_name(plan.device)} ...")
+        self.peak = timing.measure_gemm_peak(plan.device)
+        self.progress.note(f"  {self.peak.dtype} GEMM peak: {self.peak.flops_per_s / 1e12:.3g} TFLOP/s")
+        systems = sorted(plan.systems, key=lambda s: s.name != REFERENCE)  # the reference first, then as given
+        runs = [(m, s) for m in plan.models() for s in systems]
+        for i, model_name in enumerate(plan.models()):
+            config = model_config(model_name)
+            self.max_text[model_name] = config.text_config.max_position_embeddings - config.text_config.pad_token_id - 1
+            cells = [c for c in plan.cells if c.model == model_name]
+            lengths = list(dict.fromkeys(c.text_len for c in cells))
+            for length in lengths:
+                self.flops[f"{model_name}/{length}"] = flops_per_pair(config, length).as_dict()
+            data = {
+                length: _inputs(config, max(c.batch for c in cells if c.text_len == length), length, plan.seed)
+                for length in lengths
+                if length <= self.max_text[model_name]
+            }
+            for j, system in enumerate(systems):
+                share = None
+                if plan.budget_s is not None:
+                    weights = [self._weight(s) for _, s in runs[i * len(systems) + j :]]
+                    share = max(0.0, plan.budget_s - self.elapsed()) * self._weight(system) / max(1, sum(weights))
+                self._run_system(model_name, config, system, cells, data, share)
+            if plan.reference and not any(s.name == REFERENCE for s in systems):
+                self._reference(model_name, config, cells, data)
+        return self.snapshot()
+
+    def snapshot(self, interrupted: bool = False) -> dict[str, Any]:
+        """Every figure so far: environment, plan, GEMM peak, FLOPs per pair, systems' explain(), one row per cell."""
+        plan = self.plan
+        self._errors()
+        return dict(
+            environment=getattr(self, "env", None) or environment(plan.device),
+            plan=dict(
+                preset=plan.preset,
+                systems=[s.name for s in plan.systems],
+                cells=[vars(c) for c in plan.cells],
+                warmup=plan.warmup,
+                repeats=plan.repeats,
+                cell_seconds=plan.cell_seconds,
+                budget_s=plan.budget_s,
+                compile_mode=plan.compile_mode,
+                seed=plan.seed,
+                inputs="btfast.testing.random_inputs: texts of exactly text_len tokens, random pixels; random weights",
+                skipped_systems=plan.skip,
+                restricted=({k: dict(cells=len(v[0]), reason=v[1]) for k, v in plan.only.items()}),
+                notes=plan.notes + (["interrupted: the run was stopped before its end"] if interrupted else []),
+            ),
+            gemm_peak=self.peak.as_dict() if self.peak else dict(flops_per_s=float("nan"), dtype="?", note="not run"),
+            flops_per_pair=self.flops,
+            systems=self.system_info,
+            results=self.rows,
+            wall_s=self.elapsed(),
+            interrupted=interrupted,
+        )
+
+    def _run_system(
+        self,
+        model_name: str,
+        config: Any,
+        system: System,
+        cells: list[Cell],
+        data: dict[int, dict[str, torch.Tensor]],
+        share: float | None,
+    ) -> None:
+        plan = self.plan
+        if system.name in plan.skip:
+            self.progress.note(f"skipping {system.name} on {model_name}: {plan.skip[system.name]}")
+            for cell in cells:
+                self._skip(cell, system, plan.skip[system.name])
+            return
+        allowed, why_not = plan.only.get(system.name, (None, ""))
+        deadline = None if share is None else self.elapsed() + share
+        from transformers import BridgeTowerForImageAndTextRetrieval
+
+        from btfast.testing import build
+
+        self.progress.note(f"building {system.name} ({model_name}) ...")
+        baseline = timing.rss_bytes() if plan.device.type == "cpu" else None
+        try:
+            loaded = load(
+                system,
+                lambda: build(BridgeTowerForImageAndTextRetrieval, config, seed=plan.seed),
+                plan.device,
+                plan.compile_mode,
+                plan.compile_backend,
+            )
+        except Exception as e:  # report it, run the other systems
+            reason = f"could not be built: {_short(e)}"
+            self.progress.note(f"{system.name}: {reason}")
+            for cell in cells:
+                self._skip(cell, system, reason, status="error")
+            return
+        info = self.system_info.setdefault(system.name, dict(build_s={}, notes=loaded.notes, explain={}))
+        info["build_s"][model_name] = loaded.build_s
+        per_pair: float | None = None  # seconds per pair seen in this system's last cell, for the estimates
+        first_extra = 0.0  # what the last cell's first call cost beyond a steady call (compile, capture)
+        failures = 0
+        oom_at: dict[int, int] = {}
+        fpp = {length: self.flops[f"{model_name}/{length}"]["total"] for length in data}
+        peak = self.peak.flops_per_s if self.peak else float("nan")
+        warmup = max(plan.warmup, 3) if system.compiles else plan.warmup  # graph trees record on the 2nd call
+        try:
+            for cell in cells:  # in plan order: the main sweep first, so a spent budget cuts the side cases
+                label = f"{system.name} {model_name} L={cell.text_len} B={cell.batch}"
+                if allowed is not None and cell not in allowed:
+                    self._skip(cell, system, why_not)
+                    continue
+                if cell.text_len > self.max_text[model_name]:
+                    self._skip(cell, system, f"text length {cell.text_len} > {self.max_text[model_name]} positions")
+                    continue
+                if cell.text_len in oom_at and cell.batch > oom_at[cell.text_len]:
+                    self._skip(cell, system, f"out of memory at batch {oom_at[cell.text_len]}", status="oom")
+                    continue
+                if failures >= 2:
+                    self._skip(cell, system, "two cells failed before: system abandoned", status="error")
+                    continue
+                if deadline is not None and per_pair is None and system.compiles:
+                    left = deadline - self.elapsed()
+                    if left < FIRST_COMPILE_S:
+                        self._skip(
+                            cell,
+                            system,
+                            f"time budget: {max(0.0, left):.0f}s left of this system's share of --budget "
+                            f"{plan.budget_s:.0f}s, under the {FIRST_COMPILE_S:.0f}s a first compile is given",
+                        )
+                        continue
+                if deadline is not None and per_pair is not None:
+                    estimate = per_pair * cell.batch * (warmup + plan.repeats) + first_extra
+                    if self.elapsed() + estimate > deadline:
+                        self._skip(
+                            cell,
+                            system,
+                            f"time budget: ~{estimate:.0f}s needed, {max(0.0, deadline - self.elapsed()):.0f}s left "
+                            f"of this system's share of --budget {plan.budget_s:.0f}s",
+                        )
+                        continue
+                self.progress.status(label)
+                batch = loaded.prepare(_slice(data[cell.text_len], cell.batch))
+
+                def keep(out: torch.Tensor, cell: Cell = cell) -> None:
+                    self.logits[(cell, system.name)] = out.detach().float().cpu().clone()
+
+                try:
+                    with torch.no_grad():
+                        t = timing.time_calls(
+                            lambda batch=batch: loaded.call(batch),
+                            plan.device,
+                            warmup=warmup,
+                            repeats=plan.repeats,
+                            max_seconds=plan.cell_seconds,
+                            memory_baseline=baseline,
+                            on_warm=keep,
+                        )
+                except Exception as e:
+                    failure: tuple[str, str] | None = ("oom" if _is_oom(e) else "error", _short(e))
+                else:
+                    failure = None
+                del batch
+                if failure is not None:  # outside the except block: its traceback no longer holds tensors
+                    if failure[0] == "oom":
+                        oom_at[cell.text_len] = cell.batch
+                        if plan.device.type == "cuda":
+                            torch.cuda.empty_cache()
+                    else:
+                        failures += 1
+                    self._skip(cell, system, failure[1], status=failure[0])
+                    continue
+                failures = 0
+                p50 = t.p50
+                per_pair = p50 / cell.batch
+                first_extra = max(0.0, t.first_call_s - p50)
+                pairs_per_s = cell.batch / p50
+                self._row(
+                    cell,
+                    system,
+                    "ok",
+                    pairs_per_s=pairs_per_s,
+                    p50_ms=p50 * 1e3,
+                    p99_ms=t.p99 * 1e3,
+                    mean_ms=sum(t.latencies) / len(t.latencies) * 1e3,
+                    min_ms=min(t.latencies) * 1e3,
+                    repeats=len(t.latencies),
+                    warmup=t.warmup,
+                    capped=t.capped,
+                    first_call_s=t.first_call_s,
+                    peak_mem_bytes=t.peak_mem,
+                    peak_mem_kind=t.peak_mem_kind,
+                    gflop_per_pair=fpp[cell.text_len] / 1e9,
+                    mfu=fpp[cell.text_len] * pairs_per_s / peak,
+                    latencies_ms=[x * 1e3 for x in t.latencies],
+                )
+                self.progress.advance(f"{label}: {pairs_per_s:.4g} pairs/s (p50 {duration(p50)})")
+        finally:
+            try:
+                info["explain"][model_name] = loaded.explain()
+            except Exception as e:
+                info["explain"][model_name] = f"explain() failed: {_short(e)}"
+            loaded.close()
+
+    def _reference(
+        self, model_name: str, config: Any, cells: list[Cell], data: dict[int, dict[str, torch.Tensor]]
+    ) -> None:
+        """hf-eager-fp32 logits (one untimed call per cell) where no hf-eager-fp32 system ran."""
+        from transformers import BridgeTowerForImageAndTextRetrieval
+
+        from btfast.testing import build
+
+        todo = [c for c in cells if c.text_len in data and any(k[0] == c for k in self.logits)]
+        if not todo:
+            return
+        self.progress.note(f"computing the {REFERENCE} reference logits ({model_name}, untimed) ...")
+        ref = parse_system(REFERENCE)
+        seed = self.plan.seed
+        loaded = load(ref, lambda: build(BridgeTowerForImageAndTextRetrieval, config, seed=seed), self.plan.device)
+        try:
+            for cell in todo:
+                try:
+                    with torch.no_grad():
+                        out = loaded.call(loaded.prepare(_slice(data[cell.text_len], cell.batch)))
+                    self.logits[(cell, REFERENCE)] = out.float().cpu()
+                except Exception as e:
+                    self.progress.note(f"reference failed at {cell}: {_short(e)}")
+                    if self.plan.device.type == "cuda":
+                        torch.cuda.empty_cache()
+        finally:
+            loaded.close()
+
+    def _errors(self) -> None:
+        """Max error of each system's logits against hf-eager-fp32, and against hf-eager in its own dtype."""
+        for row in self.rows:
+            if row["status"] != "ok":
+                continue
+            cell = Cell(row["model"], row["text_len"], row["batch"])
+            out = self.logits.get((cell, row["system"]))
+            ref = self.logits.get((cell, REFERENCE))
+            row["max_abs_err"] = row["max_rel_err"] = row["rel_diff_vs_hf_eager"] = None
+            if out is not None and ref is not None:
+                err = (out - ref).abs().max().item()
+                row["max_abs_err"] = err
+                row["max_rel_err"] = err / max(ref.abs().max().item(), 1e-30)
+            same = self.logits.get((cell, f"hf-eager-{row['dtype']}"))
+            if out is not None and same is not None and row["impl"] != "hf-eager":
+                row["rel_diff_vs_hf_eager"] = (out - same).abs().max().item() / max(same.abs().max().item(), 1e-30)
+
+
+def run_plan(plan: Plan, progress: Progress | None = None) -> dict[str, Any]:
+    return Runner(plan, progress).run()

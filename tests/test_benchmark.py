@@ -1,0 +1,286 @@
+"""The benchmark harness (`btfast bench`): FLOP counter, timing helpers, systems, report writers, CLI, tiny runs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import BridgeTowerForImageAndTextRetrieval
+
+from btfast import cli as btfast_cli
+from btfast.benchmark import cli, report, systems, timing
+from btfast.benchmark.flops import flops_per_pair
+from btfast.benchmark.progress import Progress
+from btfast.benchmark.runner import Cell, Plan, run_plan
+from btfast.testing import base_config, build, large_config, random_inputs, tiny_config
+
+# -- FLOPs ------------------------------------------------------------------------------------------------------
+
+
+def test_flops_reproduce_the_design_figures() -> None:
+    base, large = flops_per_pair(base_config(), 40), flops_per_pair(large_config(), 40)
+    # DESIGN.md's 109 / 401 GFLOP/pair are FlopCounterMode's figures (no vision attention products); exact here
+    assert base.counter_visible == 108_819_750_912
+    assert large.counter_visible == 400_624_779_264
+    assert base.total / 1e9 == pytest.approx(112.71, abs=0.01)
+    assert large.total / 1e9 == pytest.approx(419.83, abs=0.01)
+    parts = base.as_dict()
+    assert parts["total"] == sum(parts[k] for k in ("text_tower", "vision_tower", "bridges", "fusion", "heads"))
+    # the vision tower dominates, and longer texts cost more
+    assert base.vision_tower > base.fusion > base.text_tower
+    assert flops_per_pair(base_config(), 64).total > base.total > flops_per_pair(base_config(), 16).total
+
+
+@pytest.mark.parametrize("text_len", [5, 16])
+def test_flops_match_torch_flop_counter(text_len: int) -> None:
+    """The formula against torch's own count on a tiny model (which may or may not see the vision attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = tiny_config()
+    model = build(BridgeTowerForImageAndTextRetrieval, config)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(**random_inputs(config, batch=1, seq_len=text_len))
+    ours = flops_per_pair(config, text_len)
+    assert counter.get_total_flops() in (ours.total, ours.counter_visible)
+
+
+# -- timing -----------------------------------------------------------------------------------------------------
+
+
+def test_percentiles() -> None:
+    xs = [5.0, 1.0, 3.0, 2.0, 4.0]
+    assert timing.median(xs) == 3.0
+    assert timing.percentile(xs, 0) == 1.0 and timing.percentile(xs, 100) == 5.0
+    assert timing.percentile(xs, 99) == pytest.approx(4.96)
+    assert timing.median([1.0, 2.0]) == 1.5
+    with pytest.raises(ValueError):
+        timing.percentile([], 50)
+
+
+def test_time_calls_counts_warmup_and_repeats() -> None:
+    calls: list[int] = []
+    kept: list[int] = []
+
+    def fn() -> int:
+        calls.append(1)
+        return len(calls)
+
+    t = timing.time_calls(fn, torch.device("cpu"), warmup=2, repeats=4, on_warm=kept.append)
+    assert len(calls) == 6 and len(t.latencies) == 4 and kept == [2]
+    assert t.first_call_s >= 0 and t.p50 <= t.p99 and not t.capped
+    # a time cap stops after min_repeats calls
+    capped = timing.time_calls(fn, torch.device("cpu"), warmup=1, repeats=50, max_seconds=0.0, min_repeats=3)
+    assert len(capped.latencies) == 3 and capped.capped
+
+
+def test_peak_memory_and_gemm_peak_on_cpu() -> None:
+    mem = timing.PeakMemory(torch.device("cpu"), baseline=timing.rss_bytes())
+    mem.reset()
+    x = torch.ones(8 << 20)  # 32 MiB
+    peak = mem.peak()
+    del x
+    assert peak is None or peak >= 0
+    gp = timing.measure_gemm_peak(torch.device("cpu"), n=128)
+    assert gp.flops_per_s > 0 and gp.dtype == "float32" and "fp32" in gp.note
+    assert timing.device_slug(torch.device("cpu")) == "cpu"
+
+
+# -- systems ----------------------------------------------------------------------------------------------------
+
+
+def test_system_names() -> None:
+    names = [s.name for s in systems.parse_systems("all", "bf16")]
+    assert names == ["hf-eager-fp32", "hf-eager-bf16", "btfast-fp32", "btfast-bf16", "hf-compile-bf16"]
+    assert [s.name for s in systems.parse_systems("hf-eager,btfast-fp16", "fp16")] == ["hf-eager-fp16", "btfast-fp16"]
+    assert [s.name for s in systems.comparison("fp32")] == ["hf-eager-fp32", "btfast-fp32", "hf-compile-fp32"]
+    with pytest.raises(ValueError, match="unknown system"):
+        systems.parse_systems("tensorrt-fp8", "bf16")
+
+
+def test_hf_compile_system_runs() -> None:
+    """The hf-compile path (dynamo, with the cheap 'eager' backend here) gives HF's logits."""
+    config = tiny_config()
+    loaded = systems.load(
+        systems.parse_system("hf-compile-fp32"),
+        lambda: build(BridgeTowerForImageAndTextRetrieval, config),
+        torch.device("cpu"),
+        compile_backend="eager",
+    )
+    batch = random_inputs(config, batch=2, seq_len=9)
+    try:
+        with torch.no_grad():
+            got = loaded.call(loaded.prepare(batch))
+            want = build(BridgeTowerForImageAndTextRetrieval, config)(**batch).logits
+    finally:
+        loaded.close()
+    torch.testing.assert_close(got, want)
+
+
+# -- report writers ---------------------------------------------------------------------------------------------
+
+
+def _fake_results() -> dict:
+    rows = []
+    for system, impl, dtype, speed in [
+        ("hf-eager-fp32", "hf-eager", "fp32", 10.0),
+        ("btfast-fp32", "btfast", "fp32", 25.0),
+    ]:
+        for b in (1, 4):
+            rows.append(
+                dict(
+                    model="base", text_len=40, batch=b, system=system, impl=impl, dtype=dtype, status="ok",
+                    reason=None, pairs_per_s=speed * b, p50_ms=1e3 / speed, p99_ms=1.1e3 / speed, mean_ms=1e3 / speed,
+                    min_ms=0.9e3 / speed, repeats=3, warmup=1, capped=False, first_call_s=0.5,
+                    peak_mem_bytes=2**30, peak_mem_kind="x", gflop_per_pair=112.7, mfu=0.25, latencies_ms=[1, 2, 3],
+                    max_abs_err=0.0 if impl == "hf-eager" else 1e-6, max_rel_err=0.0 if impl == "hf-eager" else 3e-7,
+                    rel_diff_vs_hf_eager=None if impl == "hf-eager" else 3e-7,
+                )
+            )  # fmt: skip
+    rows.append(
+        dict(model="base", text_len=40, batch=1, system="hf-compile-bf16", impl="hf-compile", dtype="bf16",
+             status="skipped", reason="too slow to compile here")
+    )  # fmt: skip
+    return dict(
+        environment=dict(
+            date="2026-11-27T00:00:00Z",
+            device="Test CPU (2 threads)",
+            device_type="cpu",
+            device_slug="cpu",
+            torch="2.13",
+            triton="3.9",
+            transformers="5.24",
+            btfast="0.1.0",
+            python="3.11",
+            commit="abc123",
+            commit_dirty=False,
+            cpu_threads=2,
+        ),  # fmt: skip
+        plan=dict(preset="quick", systems=["hf-eager-fp32", "btfast-fp32", "hf-compile-bf16"], warmup=1, repeats=3),
+        gemm_peak=dict(flops_per_s=1e11, dtype="float32", n=1024, device="cpu", note="fp32 GEMM peak"),
+        flops_per_pair={"base/40": flops_per_pair(base_config(), 40).as_dict()},
+        systems={"btfast-fp32": dict(build_s={"base": 1.0}, notes=[], explain={"base": "btfast: ops: torch"})},
+        results=rows,
+        wall_s=12.0,
+    )
+
+
+def test_report_writers(tmp_path) -> None:
+    results = _fake_results()
+    written = report.write_all(results, tmp_path / "out")
+    assert written["json"].name == "2026-11-27-cpu-quick.json"
+    data = json.loads(written["json"].read_text())
+    assert data["schema"] == report.SCHEMA and data["environment"]["commit"] == "abc123"
+    assert len(data["results"]) == 5
+    md = written["md"].read_text()
+    assert "## pairs/s: base, text 40 tokens" in md
+    assert "btfast-fp32 ÷ hf-eager-fp32" in md and "2.50×" in md
+    assert "too slow to compile here" in md and "hf-compile-bf16" in md
+    assert "fp32 GEMM peak" in md and "btfast: ops: torch" in md
+    png = written["png"]
+    if not isinstance(png, str):  # matplotlib installed
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = report.summary(results)
+    assert "2.50× hf-eager-fp32" in text and "not measured" in text
+
+
+# -- CLI --------------------------------------------------------------------------------------------------------
+
+
+def test_help_explains_every_option(capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        btfast_cli.main(["bench", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for option in (
+        "--model", "--systems", "--batch-sizes", "--text-lengths", "--dtype", "--device", "--repeats", "--quick",
+        "--preset", "--out", "--no-plot", "--warmup", "--budget", "--cell-seconds", "--compile-mode",
+    ):  # fmt: skip
+        assert option in out, option
+    assert "base|large|tiny" in out and "max-autotune" in out and "hf-eager-fp32" in out
+
+
+def _plan(*argv: str) -> Plan:
+    parser = btfast_cli.build_parser("bench")
+    return cli.build_plan(parser.parse_args(["bench", *argv]))
+
+
+def test_plans_on_cpu() -> None:
+    main = _plan("--device", "cpu")
+    assert main.preset == "default" and [s.name for s in main.systems] == ["hf-eager-fp32", "btfast-fp32"]
+    assert main.cells == [Cell("base", 40, 4)] and main.budget_s is None
+    quick = _plan("--quick", "--device", "cpu")
+    assert "hf-compile-bf16" in quick.skip and "2 minutes" in quick.skip["hf-compile-bf16"]
+    assert {c.batch for c in quick.cells} == {1, 4} and quick.budget_s is not None
+    asked = _plan("--quick", "--device", "cpu", "--systems", "hf-compile")
+    assert not asked.skip  # asked for explicitly: it runs
+    gpu = _plan("--preset", "gpu", "--device", "cpu")
+    assert {c.model for c in gpu.cells} == {"base", "large"} and Cell("base", 512, 8) in gpu.cells
+    assert Cell("base", 40, 256) in gpu.cells and "hf-compile-bf16" in gpu.only
+    custom = _plan("--model", "tiny,base", "--batch-sizes", "2,3", "--text-lengths", "7", "--dtype", "fp16")
+    assert len(custom.cells) == 4 and {s.name for s in custom.systems} == {"hf-eager-fp16", "btfast-fp16"}
+    with pytest.raises(SystemExit):
+        _plan("--model", "huge")
+
+
+def test_bad_combinations_exit_2(capsys) -> None:
+    assert btfast_cli.main(["bench", "--quick", "--preset", "gpu", "--device", "cpu"]) == 2
+    assert "pick one" in capsys.readouterr().err
+
+
+# -- tiny runs end to end ---------------------------------------------------------------------------------------
+
+
+def test_quick_tiny_end_to_end(tmp_path, capsys) -> None:
+    rc = btfast_cli.main(
+        ["bench", "--model", "tiny", "--quick", "--device", "cpu", "--out", str(tmp_path), "--repeats", "2"]
+    )
+    assert rc == 0
+    out = capsys.readouterr()
+    assert "skipping hf-compile-bf16" in out.err  # never silently
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert [f.rsplit(".", 1)[1] for f in files] == ["json", "md", "png"] and files[0].endswith("-cpu-quick.json")
+    data = json.loads((tmp_path / files[0]).read_text())
+    env = data["environment"]
+    for key in ("device", "torch", "triton", "transformers", "commit", "date"):
+        assert key in env
+    ok = {r["system"]: r for r in data["results"] if r["status"] == "ok" and r["batch"] == 4}
+    assert set(ok) == {"hf-eager-fp32", "hf-eager-bf16", "btfast-fp32", "btfast-bf16"}
+    for r in ok.values():
+        assert r["pairs_per_s"] > 0 and r["p50_ms"] <= r["p99_ms"] and r["repeats"] == 2
+        assert 0 < r["mfu"] and math.isfinite(r["mfu"]) and r["gflop_per_pair"] > 0
+    assert ok["hf-eager-fp32"]["max_abs_err"] == 0.0
+    assert ok["btfast-fp32"]["max_rel_err"] < 1e-5 and ok["btfast-fp32"]["rel_diff_vs_hf_eager"] < 1e-5
+    assert ok["btfast-bf16"]["max_rel_err"] < 0.1
+    skipped = [r for r in data["results"] if r["system"] == "hf-compile-bf16"]
+    assert skipped and all(r["status"] == "skipped" and r["reason"] for r in skipped)
+    assert "btfast:" in data["systems"]["btfast-fp32"]["explain"]["tiny"]
+
+
+def test_main_job_tiny_prints_ratio_and_difference(capsys, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no preset: nothing may be written
+    assert btfast_cli.main(["bench", "--model", "tiny", "--device", "cpu", "--no-progress", "--repeats", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "btfast-fp32" in out and "hf-eager-fp32" in out
+    assert "ITM logits max relative difference" in out and "x;" in out
+    assert not list(tmp_path.iterdir())
+
+
+def test_budget_skips_with_reason_and_reference_is_computed() -> None:
+    plan = Plan(
+        cells=[Cell("tiny", 8, 1), Cell("tiny", 8, 2), Cell("tiny", 60, 1)],
+        systems=systems.parse_systems("btfast-bf16", "bf16"),
+        device=torch.device("cpu"),
+        repeats=2,
+        budget_s=0.0,
+        preset="test",
+    )
+    results = run_plan(plan, Progress(total=0, enabled=False))
+    by = {(r["text_len"], r["batch"]): r for r in results["results"]}
+    assert by[(8, 1)]["status"] == "ok"  # a system's first cell always runs: nothing to estimate from
+    assert by[(8, 2)]["status"] == "skipped" and "time budget" in by[(8, 2)]["reason"]
+    assert by[(60, 1)]["status"] == "skipped" and "positions" in by[(60, 1)]["reason"]
+    # no hf-eager-fp32 system: the reference was computed apart, so the error is known
+    assert by[(8, 1)]["max_rel_err"] is not None and by[(8, 1)]["max_rel_err"] < 0.1
