@@ -65,8 +65,8 @@ class OptimizedBridgeTower(nn.Module):
         on_cuda = self.device.type == "cuda"
         if on_cuda or (self.ops.interpret and self.ops.explicit):
             self.ops.self_check(self.device, self.dtype, self.spec.hidden, self.spec.text_heads)
-        # Off CUDA, torch.compile measured no faster than eager for this model (bench/results), so it is
-        # off unless asked for; CUDA graphs need CUDA.
+        # Off CUDA, torch.compile measured slower than eager for bridgetower-base and costs minutes to build
+        # (bench/results/2026-11-27-cpu-compile-check.json), so it is off unless asked for; graphs need CUDA.
         compile = on_cuda if compile is None else compile
         graphs = on_cuda if cuda_graphs is None else bool(cuda_graphs)
         if graphs and not on_cuda:
