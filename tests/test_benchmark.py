@@ -279,8 +279,24 @@ def test_budget_skips_with_reason_and_reference_is_computed() -> None:
     )
     results = run_plan(plan, Progress(total=0, enabled=False))
     by = {(r["text_len"], r["batch"]): r for r in results["results"]}
-    assert by[(8, 1)]["status"] == "ok"  # a system's first cell always runs: nothing to estimate from
-    assert by[(8, 2)]["status"] == "skipped" and "time budget" in by[(8, 2)]["reason"]
+    # the largest batch first; a system's first cell always runs (nothing to estimate it from)
+    assert by[(8, 2)]["status"] == "ok"
+    assert by[(8, 1)]["status"] == "skipped" and "time budget" in by[(8, 1)]["reason"]
     assert by[(60, 1)]["status"] == "skipped" and "positions" in by[(60, 1)]["reason"]
     # no hf-eager-fp32 system: the reference was computed apart, so the error is known
-    assert by[(8, 1)]["max_rel_err"] is not None and by[(8, 1)]["max_rel_err"] < 0.1
+    assert by[(8, 2)]["max_rel_err"] is not None and by[(8, 2)]["max_rel_err"] < 0.1
+
+
+def test_cell_estimates() -> None:
+    from btfast.benchmark.runner import Runner
+
+    runner = Runner(Plan(cells=[], systems=[], device=torch.device("cpu"), repeats=10, cell_seconds=2.0))
+    cell = Cell("base", 40, 8)
+    assert runner._estimate(cell, None, 0.0, 1) is None  # nothing measured yet
+    runner.cell_wall[(cell, "btfast-fp32")] = 5.0
+    runner.cell_wall[(cell, "hf-eager-bf16")] = 7.0
+    assert runner._estimate(cell, None, 0.0, 1) == 7.0  # the slowest other system
+    runner.cell_wall[(cell, "hf-eager-fp32")] = 9.0
+    assert runner._estimate(cell, None, 0.0, 1) == 9.0  # the reference
+    # own last cell: 0.1 s per pair → 0.8 s per call; 1 warmup + 10 timed calls capped at 2 s (≥ 3 calls) + extra
+    assert runner._estimate(cell, 0.1, 0.5, 1) == pytest.approx(0.8 + 2.4 + 0.5)

@@ -7,11 +7,12 @@ system and batch size sees the same pairs. Systems run one after another, each o
 first one timed apart: compile, autotune, graph capture), then timed calls; the last warmup call's ITM
 logits are kept and compared, at the end, with those of hf-eager-fp32 (the reference) on the same inputs.
 
-A time budget is shared out between systems as they start (what is left, weighted: systems that compile,
-hf-compile and btfast on CUDA, count twice); a cell whose estimated time (from the system's previous cell, first-call
-overhead included) would overrun its system's share is skipped, and the reason is printed and recorded,
-never silent; cells run in plan order, so the main sweep comes before the side cases. An out-of-memory
-cell is recorded as such and the larger batches of that text length are skipped.
+A time budget is shared out between systems as they start: each gets its part of what is left (systems that
+compile, hf-compile and btfast on CUDA, count twice) plus a quarter of what the systems after it would get. A
+cell whose estimated time (from the system's previous cell, else from what the reference took on that cell)
+would overrun its system's share is skipped, and the reason is printed and recorded, never silent. Text
+lengths run in plan order (the main sweep first), the largest batch first. An out-of-memory cell is recorded
+as such and the run goes on.
 """
 
 from __future__ import annotations
@@ -160,6 +161,7 @@ class Runner:
         self.t_start = time.perf_counter()
         self.max_text: dict[str, int] = {}
         self.flops: dict[str, dict[str, Any]] = {}
+        self.cell_wall: dict[tuple[Cell, str], float] = {}  # seconds each measured cell took, all calls
         self.peak: timing.GemmPeak | None = None
         self.env: dict[str, Any] | None = None
 
@@ -220,8 +222,11 @@ class Runner:
             for j, system in enumerate(systems):
                 share = None
                 if plan.budget_s is not None:
+                    # its weighted part of what is left, plus a quarter of what the systems after it would get
                     weights = [self._weight(s) for _, s in runs[i * len(systems) + j :]]
-                    share = max(0.0, plan.budget_s - self.elapsed()) * self._weight(system) / max(1, sum(weights))
+                    left = max(0.0, plan.budget_s - self.elapsed())
+                    fair = left * self._weight(system) / max(1, sum(weights))
+                    share = fair + 0.25 * (left - fair)
                 self._run_system(model_name, config, system, cells, data, share)
             if plan.reference and not any(s.name == REFERENCE for s in systems):
                 self._reference(model_name, config, cells, data)
@@ -298,12 +303,14 @@ class Runner:
         per_pair: float | None = None  # seconds per pair seen in this system's last cell, for the estimates
         first_extra = 0.0  # what the last cell's first call cost beyond a steady call (compile, capture)
         failures = 0
-        oom_at: dict[int, int] = {}
         fpp = {length: self.flops[f"{model_name}/{length}"]["total"] for length in data}
         peak = self.peak.flops_per_s if self.peak else float("nan")
         warmup = max(plan.warmup, 3) if system.compiles else plan.warmup  # graph trees record on the 2nd call
         try:
-            for cell in cells:  # in plan order: the main sweep first, so a spent budget cuts the side cases
+            # text lengths in plan order (the main sweep first, so a spent budget cuts the side cases), the
+            # largest batch first: the throughput figure that matters most, and it prices the smaller ones
+            order = {length: i for i, length in enumerate(dict.fromkeys(c.text_len for c in cells))}
+            for cell in sorted(cells, key=lambda c: (order[c.text_len], -c.batch)):
                 label = f"{system.name} {model_name} L={cell.text_len} B={cell.batch}"
                 if allowed is not None and cell not in allowed:
                     self._skip(cell, system, why_not)
@@ -311,13 +318,11 @@ class Runner:
                 if cell.text_len > self.max_text[model_name]:
                     self._skip(cell, system, f"text length {cell.text_len} > {self.max_text[model_name]} positions")
                     continue
-                if cell.text_len in oom_at and cell.batch > oom_at[cell.text_len]:
-                    self._skip(cell, system, f"out of memory at batch {oom_at[cell.text_len]}", status="oom")
-                    continue
                 if failures >= 2:
                     self._skip(cell, system, "two cells failed before: system abandoned", status="error")
                     continue
-                if deadline is not None and per_pair is None and system.compiles:
+                estimate = self._estimate(cell, per_pair, first_extra, warmup)
+                if deadline is not None and estimate is None and system.compiles:
                     left = deadline - self.elapsed()
                     if left < FIRST_COMPILE_S:
                         self._skip(
@@ -327,22 +332,21 @@ class Runner:
                             f"{plan.budget_s:.0f}s, under the {FIRST_COMPILE_S:.0f}s a first compile is given",
                         )
                         continue
-                if deadline is not None and per_pair is not None:
-                    estimate = per_pair * cell.batch * (warmup + plan.repeats) + first_extra
-                    if self.elapsed() + estimate > deadline:
-                        self._skip(
-                            cell,
-                            system,
-                            f"time budget: ~{estimate:.0f}s needed, {max(0.0, deadline - self.elapsed()):.0f}s left "
-                            f"of this system's share of --budget {plan.budget_s:.0f}s",
-                        )
-                        continue
+                if deadline is not None and estimate is not None and self.elapsed() + estimate > deadline:
+                    self._skip(
+                        cell,
+                        system,
+                        f"time budget: ~{estimate:.0f}s needed, {max(0.0, deadline - self.elapsed()):.0f}s left "
+                        f"of this system's share of --budget {plan.budget_s:.0f}s",
+                    )
+                    continue
                 self.progress.status(label)
                 batch = loaded.prepare(_slice(data[cell.text_len], cell.batch))
 
                 def keep(out: torch.Tensor, cell: Cell = cell) -> None:
                     self.logits[(cell, system.name)] = out.detach().float().cpu().clone()
 
+                t_cell = time.perf_counter()
                 try:
                     with torch.no_grad():
                         t = timing.time_calls(
@@ -361,7 +365,6 @@ class Runner:
                 del batch
                 if failure is not None:  # outside the except block: its traceback no longer holds tensors
                     if failure[0] == "oom":
-                        oom_at[cell.text_len] = cell.batch
                         if plan.device.type == "cuda":
                             torch.cuda.empty_cache()
                     else:
@@ -369,6 +372,7 @@ class Runner:
                     self._skip(cell, system, failure[1], status=failure[0])
                     continue
                 failures = 0
+                self.cell_wall[(cell, system.name)] = time.perf_counter() - t_cell
                 p50 = t.p50
                 per_pair = p50 / cell.batch
                 first_extra = max(0.0, t.first_call_s - p50)
@@ -399,6 +403,21 @@ class Runner:
             except Exception as e:
                 info["explain"][model_name] = f"explain() failed: {_short(e)}"
             loaded.close()
+
+    def _estimate(self, cell: Cell, per_pair: float | None, first_extra: float, warmup: int) -> float | None:
+        """Seconds a cell will take: from this system's last cell (per pair, scaled to this batch), else what the
+        reference system (else the slowest other system) took on this cell, else unknown."""
+        plan = self.plan
+        if per_pair is not None:
+            per_call = per_pair * cell.batch
+            timed = per_call * plan.repeats
+            if plan.cell_seconds is not None:
+                timed = min(timed, max(plan.cell_seconds, 3 * per_call))
+            return per_call * warmup + timed + first_extra
+        if (cell, REFERENCE) in self.cell_wall:
+            return self.cell_wall[(cell, REFERENCE)]
+        seen = [w for (c, _), w in self.cell_wall.items() if c == cell]
+        return max(seen) if seen else None
 
     def _reference(
         self, model_name: str, config: Any, cells: list[Cell], data: dict[int, dict[str, torch.Tensor]]
