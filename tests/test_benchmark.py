@@ -210,7 +210,7 @@ def _plan(*argv: str) -> Plan:
 def test_plans_on_cpu() -> None:
     main = _plan("--device", "cpu")
     assert main.preset == "default" and [s.name for s in main.systems] == ["hf-eager-fp32", "btfast-fp32"]
-    assert main.cells == [Cell("base", 40, 4)] and main.budget_s is None
+    assert main.cells == [Cell("base", 40, 4)] and main.budget_s is None and main.interleave
     quick = _plan("--quick", "--device", "cpu")
     assert "hf-compile-bf16" in quick.skip and "2 minutes" in quick.skip["hf-compile-bf16"]
     assert {c.batch for c in quick.cells} == {1, 4} and quick.budget_s is not None
@@ -243,6 +243,7 @@ def test_quick_tiny_end_to_end(tmp_path, capsys) -> None:
     files = sorted(p.name for p in tmp_path.iterdir())
     assert [f.rsplit(".", 1)[1] for f in files] == ["json", "md", "png"] and files[0].endswith("-cpu-quick.json")
     data = json.loads((tmp_path / files[0]).read_text())
+    assert data["plan"]["interleave"]  # the CPU default
     env = data["environment"]
     for key in ("device", "torch", "triton", "transformers", "commit", "date"):
         assert key in env
@@ -261,7 +262,8 @@ def test_quick_tiny_end_to_end(tmp_path, capsys) -> None:
 
 def test_main_job_tiny_prints_ratio_and_difference(capsys, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)  # no preset: nothing may be written
-    assert btfast_cli.main(["bench", "--model", "tiny", "--device", "cpu", "--no-progress", "--repeats", "2"]) == 0
+    argv = ["bench", "--model", "tiny", "--device", "cpu", "--no-progress", "--repeats", "2", "--no-interleave"]
+    assert btfast_cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "btfast-fp32" in out and "hf-eager-fp32" in out
     assert "ITM logits max relative difference" in out and "x;" in out

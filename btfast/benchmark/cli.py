@@ -137,6 +137,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead", "default"],
         help="torch.compile mode of the hf-compile systems (default: max-autotune)",
     )
+    t.add_argument(
+        "--interleave",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="load all systems together and interleave their timed calls round by round, so load from "
+        "other work on the machine hits every system alike; --no-interleave runs one system after "
+        "another, each alone (default: interleave on CPU, not on CUDA)",
+    )
     t.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default: 0)")
     p = parser.add_argument_group("presets and output")
     p.add_argument(
@@ -261,6 +269,7 @@ def build_plan(args: argparse.Namespace) -> Any:
         cell_seconds=cell_s,
         budget_s=budget,
         compile_mode=args.compile_mode,
+        interleave=(not cuda) if args.interleave is None else args.interleave,
         seed=args.seed,
         preset=label,
         skip=skip,

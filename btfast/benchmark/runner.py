@@ -1,9 +1,12 @@
 """Run a benchmark plan: every system on every cell (model, text length, batch size), on the same inputs.
 
+Two ways to run (`Plan.interleave`): one system after another (the default on CUDA), or all systems loaded
+together with their timed calls interleaved round by round (the default on CPU: see `_run_interleaved`).
+
 Inputs: per model and text length, one batch of the largest size is drawn once (`btfast.testing.random_inputs`,
 fixed seed, texts of exactly that length, random pixels); a cell of batch B uses its first B rows, so every
-system and batch size sees the same pairs. Systems run one after another, each on a freshly built model
-(same seed, same weights), so only one model occupies the device at a time. Each cell: warmup calls (the
+system and batch size sees the same pairs. Each system gets a freshly built model (same seed, same
+weights); run one after another, only one model occupies the device at a time. Each cell: warmup calls (the
 first one timed apart: compile, autotune, graph capture), then timed calls; the last warmup call's ITM
 logits are kept and compared, at the end, with those of hf-eager-fp32 (the reference) on the same inputs.
 
@@ -32,7 +35,7 @@ import torch
 from btfast.benchmark import timing
 from btfast.benchmark.flops import flops_per_pair
 from btfast.benchmark.progress import Progress
-from btfast.benchmark.systems import REFERENCE, System, load, parse_system
+from btfast.benchmark.systems import REFERENCE, Loaded, System, load, parse_system
 
 MODELS = ("tiny", "base", "large")
 FIRST_COMPILE_S = 60.0  # an hf-compile system starts only with this much of its budget share left
@@ -71,6 +74,7 @@ class Plan:
     skip: dict[str, str] = field(default_factory=dict)  # system name -> why it is not run at all
     only: dict[str, tuple[set[Cell], str]] = field(default_factory=dict)
     reference: bool = True  # compute hf-eager-fp32 logits (untimed) where no hf-eager-fp32 system runs
+    interleave: bool = False  # all systems loaded at once, calls interleaved (see Runner._run_interleaved)
     notes: list[str] = field(default_factory=list)
 
     def models(self) -> list[str]:
@@ -136,6 +140,15 @@ def _inputs(config: Any, batch: int, text_len: int, seed: int) -> dict[str, torc
 
 def _slice(batch: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
     return {k: v[:n] for k, v in batch.items()}
+
+
+def _weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers, each storage counted once (packed views share storage)."""
+    seen: dict[int, int] = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -219,7 +232,9 @@ class Runner:
                 for length in lengths
                 if length <= self.max_text[model_name]
             }
-            for j, system in enumerate(systems):
+            if plan.interleave:
+                self._run_interleaved(model_name, config, systems, cells, data)
+            for j, system in enumerate([] if plan.interleave else systems):
                 share = None
                 if plan.budget_s is not None:
                     # its weighted part of what is left, plus a quarter of what the systems after it would get
@@ -247,6 +262,7 @@ class Runner:
                 cell_seconds=plan.cell_seconds,
                 budget_s=plan.budget_s,
                 compile_mode=plan.compile_mode,
+                interleave=plan.interleave,
                 seed=plan.seed,
                 inputs="btfast.testing.random_inputs: texts of exactly text_len tokens, random pixels; random weights",
                 skipped_systems=plan.skip,
@@ -260,6 +276,97 @@ class Runner:
             wall_s=self.elapsed(),
             interrupted=interrupted,
         )
+
+    # -- pieces shared by the two ways of running -------------------------------------------------------------------
+
+    def _load(self, model_name: str, config: Any, system: System, cells: list[Cell]) -> Loaded | None:
+        """A fresh model turned into `system`; None (and every cell recorded as an error) if that fails."""
+        from transformers import BridgeTowerForImageAndTextRetrieval
+
+        from btfast.testing import build
+
+        plan = self.plan
+        self.progress.note(f"building {system.name} ({model_name}) ...")
+        try:
+            loaded = load(
+                system,
+                lambda: build(BridgeTowerForImageAndTextRetrieval, config, seed=plan.seed),
+                plan.device,
+                plan.compile_mode,
+                plan.compile_backend,
+            )
+        except Exception as e:  # report it, run the other systems
+            reason = f"could not be built: {_short(e)}"
+            self.progress.note(f"{system.name}: {reason}")
+            for cell in cells:
+                self._skip(cell, system, reason, status="error")
+            return None
+        info = self.system_info.setdefault(system.name, dict(build_s={}, notes=loaded.notes, explain={}))
+        info["build_s"][model_name] = loaded.build_s
+        return loaded
+
+    def _close(self, model_name: str, loaded: Loaded) -> None:
+        info = self.system_info[loaded.system.name]
+        try:
+            info["explain"][model_name] = loaded.explain()
+        except Exception as e:
+            info["explain"][model_name] = f"explain() failed: {_short(e)}"
+        loaded.close()
+
+    def _not_runnable(self, cell: Cell, system: System) -> str | None:
+        """Why `system` does not run `cell` at all (restricted to other cells, text too long), else None."""
+        allowed, why_not = self.plan.only.get(system.name, (None, ""))
+        if allowed is not None and cell not in allowed:
+            return why_not
+        if cell.text_len > self.max_text[cell.model]:
+            return f"text length {cell.text_len} > {self.max_text[cell.model]} positions"
+        return None
+
+    def _ordered(self, cells: list[Cell]) -> list[Cell]:
+        # text lengths in plan order (the main sweep first, so a spent budget cuts the side cases), the largest
+        # batch first: the throughput figure that matters most, and it prices the smaller ones
+        order = {length: i for i, length in enumerate(dict.fromkeys(c.text_len for c in cells))}
+        return sorted(cells, key=lambda c: (order[c.text_len], -c.batch))
+
+    def _warmups(self, system: System) -> int:
+        return max(self.plan.warmup, 3) if system.compiles else self.plan.warmup  # graph trees record on call 2
+
+    def _record(self, cell: Cell, system: System, t: timing.Timing) -> float:
+        """Add the row of a measured cell; returns its median latency."""
+        p50 = t.p50
+        pairs_per_s = cell.batch / p50
+        fpp = self.flops[f"{cell.model}/{cell.text_len}"]["total"]
+        peak = self.peak.flops_per_s if self.peak else float("nan")
+        self._row(
+            cell,
+            system,
+            "ok",
+            pairs_per_s=pairs_per_s,
+            p50_ms=p50 * 1e3,
+            p99_ms=t.p99 * 1e3,
+            mean_ms=sum(t.latencies) / len(t.latencies) * 1e3,
+            min_ms=min(t.latencies) * 1e3,
+            repeats=len(t.latencies),
+            warmup=t.warmup,
+            capped=t.capped,
+            first_call_s=t.first_call_s,
+            peak_mem_bytes=t.peak_mem,
+            peak_mem_kind=t.peak_mem_kind,
+            gflop_per_pair=fpp / 1e9,
+            mfu=fpp * pairs_per_s / peak,
+            latencies_ms=[x * 1e3 for x in t.latencies],
+        )
+        label = f"{system.name} {cell.model} L={cell.text_len} B={cell.batch}"
+        self.progress.advance(f"{label}: {pairs_per_s:.4g} pairs/s (p50 {duration(p50)})")
+        return p50
+
+    def _keep(self, cell: Cell, system: System) -> Any:
+        def keep(out: torch.Tensor) -> None:
+            self.logits[(cell, system.name)] = out.detach().float().cpu().clone()
+
+        return keep
+
+    # -- one system after another --------------------------------------------------------------------------------
 
     def _run_system(
         self,
@@ -276,47 +383,20 @@ class Runner:
             for cell in cells:
                 self._skip(cell, system, plan.skip[system.name])
             return
-        allowed, why_not = plan.only.get(system.name, (None, ""))
         deadline = None if share is None else self.elapsed() + share
-        from transformers import BridgeTowerForImageAndTextRetrieval
-
-        from btfast.testing import build
-
-        self.progress.note(f"building {system.name} ({model_name}) ...")
         baseline = timing.rss_bytes() if plan.device.type == "cpu" else None
-        try:
-            loaded = load(
-                system,
-                lambda: build(BridgeTowerForImageAndTextRetrieval, config, seed=plan.seed),
-                plan.device,
-                plan.compile_mode,
-                plan.compile_backend,
-            )
-        except Exception as e:  # report it, run the other systems
-            reason = f"could not be built: {_short(e)}"
-            self.progress.note(f"{system.name}: {reason}")
-            for cell in cells:
-                self._skip(cell, system, reason, status="error")
+        loaded = self._load(model_name, config, system, cells)
+        if loaded is None:
             return
-        info = self.system_info.setdefault(system.name, dict(build_s={}, notes=loaded.notes, explain={}))
-        info["build_s"][model_name] = loaded.build_s
         per_pair: float | None = None  # seconds per pair seen in this system's last cell, for the estimates
         first_extra = 0.0  # what the last cell's first call cost beyond a steady call (compile, capture)
         failures = 0
-        fpp = {length: self.flops[f"{model_name}/{length}"]["total"] for length in data}
-        peak = self.peak.flops_per_s if self.peak else float("nan")
-        warmup = max(plan.warmup, 3) if system.compiles else plan.warmup  # graph trees record on the 2nd call
+        warmup = self._warmups(system)
         try:
-            # text lengths in plan order (the main sweep first, so a spent budget cuts the side cases), the
-            # largest batch first: the throughput figure that matters most, and it prices the smaller ones
-            order = {length: i for i, length in enumerate(dict.fromkeys(c.text_len for c in cells))}
-            for cell in sorted(cells, key=lambda c: (order[c.text_len], -c.batch)):
-                label = f"{system.name} {model_name} L={cell.text_len} B={cell.batch}"
-                if allowed is not None and cell not in allowed:
-                    self._skip(cell, system, why_not)
-                    continue
-                if cell.text_len > self.max_text[model_name]:
-                    self._skip(cell, system, f"text length {cell.text_len} > {self.max_text[model_name]} positions")
+            for cell in self._ordered(cells):
+                why = self._not_runnable(cell, system)
+                if why is not None:
+                    self._skip(cell, system, why)
                     continue
                 if failures >= 2:
                     self._skip(cell, system, "two cells failed before: system abandoned", status="error")
@@ -340,12 +420,8 @@ class Runner:
                         f"of this system's share of --budget {plan.budget_s:.0f}s",
                     )
                     continue
-                self.progress.status(label)
+                self.progress.status(f"{system.name} {model_name} L={cell.text_len} B={cell.batch}")
                 batch = loaded.prepare(_slice(data[cell.text_len], cell.batch))
-
-                def keep(out: torch.Tensor, cell: Cell = cell) -> None:
-                    self.logits[(cell, system.name)] = out.detach().float().cpu().clone()
-
                 t_cell = time.perf_counter()
                 try:
                     with torch.no_grad():
@@ -356,7 +432,7 @@ class Runner:
                             repeats=plan.repeats,
                             max_seconds=plan.cell_seconds,
                             memory_baseline=baseline,
-                            on_warm=keep,
+                            on_warm=self._keep(cell, system),
                         )
                 except Exception as e:
                     failure: tuple[str, str] | None = ("oom" if _is_oom(e) else "error", _short(e))
@@ -364,45 +440,149 @@ class Runner:
                     failure = None
                 del batch
                 if failure is not None:  # outside the except block: its traceback no longer holds tensors
-                    if failure[0] == "oom":
-                        if plan.device.type == "cuda":
-                            torch.cuda.empty_cache()
-                    else:
-                        failures += 1
+                    if failure[0] == "oom" and plan.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    failures += failure[0] == "error"
                     self._skip(cell, system, failure[1], status=failure[0])
                     continue
                 failures = 0
                 self.cell_wall[(cell, system.name)] = time.perf_counter() - t_cell
-                p50 = t.p50
+                p50 = self._record(cell, system, t)
                 per_pair = p50 / cell.batch
                 first_extra = max(0.0, t.first_call_s - p50)
-                pairs_per_s = cell.batch / p50
-                self._row(
-                    cell,
-                    system,
-                    "ok",
-                    pairs_per_s=pairs_per_s,
-                    p50_ms=p50 * 1e3,
-                    p99_ms=t.p99 * 1e3,
-                    mean_ms=sum(t.latencies) / len(t.latencies) * 1e3,
-                    min_ms=min(t.latencies) * 1e3,
-                    repeats=len(t.latencies),
-                    warmup=t.warmup,
-                    capped=t.capped,
-                    first_call_s=t.first_call_s,
-                    peak_mem_bytes=t.peak_mem,
-                    peak_mem_kind=t.peak_mem_kind,
-                    gflop_per_pair=fpp[cell.text_len] / 1e9,
-                    mfu=fpp[cell.text_len] * pairs_per_s / peak,
-                    latencies_ms=[x * 1e3 for x in t.latencies],
-                )
-                self.progress.advance(f"{label}: {pairs_per_s:.4g} pairs/s (p50 {duration(p50)})")
         finally:
+            self._close(model_name, loaded)
+
+    # -- all systems at once, their calls interleaved ----------------------------------------------------------------
+
+    def _run_interleaved(
+        self, model_name: str, config: Any, systems: list[System], cells: list[Cell], data: dict[int, Any]
+    ) -> None:
+        """Every system loaded together; per cell, warmups, then rounds of one timed call per system in turn.
+
+        On a machine shared with other work (a CI runner, a busy 2-core box) load comes and goes over minutes:
+        systems timed one after another would each see a different machine, and their ratio would measure that.
+        Interleaved, every system sees the same conditions. Peak memory here is per call: the model's weights plus
+        the most memory one call added (the systems share the device, so an absolute peak would mix them).
+        """
+        plan = self.plan
+        active: list[Loaded] = []
+        for system in systems:
+            if system.name in plan.skip:
+                self.progress.note(f"skipping {system.name} on {model_name}: {plan.skip[system.name]}")
+                for cell in cells:
+                    self._skip(cell, system, plan.skip[system.name])
+                continue
+            loaded = self._load(model_name, config, system, cells)
+            if loaded is not None:
+                active.append(loaded)
+        weights = {id(x): _weight_bytes(x.module) for x in active}
+        per_pair: dict[str, float] = {}
+        first_extra: dict[str, float] = {}
+        failures: dict[str, int] = {x.system.name: 0 for x in active}
+        try:
+            for cell in self._ordered(cells):
+                runnable = []
+                for x in active:
+                    why = self._not_runnable(cell, x.system)
+                    if why is None and failures[x.system.name] >= 2:
+                        why = "two cells failed before: system abandoned"
+                    if why is not None:
+                        self._skip(cell, x.system, why, status="error" if why.startswith("two") else "skipped")
+                    else:
+                        runnable.append(x)
+                if not runnable:
+                    continue
+                estimates = [
+                    self._estimate(
+                        cell, per_pair.get(x.system.name), first_extra.get(x.system.name, 0.0), self._warmups(x.system)
+                    )
+                    for x in runnable
+                ]
+                if plan.budget_s is not None and all(e is not None for e in estimates):
+                    need = sum(e for e in estimates if e is not None)
+                    left = plan.budget_s - self.elapsed()
+                    if need > left:
+                        reason = f"time budget: ~{need:.0f}s needed, {max(0.0, left):.0f}s left of --budget "
+                        for x in runnable:
+                            self._skip(cell, x.system, reason + f"{plan.budget_s:.0f}s")
+                        continue
+                self._interleave_cell(cell, runnable, data, weights, per_pair, first_extra, failures)
+        finally:
+            for x in active:
+                self._close(model_name, x)
+
+    def _interleave_cell(
+        self,
+        cell: Cell,
+        runnable: list[Loaded],
+        data: dict[int, Any],
+        weights: dict[int, int],
+        per_pair: dict[str, float],
+        first_extra: dict[str, float],
+        failures: dict[str, int],
+    ) -> None:
+        plan = self.plan
+        self.progress.status(
+            f"{cell.model} L={cell.text_len} B={cell.batch}: " + ", ".join(x.system.name for x in runnable)
+        )
+        batches = {id(x): x.prepare(_slice(data[cell.text_len], cell.batch)) for x in runnable}
+        first: dict[int, float] = {}
+        failed: dict[int, tuple[str, str]] = {}
+        for x in runnable:  # warmups, one system at a time (compiles happen here)
             try:
-                info["explain"][model_name] = loaded.explain()
+                with torch.no_grad():
+                    t0 = time.perf_counter()
+                    out = x.call(batches[id(x)])
+                    timing.sync(plan.device)
+                    first[id(x)] = time.perf_counter() - t0
+                    for _ in range(self._warmups(x.system) - 1):
+                        out = x.call(batches[id(x)])
+                    timing.sync(plan.device)
+                    self._keep(cell, x.system)(out)
+                    del out
             except Exception as e:
-                info["explain"][model_name] = f"explain() failed: {_short(e)}"
-            loaded.close()
+                failed[id(x)] = ("oom" if _is_oom(e) else "error", _short(e))
+        live = [x for x in runnable if id(x) not in failed]
+        lat: dict[int, list[float]] = {id(x): [] for x in live}
+        mem: dict[int, int | None] = {id(x): None for x in live}
+        spent = 0.0
+        for i in range(plan.repeats):
+            for x in list(live):
+                batch = batches[id(x)]
+                try:
+                    with torch.no_grad():
+                        seconds, added = timing.timed_call(lambda x=x, batch=batch: x.call(batch), plan.device)
+                except Exception as e:
+                    failed[id(x)] = ("oom" if _is_oom(e) else "error", _short(e))
+                    live.remove(x)
+                    continue
+                lat[id(x)].append(seconds)
+                spent += seconds
+                if added is not None:
+                    mem[id(x)] = max(mem[id(x)] or 0, added)
+            if plan.cell_seconds is not None and spent >= plan.cell_seconds * len(runnable) and i + 1 >= 3:
+                break
+        batches.clear()
+        if failed and plan.device.type == "cuda":
+            torch.cuda.empty_cache()
+        for x in runnable:
+            name = x.system.name
+            if id(x) in failed:
+                status, reason = failed[id(x)]
+                failures[name] += status == "error"
+                self._skip(cell, x.system, reason, status=status)
+                continue
+            failures[name] = 0
+            kind = ("cuda" if plan.device.type == "cuda" else "RSS") + ": weights + the most one call added"
+            peak = None if mem[id(x)] is None else weights[id(x)] + mem[id(x)]
+            t = timing.Timing(
+                lat[id(x)], first[id(x)], self._warmups(x.system), peak, kind, len(lat[id(x)]) < plan.repeats
+            )
+            self.cell_wall[(cell, name)] = first[id(x)] + sum(t.latencies) + t.p50 * (t.warmup - 1)
+            p50 = self._record(cell, x.system, t)
+            per_pair[name] = p50 / cell.batch
+            first_extra[name] = max(0.0, t.first_call_s - p50)
 
     def _estimate(self, cell: Cell, per_pair: float | None, first_extra: float, warmup: int) -> float | None:
         """Seconds a cell will take: from this system's last cell (per pair, scaled to this batch), else what the

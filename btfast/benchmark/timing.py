@@ -172,6 +172,30 @@ def time_calls(
     return Timing(latencies, first, warmup, mem.peak(), mem.kind, capped)
 
 
+def timed_call(fn: Callable[[], Any], device: torch.device) -> tuple[float, int | None]:
+    """One call timed alone: (seconds, bytes the call added at its peak over what was in use before it).
+
+    CUDA: events after a synchronize, and `max_memory_allocated` - `memory_allocated` before. CPU:
+    `perf_counter`, and the peak resident set size (VmHWM, reset first) - RSS before (None if unavailable).
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3, torch.cuda.max_memory_allocated(device) - before
+    mem = PeakMemory(device, rss_bytes())
+    mem.reset()
+    t0 = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - t0
+    return seconds, mem.peak()
+
+
 # -- the GEMM peak ----------------------------------------------------------------------------------------------
 
 
