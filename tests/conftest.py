@@ -5,3 +5,16 @@ import os
 import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+# ---- saved tiny model folders (btfast score / retrieve / embed / preprocess tests) ----------------------------
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def saved_models(tmp_path_factory):
+    """{"itm": folder, "itc": folder}: tiny models saved with tokenizer and processor, built once per session."""
+    from fixtures_saved_model import save_model_folder
+
+    root = tmp_path_factory.mktemp("saved_models")
+    return {head: save_model_folder(root / head, head=head, seed=i) for i, head in enumerate(("itm", "itc"))}

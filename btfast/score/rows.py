@@ -1,0 +1,249 @@
+"""Reading inputs: pairs, image lists and text lists from JSONL, CSV, Parquet or plain text; never pickle.
+
+Every input row keeps its 0-based position in the file (`row`), the key that resume, sharding and joining
+rely on. A row that cannot be used (malformed JSON, wrong field count, missing or empty field, wrong type)
+becomes a `Row` with `error` set: it is written out with an error status and the run goes on.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".jfif"}
+
+
+@dataclass
+class Row:
+    """One input row. `image` is a resolved path or raw bytes; `image_key` identifies it for dedup."""
+
+    row: int
+    id: Any = None
+    image: str | bytes | None = None
+    image_key: str | None = None
+    image_name: str | None = None  # as written in the input (path) or "sha1:..." for bytes
+    text: str | None = None
+    error: str | None = None
+    kind: str = "pair"  # "pair", "image" (an image list) or "text" (a text list)
+
+
+def input_format(path: str | os.PathLike) -> str:
+    """'jsonl', 'csv', 'parquet' or 'txt', from the file name."""
+    name = str(path).lower()
+    for suffix, fmt in (
+        (".jsonl", "jsonl"),
+        (".ndjson", "jsonl"),
+        (".json", "jsonl"),
+        (".csv", "csv"),
+        (".tsv", "tsv"),
+        (".parquet", "parquet"),
+        (".pq", "parquet"),
+        (".txt", "txt"),
+    ):
+        if name.endswith(suffix):
+            return fmt
+    raise ValueError(f"{path}: unknown input format (want .jsonl, .csv, .tsv, .parquet or .txt)")
+
+
+def iter_records(
+    path: str | os.PathLike, text_field: str = "text"
+) -> Iterator[tuple[dict[str, Any] | None, str | None]]:
+    """(record, None) per row, or (None, reason) for a row that cannot be parsed. Order = file order."""
+    fmt = input_format(path)
+    if fmt == "jsonl":
+        with open(path, "rb") as f:
+            for raw in f:
+                line = raw.strip()
+                if not line:
+                    continue  # blank lines are not rows
+                try:
+                    rec = json.loads(line)
+                except (ValueError, UnicodeDecodeError) as e:
+                    yield None, f"malformed JSON: {e}"
+                    continue
+                if not isinstance(rec, dict):
+                    yield None, f"malformed row: a JSON {type(rec).__name__}, not an object"
+                    continue
+                yield rec, None
+    elif fmt in ("csv", "tsv"):
+        csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+            reader = csv.reader(f, delimiter="\t" if fmt == "tsv" else ",")
+            header = next(reader, None)
+            if header is None:
+                return
+            header = [h.strip() for h in header]
+            for fields in reader:
+                if not fields:
+                    continue
+                if len(fields) != len(header):
+                    yield None, f"malformed row: {len(fields)} fields, the header has {len(header)}"
+                    continue
+                yield dict(zip(header, fields)), None
+    elif fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+        for batch in pf.iter_batches(batch_size=8192):
+            yield from ((rec, None) for rec in batch.to_pylist())
+    else:  # txt: one value per line, for image lists and text lists
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                line = line.rstrip("\n").rstrip("\r")
+                if line.strip():
+                    yield {text_field: line}, None
+
+
+def count_records(path: str | os.PathLike) -> int:
+    """Rows in the file (cheap: Parquet metadata, or a line count), for progress bars and ETAs."""
+    fmt = input_format(path)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    n = 0
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                n += 1
+    return n - 1 if fmt in ("csv", "tsv") and n else n
+
+
+class ImageResolver:
+    """Turns an input's image field into (source, dedup key, display name), or raises ValueError with a reason.
+
+    With an explicit `root`, paths are relative to it and may not leave it (`..` or absolute paths are errors).
+    Without, relative paths are relative to `base` (the input file's folder) and absolute paths are used as is.
+    Bytes (a Parquet binary column) are decoded from memory and keyed by their SHA-1.
+    """
+
+    def __init__(self, root: str | os.PathLike | None, base: str | os.PathLike | None = None) -> None:
+        self.confine = root is not None
+        self.root = os.path.abspath(root if root is not None else (base or "."))
+
+    def __call__(self, value: Any) -> tuple[str | bytes, str, str]:
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            data = bytes(value)
+            if not data:
+                raise ValueError("empty image bytes")
+            key = "sha1:" + hashlib.sha1(data).hexdigest()
+            return data, key, key
+        if isinstance(value, dict) and isinstance(value.get("bytes"), (bytes, bytearray)):  # HF datasets Image()
+            return self(value["bytes"])
+        if isinstance(value, dict) and isinstance(value.get("path"), str):
+            value = value["path"]
+        if not isinstance(value, str):
+            raise ValueError(f"image must be a path string or bytes, got {type(value).__name__}")
+        name = value.strip()
+        if not name:
+            raise ValueError("empty image path")
+        if "://" in name:
+            raise ValueError("URLs are not supported: download the images and give paths")
+        if "\x00" in name:
+            raise ValueError("image path contains a NUL byte")
+        path = os.path.abspath(os.path.join(self.root, name))
+        if self.confine and not (path == self.root or path.startswith(self.root.rstrip(os.sep) + os.sep)):
+            raise ValueError(f"image path leaves --image-root: {name}")
+        return path, path, value
+
+
+def _id_of(rec: dict[str, Any], id_field: str, row: int) -> Any:
+    v = rec.get(id_field)
+    if v is None or v == "":
+        return row
+    if isinstance(v, (str, int, float, bool)):
+        return v
+    return json.dumps(v, default=str)
+
+
+def read_pairs(
+    path: str | os.PathLike,
+    resolver: ImageResolver,
+    image_field: str = "image",
+    text_field: str = "text",
+    id_field: str = "id",
+) -> Iterator[Row]:
+    """Rows of an (image, text[, id]) pairs file, each valid or carrying its error."""
+    for i, (rec, err) in enumerate(iter_records(path)):
+        if rec is None:
+            yield Row(row=i, id=i, error=f"row: {err}")
+            continue
+        r = Row(row=i, id=_id_of(rec, id_field, i))
+        r.error = _set_image(r, rec, image_field, resolver) or _set_text(r, rec, text_field)
+        yield r
+
+
+def read_images(
+    path_or_dir: str | os.PathLike,
+    resolver_root: str | os.PathLike | None = None,
+    image_field: str = "image",
+    id_field: str = "id",
+) -> Iterator[Row]:
+    """Image rows from a folder (every image file below it, sorted) or a list file (.txt / JSONL / CSV / Parquet)."""
+    p = Path(path_or_dir)
+    if p.is_dir():
+        root = Path(resolver_root) if resolver_root is not None else p
+        resolver = ImageResolver(root)
+        files = sorted(
+            str(f.relative_to(root)) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+        )
+        for i, name in enumerate(files):
+            r = Row(row=i, id=name, kind="image")
+            r.error = _set_image(r, {image_field: name}, image_field, resolver)
+            yield r
+        return
+    if p.suffix.lower() in IMAGE_SUFFIXES:  # a single image file
+        resolver = ImageResolver(None, p.parent)
+        r = Row(row=0, id=p.name, kind="image")
+        r.error = _set_image(r, {image_field: p.name}, image_field, resolver)
+        yield r
+        return
+    resolver = ImageResolver(resolver_root, p.parent)
+    for i, (rec, err) in enumerate(iter_records(p, text_field=image_field)):
+        if rec is None:
+            yield Row(row=i, id=i, error=f"row: {err}", kind="image")
+            continue
+        r = Row(row=i, id=_id_of(rec, id_field, i), kind="image")
+        r.error = _set_image(r, rec, image_field, resolver)
+        yield r
+
+
+def read_texts(path: str | os.PathLike, text_field: str = "text", id_field: str = "id") -> Iterator[Row]:
+    """Text rows from a .txt file (one per line) or a JSONL / CSV / Parquet file with a `text` column."""
+    for i, (rec, err) in enumerate(iter_records(path, text_field=text_field)):
+        if rec is None:
+            yield Row(row=i, id=i, error=f"row: {err}", kind="text")
+            continue
+        r = Row(row=i, id=_id_of(rec, id_field, i), kind="text")
+        r.error = _set_text(r, rec, text_field)
+        yield r
+
+
+def _set_image(r: Row, rec: dict[str, Any], field: str, resolver: ImageResolver) -> str | None:
+    if field not in rec or rec[field] is None:
+        return f"row: missing field '{field}'"
+    try:
+        r.image, r.image_key, r.image_name = resolver(rec[field])
+    except ValueError as e:
+        r.image_name = rec[field] if isinstance(rec[field], str) else None
+        return f"image: {e}"
+    return None
+
+
+def _set_text(r: Row, rec: dict[str, Any], field: str) -> str | None:
+    if field not in rec or rec[field] is None:
+        return f"row: missing field '{field}'"
+    t = rec[field]
+    if not isinstance(t, str):
+        return f"text: must be a string, got {type(t).__name__}"
+    if not t.strip():
+        return "text: empty"
+    r.text = t
+    return None
