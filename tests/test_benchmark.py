@@ -270,7 +270,8 @@ def test_main_job_tiny_prints_ratio_and_difference(capsys, tmp_path, monkeypatch
     assert not list(tmp_path.iterdir())
 
 
-def test_budget_skips_with_reason_and_reference_is_computed() -> None:
+@pytest.mark.parametrize("interleave", [False, True])
+def test_budget_skips_with_reason_and_reference_is_computed(interleave: bool) -> None:
     plan = Plan(
         cells=[Cell("tiny", 8, 1), Cell("tiny", 8, 2), Cell("tiny", 60, 1)],
         systems=systems.parse_systems("btfast-bf16", "bf16"),
@@ -278,11 +279,13 @@ def test_budget_skips_with_reason_and_reference_is_computed() -> None:
         repeats=2,
         budget_s=0.0,
         preset="test",
+        interleave=interleave,
     )
     results = run_plan(plan, Progress(total=0, enabled=False))
     by = {(r["text_len"], r["batch"]): r for r in results["results"]}
-    # the largest batch first; a system's first cell always runs (nothing to estimate it from)
-    assert by[(8, 2)]["status"] == "ok"
+    # the largest batch first; a system's first cell always runs (nothing to estimate it from); interleaved, a
+    # spent budget also stops the timed rounds after the first
+    assert by[(8, 2)]["status"] == "ok" and by[(8, 2)]["repeats"] == (1 if interleave else 2)
     assert by[(8, 1)]["status"] == "skipped" and "time budget" in by[(8, 1)]["reason"]
     assert by[(60, 1)]["status"] == "skipped" and "positions" in by[(60, 1)]["reason"]
     # no hf-eager-fp32 system: the reference was computed apart, so the error is known

@@ -25,7 +25,7 @@ hf-eager-fp32 is the accuracy reference (computed untimed when not among the sys
 presets (explicit options override them):
   (none)      base; hf-eager and btfast in --dtype (default fp32 on CPU, bf16 on CUDA); CPU: batch 4, 3 timed
               calls; CUDA: batch 64, 20 calls; text 40. Prints the figures; writes files only with --out.
-  --quick     base; all systems; CPU: batch 1,4, text 40, 3 calls, budget 270 s (hf-compile skipped on CPU:
+  --quick     base; all systems; CPU: batch 1,4, text 40, 3 calls, budget 240 s (hf-compile skipped on CPU:
               max-autotune compiles for minutes there); CUDA: batch 1,8,32,128, text 16/40/64.
               Writes bench/results/<date>-<device>-quick.{json,md,png}.
   --preset gpu  base and large; all systems; text 40 at batch 1..256, text 16 / 64 at a few batches, 512
@@ -128,7 +128,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="SECONDS",
         help="time budget of the whole run, shared out between systems as they start; cells that "
-        "would overrun are skipped with the reason printed (default: none; --quick: 270 on CPU, "
+        "would overrun are skipped with the reason printed (default: none; --quick: 240 on CPU, "
         "240 on CUDA; --preset gpu: 290)",
     )
     t.add_argument(
@@ -208,7 +208,7 @@ def build_plan(args: argparse.Namespace) -> Any:
         texts = [16] if models == ["tiny"] else [16, 40, 64] if cuda and preset == "quick" else [40]
         if preset == "quick":
             batches = [1, 8, 32, 128] if cuda else [1, 4]
-            warmup, repeats, budget, cell_s = (3, 10, 240.0, 2.0) if cuda else (1, 3, 270.0, None)
+            warmup, repeats, budget, cell_s = (3, 10, 240.0, 2.0) if cuda else (1, 3, 240.0, None)
         else:
             batches = [1, 2, 4, 8, 16, 32, 64, 128, 256]
             warmup, repeats, budget, cell_s = 2, 10, 290.0, 2.0

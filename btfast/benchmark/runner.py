@@ -563,6 +563,9 @@ class Runner:
                     mem[id(x)] = max(mem[id(x)] or 0, added)
             if plan.cell_seconds is not None and spent >= plan.cell_seconds * len(runnable) and i + 1 >= 3:
                 break
+            if plan.budget_s is not None and self.elapsed() > plan.budget_s and i + 1 < plan.repeats:
+                self.progress.note(f"budget spent: {cell} keeps {i + 1} timed round(s) of {plan.repeats}")
+                break
         batches.clear()
         if failed and plan.device.type == "cuda":
             torch.cuda.empty_cache()
