@@ -196,7 +196,8 @@ def test_help_explains_every_option(capsys) -> None:
     out = capsys.readouterr().out
     for option in (
         "--model", "--systems", "--batch-sizes", "--text-lengths", "--dtype", "--device", "--repeats", "--quick",
-        "--preset", "--out", "--no-plot", "--warmup", "--budget", "--cell-seconds", "--compile-mode",
+        "--preset", "--out", "--no-plot", "--warmup", "--budget", "--cell-seconds", "--compile-mode", "--threads",
+        "--interleave",
     ):  # fmt: skip
         assert option in out, option
     assert "base|large|tiny" in out and "max-autotune" in out and "hf-eager-fp32" in out

@@ -145,6 +145,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "other work on the machine hits every system alike; --no-interleave runs one system after "
         "another, each alone (default: interleave on CPU, not on CUDA)",
     )
+    t.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU threads for torch (default: torch's, one per core). On a machine shared with other "
+        "work, 1 is steadier: a multi-threaded op waits for its slowest thread",
+    )
     t.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default: 0)")
     p = parser.add_argument_group("presets and output")
     p.add_argument(
@@ -192,6 +200,10 @@ def build_plan(args: argparse.Namespace) -> Any:
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device must be cpu or cuda[:N], got {args.device!r}")
     cuda = device.type == "cuda"
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError("--threads must be ≥ 1")
+        torch.set_num_threads(args.threads)
     models = args.model or (["base", "large"] if preset == "gpu" else ["base"])
     notes: list[str] = []
 

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from btfast.benchmark.timing import trim_heap
+
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 IMPLS = ("hf-eager", "hf-compile", "btfast")
 REFERENCE = "hf-eager-fp32"
@@ -100,18 +102,7 @@ class Loaded:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         else:
-            _trim_heap()
-
-
-def _trim_heap() -> None:
-    """Hand freed heap memory back to the OS (glibc keeps it otherwise), so the next system's RSS baseline and
-    peak-memory figure are its own."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+            trim_heap()
 
 
 def _configure_compile(limit: int = 256) -> None:

@@ -56,6 +56,17 @@ def rss_bytes() -> int | None:
     return _proc_status("VmRSS")
 
 
+def trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise), so that RSS shows what is in use now and
+    the next allocation shows up as growth: without it, a call reusing freed pages would seem to need nothing."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
     """Peak memory over a stretch of calls.
 
@@ -142,6 +153,8 @@ def time_calls(
         on_warm(out)
     del out
 
+    if device.type != "cuda":
+        trim_heap()
     mem = PeakMemory(device, memory_baseline)
     mem.reset()
     latencies: list[float] = []
@@ -188,6 +201,7 @@ def timed_call(fn: Callable[[], Any], device: torch.device) -> tuple[float, int 
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / 1e3, torch.cuda.max_memory_allocated(device) - before
+    trim_heap()
     mem = PeakMemory(device, rss_bytes())
     mem.reset()
     t0 = time.perf_counter()
