@@ -163,22 +163,23 @@ def _trim(ts: Any, length: int) -> Any:
 
 
 def fuse_scores(ctx: Context, ts: Any, im: Any, lengths: Sequence[int], ti: Sequence[int], ii: Sequence[int]) -> Any:
-    """ITM (logit, prob) per pair (ti[k], ii[k]), fused in batches of pairs sorted by text length."""
+    """ITM (logit, prob) per pair (ti[k], ii[k]), fused in batches of pairs sorted by text length.
+
+    Results stay on the device until the chunk is done: one transfer, no sync per batch."""
     n = len(ti)
-    logit = torch.empty(n, dtype=torch.float32)
-    prob = torch.empty(n, dtype=torch.float32)
     order = sorted(range(n), key=lambda k: (lengths[ti[k]], k))
     dev = ts.bridges.device
+    t_all = torch.tensor([ti[k] for k in order], device=dev)
+    i_all = torch.tensor([ii[k] for k in order], device=dev)
+    parts = []
     for s in range(0, n, ctx.batch_size):
-        sel = order[s : s + ctx.batch_size]
-        t_idx = torch.tensor([ti[k] for k in sel], device=dev)
-        i_idx = torch.tensor([ii[k] for k in sel], device=dev)
-        length = max(lengths[ti[k]] for k in sel)
-        logits = ctx.model.itm_logits(_trim(ts.index(t_idx), length), im.index(i_idx)).float()
-        sel_t = torch.tensor(sel)
-        logit[sel_t] = logits[:, 1].cpu()
-        prob[sel_t] = logits.softmax(-1)[:, 1].cpu()
-    return logit, prob
+        length = max(lengths[ti[k]] for k in order[s : s + ctx.batch_size])
+        t_idx, i_idx = t_all[s : s + ctx.batch_size], i_all[s : s + ctx.batch_size]
+        parts.append(ctx.model.itm_logits(_trim(ts.index(t_idx), length), im.index(i_idx)).float())
+    logits = torch.cat(parts).cpu()
+    out = torch.empty_like(logits)
+    out[torch.tensor(order)] = logits
+    return out[:, 1], out.softmax(-1)[:, 1]
 
 
 # ---- one chunk ---------------------------------------------------------------------------------------------------
