@@ -73,6 +73,7 @@ def markdown(results: dict[str, Any]) -> str:
         + (f", CUDA {env['cuda']}, TF32 matmul {'on' if env.get('tf32_matmul') else 'off'}" if env.get("cuda") else "")
         + f"; {env['cpu_threads']} CPU threads"
         + (f", load average {env['load_average']} at the start" if env.get("load_average") else "")
+        + (f", {env['load_average_end']} at the end" if env.get("load_average_end") else "")
         + f". Run took {results['wall_s']:.0f} s.",
         "",
         "- Models: the real BridgeTower ITM architectures with random weights "

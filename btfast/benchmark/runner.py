@@ -251,8 +251,11 @@ class Runner:
         """Every figure so far: environment, plan, GEMM peak, FLOPs per pair, systems' explain(), one row per cell."""
         plan = self.plan
         self._errors()
+        env = dict(self.env or environment(plan.device))
+        if hasattr(os, "getloadavg"):
+            env["load_average_end"] = ", ".join(f"{x:.2f}" for x in os.getloadavg())
         return dict(
-            environment=getattr(self, "env", None) or environment(plan.device),
+            environment=env,
             plan=dict(
                 preset=plan.preset,
                 systems=[s.name for s in plan.systems],
