@@ -73,7 +73,9 @@ def add_job(p: argparse.ArgumentParser, what: str = "rows") -> None:
         default=None,
         metavar="I/N",
         help="process only shard I of N (0-based) of the input, e.g. 0/4 on one GPU, 1/4 on the next; "
-        "the N outputs together hold exactly the unsharded result (default: all)",
+        "the N outputs together hold exactly the unsharded result, the same numbers bit for bit on one kind of "
+        "device. Chunks are dealt round robin, so a shard of an input smaller than N chunks may be empty "
+        "(default: all)",
     )
     g.add_argument(
         "--chunk-rows",
