@@ -121,7 +121,7 @@ class OptimizedBridgeTower(nn.Module):
         for j, layer in enumerate(w.text_layers[split:], start=1):
             x = text.layer(layer, ops, spec, x, key_mask)
             bridges.append(ops.linear(x, w.text_transform[j]))
-        return TextStates(torch.stack(bridges), key_mask, x[:, 0])
+        return TextStates(torch.stack(bridges, dim=1), key_mask, x[:, 0])
 
     @torch.no_grad()
     def encode_image(self, pixel_values: Tensor) -> ImageStates:
@@ -139,7 +139,7 @@ class OptimizedBridgeTower(nn.Module):
         for j, blk in enumerate(w.vision_blocks[split:], start=1):
             x = vision.block(blk, ops, spec, x)
             bridges.append(ops.linear(ops.layer_norm(x, w.ln_post), w.image_transform[j]))
-        return ImageStates(torch.stack(bridges))
+        return ImageStates(torch.stack(bridges, dim=1))
 
     @torch.no_grad()
     def fuse(self, text_states: TextStates, image_states: ImageStates) -> FusionOutput:
@@ -173,7 +173,7 @@ class OptimizedBridgeTower(nn.Module):
         self._need_head("itc", "itc_embeddings")
         w, ops = self.weights, self.ops
         t = None if text is None else heads.itc_text(w, ops, text.cls)
-        v = None if image is None else heads.itc_image(w, ops, image.bridges[-1][:, 0])
+        v = None if image is None else heads.itc_image(w, ops, image.bridges[:, -1, 0])
         return t, v
 
     @torch.no_grad()
@@ -270,7 +270,7 @@ class OptimizedBridgeTower(nn.Module):
             return (heads.mlm_logits(w, ops, self.spec, fused.text_features),)
         return (
             heads.itc_text(w, ops, ts.cls),
-            heads.itc_image(w, ops, im.bridges[-1][:, 0]),
+            heads.itc_image(w, ops, im.bridges[:, -1, 0]),
             heads.itc_cross(w, ops, fused.pooler_output),
         )
 

@@ -13,7 +13,7 @@ from torch import Tensor
 class TextStates:
     """The text tower's output for B texts.
 
-    bridges: (C, B, L, H), the transform of each of the top C unimodal layers (token type folded in);
+    bridges: (B, C, L, H), the transform of each of the top C unimodal layers (token type folded in);
     key_mask: (B, L) bool, True where a token is real (None: all real);
     cls: (B, H), the last unimodal layer's first token (input of the ITC text head).
     """
@@ -23,12 +23,12 @@ class TextStates:
     cls: Tensor
 
     def __len__(self) -> int:
-        return self.bridges.shape[1]
+        return self.bridges.shape[0]
 
     def index(self, idx: Tensor | slice) -> TextStates:
         """The states of rows `idx` (a gather: rows may repeat, as in all-pairs fusion)."""
         mask = None if self.key_mask is None else self.key_mask[idx]
-        return TextStates(self.bridges[:, idx], mask, self.cls[idx])
+        return TextStates(self.bridges[idx], mask, self.cls[idx])
 
     @staticmethod
     def concat(parts: list[TextStates]) -> TextStates:
@@ -36,33 +36,33 @@ class TextStates:
         length = max(p.bridges.shape[2] for p in parts)
         bridges, masks = [], []
         for p in parts:
-            pad = length - p.bridges.shape[2]
+            b, _, n, _ = p.bridges.shape
             mask = p.key_mask
             if mask is None:
-                mask = torch.ones(p.bridges.shape[1:3], dtype=torch.bool, device=p.bridges.device)
-            bridges.append(F.pad(p.bridges, (0, 0, 0, pad)))
-            masks.append(F.pad(mask, (0, pad), value=False))
-        return TextStates(torch.cat(bridges, dim=1), torch.cat(masks), torch.cat([p.cls for p in parts]))
+                mask = torch.ones((b, n), dtype=torch.bool, device=p.bridges.device)
+            bridges.append(F.pad(p.bridges, (0, 0, 0, length - n)))
+            masks.append(F.pad(mask, (0, length - n), value=False))
+        return TextStates(torch.cat(bridges), torch.cat(masks), torch.cat([p.cls for p in parts]))
 
 
 @dataclass
 class ImageStates:
-    """The vision tower's output for B images: bridges (C, B, N, H), token type folded in.
+    """The vision tower's output for B images: bridges (B, C, N, H), token type folded in.
 
-    `bridges[-1][:, 0]` is also the input of the ITC image head.
+    `bridges[:, -1, 0]` is also the input of the ITC image head.
     """
 
     bridges: Tensor
 
     def __len__(self) -> int:
-        return self.bridges.shape[1]
+        return self.bridges.shape[0]
 
     def index(self, idx: Tensor | slice) -> ImageStates:
-        return ImageStates(self.bridges[:, idx])
+        return ImageStates(self.bridges[idx])
 
     @staticmethod
     def concat(parts: list[ImageStates]) -> ImageStates:
-        return ImageStates(torch.cat([p.bridges for p in parts], dim=1))
+        return ImageStates(torch.cat([p.bridges for p in parts]))
 
 
 @dataclass

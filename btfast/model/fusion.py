@@ -31,19 +31,19 @@ def cross_layer(
 def fuse(
     w: Weights, ops: Ops, spec: ModelSpec, text_bridges: Tensor, image_bridges: Tensor, key_mask: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    """Run the cross layers on bridges (C, B, L, H) and (C, B, N, H); return the last text and image features.
+    """Run the cross layers on bridges (B, C, L, H) and (B, C, N, H); return the last text and image features.
 
     Bridge j is the transform of unimodal layer split-1+j with its token-type embedding added; the
     first enters through the cross-modal LayerNorms, later ones through the link towers.
     """
-    t = ops.layer_norm(text_bridges[0], w.text_ln0)
-    v = ops.layer_norm(image_bridges[0], w.image_ln0)
+    t = ops.layer_norm(text_bridges[:, 0], w.text_ln0)
+    v = ops.layer_norm(image_bridges[:, 0], w.image_ln0)
     t_out = cross_layer(w.cross_text[0], ops, spec, t, v, key_mask, None)
     v_out = cross_layer(w.cross_image[0], ops, spec, v, t, None, key_mask)
     for j in range(1, spec.cross_layers):
         t_link, v_link = w.text_links[j - 1], w.image_links[j - 1]
-        t = ops.add_layernorm(text_bridges[j], t_out, t_link.norm, t_link)
-        v = ops.add_layernorm(image_bridges[j], v_out, v_link.norm, v_link)
+        t = ops.add_layernorm(text_bridges[:, j], t_out, t_link.norm, t_link)
+        v = ops.add_layernorm(image_bridges[:, j], v_out, v_link.norm, v_link)
         t_out = cross_layer(w.cross_text[j], ops, spec, t, v, key_mask, None)
         v_out = cross_layer(w.cross_image[j], ops, spec, v, t, None, key_mask)
     return t_out, v_out
