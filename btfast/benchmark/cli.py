@@ -271,7 +271,8 @@ def build_plan(args: argparse.Namespace) -> Any:
                 "model alone, past the --quick budget; ask for it with --systems (and a --budget) to include it"
             )
     if not cuda:
-        notes.append(f"CPU run: {torch.get_num_threads()} threads; MFU is against an fp32 GEMM peak (see above)")
+        n = torch.get_num_threads()
+        notes.append(f"CPU run: {n} thread{'s' if n != 1 else ''}; MFU is against an fp32 GEMM peak (see above)")
     return Plan(
         cells=cells,
         systems=systems,

@@ -71,7 +71,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"commit `{commit}`; torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}, "
         f"btfast {env['btfast']}, Python {env['python']}"
         + (f", CUDA {env['cuda']}, TF32 matmul {'on' if env.get('tf32_matmul') else 'off'}" if env.get("cuda") else "")
-        + f"; {env['cpu_threads']} CPU threads"
+        + f"; {env['cpu_threads']} CPU thread{'s' if env['cpu_threads'] != 1 else ''}"
         + (f", load average {env['load_average']} at the start" if env.get("load_average") else "")
         + (f", {env['load_average_end']} at the end" if env.get("load_average_end") else "")
         + f". Run took {results['wall_s']:.0f} s.",
@@ -224,7 +224,10 @@ def write_plot(results: dict[str, Any], path: Path) -> Path | None:
                 label=s,
             )
         ax.set_xscale("log", base=2)
-        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        batches = sorted({r["batch"] for r in rows if (r["model"], r["text_len"]) == (model, length)})
+        ax.set_xticks(batches)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_yscale("log")
         ax.set_xlabel("batch size (pairs)")
         ax.set_ylabel("pairs/s (median)")

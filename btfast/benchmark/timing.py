@@ -290,7 +290,8 @@ def device_name(device: torch.device) -> str:
                     break
     except OSError:
         pass
-    return f"{model} ({torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"{model} ({n} thread{'s' if n != 1 else ''})"
 
 
 def device_slug(device: torch.device) -> str:
