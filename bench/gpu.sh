@@ -14,7 +14,8 @@
 #                   and put the .md's pairs/s table (with its date and device) in README.
 # Knobs (environment): PYTHON (a python with torch + CUDA; default: the first of python3 / python that has it),
 # TEST_TIMEOUT (s, default 120), BENCH_TIMEOUT (s, default 330), BENCH_ARGS (more `btfast bench` options,
-# e.g. "--model base" or "--budget 200"), SKIP_TESTS=1 (benchmark only).
+# e.g. "--model base" or "--budget 200"), SKIP_TESTS=1 (benchmark only), KERNEL_BENCH=1 (also run
+# bench/kernels_bench.py: +2 files, results/kernels.json and kernels.log; KERNEL_TIMEOUT, default 120 s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -90,7 +91,8 @@ if [ "${SKIP_TESTS:-0}" != "1" ]; then
     echo "pytest-benchmark missing: running without pytest.ini's addopts" >> "$OUT/pytest.log"
   fi
   say "pytest (at most ${TEST_TIMEOUT}s) ..."
-  timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -q -rs --durations=15 "${ADDOPTS[@]}" tests bench >> "$OUT/pytest.log" 2>&1
+  timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -q -rs --durations=15 ${ADDOPTS[@]+"${ADDOPTS[@]}"} tests bench \
+    >> "$OUT/pytest.log" 2>&1
   rc=$?
   say "pytest exit status $rc$([ $rc -eq 124 ] && echo ' (timed out)')"
   tail -n 40 "$OUT/pytest.log"
@@ -99,11 +101,20 @@ fi
 # -- the GPU preset of the benchmark ----------------------------------------------------------------------------
 say "btfast bench --preset gpu (at most ${BENCH_TIMEOUT}s) ..."
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
-timeout -k 15 "$BENCH_TIMEOUT" "$PY" -m btfast.cli bench --preset gpu --out "$OUT/results" --no-progress ${BENCH_ARGS:-} \
+# (stdout is a file: progress comes as one line per cell, no bar)
+timeout -k 15 "$BENCH_TIMEOUT" "$PY" -m btfast.cli bench --preset gpu --out "$OUT/results" ${BENCH_ARGS:-} \
   > "$OUT/bench.log" 2>&1
 rc=$?
 say "bench exit status $rc$([ $rc -eq 124 ] && echo ' (timed out)')"
 tail -n 60 "$OUT/bench.log"
 for md in "$OUT"/results/*.md; do [ -f "$md" ] && sed -n '1,/^## All figures/p' "$md"; done
+
+# -- optional: the kernels' micro-benchmarks (bench/kernels_bench.py), one more JSON ----------------------------
+if [ "${KERNEL_BENCH:-0}" = "1" ] && [ -f bench/kernels_bench.py ]; then
+  say "kernels_bench.py (at most ${KERNEL_TIMEOUT:-120}s) ..."
+  timeout -k 10 "${KERNEL_TIMEOUT:-120}" "$PY" bench/kernels_bench.py --out "$OUT/results/kernels.json" \
+    > "$OUT/kernels.log" 2>&1
+  say "kernels_bench exit status $?"; tail -n 30 "$OUT/kernels.log"
+fi
 ls -la "$OUT" "$OUT/results"
 say "done"
