@@ -16,7 +16,7 @@ from btfast import inputs
 from btfast.errors import InputError
 from btfast.model import fusion, heads, text, vision
 from btfast.ops import Ops
-from btfast.runtime import Buckets, Runtime, as_buckets
+from btfast.runtime import Arg, Buckets, Runtime, as_buckets
 from btfast.spec import ModelSpec, read_spec
 from btfast.states import FusionOutput, ImageStates, TextStates
 from btfast.weights import Weights, pack
@@ -50,17 +50,22 @@ class OptimizedBridgeTower(nn.Module):
         self._warned: set[str] = set()
         self._runtime_options = (as_buckets(buckets), compile, cuda_graphs)
         self.weights: Weights = pack(model, self.spec)
-        self.runtime = self._make_runtime()
+        self.runtimes: dict[str, Runtime] = self._make_runtimes()
 
     def _apply(self, fn: Any, recurse: bool = True) -> OptimizedBridgeTower:
         # .to() / .cuda() / .half() give the model new parameter tensors: pack them again, and start a
         # fresh runtime (compiled code and graphs hold the old tensors).
         super()._apply(fn, recurse)
         self.weights = pack(self.model, self.spec)
-        self.runtime = self._make_runtime()
+        self.runtimes = self._make_runtimes()
         return self
 
-    def _make_runtime(self) -> Runtime:
+    @property
+    def runtime(self) -> Runtime:
+        """The runtime of the whole-model forward (`runtimes` also holds the text / image / fuse stages')."""
+        return self.runtimes["forward"]
+
+    def _make_runtimes(self) -> dict[str, Runtime]:
         buckets, compile, cuda_graphs = self._runtime_options
         on_cuda = self.device.type == "cuda"
         if on_cuda or (self.ops.interpret and self.ops.explicit):
@@ -72,23 +77,53 @@ class OptimizedBridgeTower(nn.Module):
         if graphs and not on_cuda:
             self._warn_once("graphs-off-cuda", "btfast: cuda_graphs=True ignored: the model is not on CUDA")
             graphs = False
-        text_dims = {"base": (True, False, False), "itm": (False,), "mlm": (True,), "itc": (False, False, False)}
-        return Runtime(self._raw_forward, text_dims[self.spec.head], self.spec.pad_id, buckets, compile, graphs)
+        # Each compiled / captured function, how its inputs are padded and where its outputs hold the text length.
+        ids, mask, pixels = Arg(self.spec.pad_id, 1), Arg(False, 1), Arg(0.0)
+        heads_out = {"base": (1, None, None), "itm": (None,), "mlm": (1,), "itc": (None, None, None)}
+        plan = {
+            "forward": (self._raw_forward, (ids, mask, pixels), heads_out[self.spec.head]),
+            "text": (self._raw_text, (ids, mask), (2, None)),
+            "image": (self._raw_image, (pixels,), (None,)),
+            "fuse": (self._raw_fuse, (Arg(0.0, 2), mask, Arg(0.0)), (1, None, None)),
+        }
+        return {
+            name: Runtime(fn, ins, outs, buckets, compile, graphs, name=name) for name, (fn, ins, outs) in plan.items()
+        }
 
     def warmup(
-        self, batch_sizes: tuple[int, ...] = (1, 8, 32, 128), text_lengths: tuple[int, ...] = (16, 40, 64)
-    ) -> dict[tuple[int, int], float]:
-        """Compile (and on CUDA capture) the buckets covering these sizes ahead of time; returns seconds per
-        bucket built. Calls inside these buckets then never compile again."""
-        like = (
-            torch.zeros(1, 1, dtype=torch.long, device=self.device),
-            torch.ones(1, 1, dtype=torch.bool, device=self.device),
-            torch.zeros(1, 3, self.spec.image_size, self.spec.image_size, dtype=self.dtype, device=self.device),
-        )
+        self,
+        batch_sizes: tuple[int, ...] = (1, 8, 32, 128),
+        text_lengths: tuple[int, ...] = (16, 40, 64),
+        stages: tuple[str, ...] = ("forward",),
+    ) -> dict[str, dict[tuple[int, int], float]]:
+        """Compile (and on CUDA capture) the buckets covering these sizes ahead of time, for the whole forward
+        and/or the stages ("text", "image", "fuse") offline scoring uses; returns seconds per bucket built.
+        Calls inside these buckets then never compile again."""
+        c, s = self.spec.cross_layers, self.spec.image_size
+        dev, dt = self.device, self.dtype
+        ids = torch.full((1, 1), self.spec.pad_id + 1, dtype=torch.long, device=dev)
+        mask = torch.ones(1, 1, dtype=torch.bool, device=dev)
+        pixels = torch.zeros(1, 3, s, s, dtype=dt, device=dev)
+        like = {
+            "forward": (ids, mask, pixels),
+            "text": (ids, mask),
+            "image": (pixels,),
+            "fuse": (
+                torch.zeros(1, c, 1, self.spec.hidden, dtype=dt, device=dev),
+                mask,
+                torch.zeros(1, c, self.spec.image_tokens, self.spec.hidden, dtype=dt, device=dev),
+            ),
+        }
+        unknown = set(stages) - set(like)
+        if unknown:
+            raise InputError(f"unknown stages {sorted(unknown)}; choose from {sorted(like)}")
+        costs = {}
         with torch.no_grad():
-            costs = self.runtime.warmup(batch_sizes, text_lengths, like)
-        if costs:
-            log.info("btfast warmup: built %d buckets in %.1fs", len(costs), sum(costs.values()))
+            for stage in stages:
+                costs[stage] = self.runtimes[stage].warmup(batch_sizes, text_lengths, like[stage])
+        built = sum(len(v) for v in costs.values())
+        if built:
+            log.info("btfast warmup: built %d buckets in %.1fs", built, sum(sum(v.values()) for v in costs.values()))
         return costs
 
     @property
@@ -109,7 +144,14 @@ class OptimizedBridgeTower(nn.Module):
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> TextStates:
         """Run the text tower on (B, L) token ids; right padding must use the pad id (as the reference)."""
         inputs.check_text(self.spec, self.weights.word.shape[0], input_ids, attention_mask)
-        return self._encode_text(input_ids.to(self.device), _key_mask(attention_mask, self.device))
+        ids, key_mask = input_ids.to(self.device), _key_mask(attention_mask, self.device)
+        runtime = self.runtimes["text"]
+        bridges, cls = runtime(ids, _mask_for(runtime, key_mask, ids))
+        return TextStates(bridges, key_mask, cls)
+
+    def _raw_text(self, input_ids: Tensor, key_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        ts = self._encode_text(input_ids, key_mask)
+        return ts.bridges, ts.cls
 
     def _encode_text(self, input_ids: Tensor, key_mask: Tensor | None) -> TextStates:
         w, ops, spec = self.weights, self.ops, self.spec
@@ -127,7 +169,11 @@ class OptimizedBridgeTower(nn.Module):
     def encode_image(self, pixel_values: Tensor) -> ImageStates:
         """Run the vision tower on (B, 3, S, S) normalised pixels."""
         inputs.check_image(self.spec, pixel_values)
-        return self._encode_image(pixel_values.to(self.device, self.dtype))
+        (bridges,) = self.runtimes["image"](pixel_values.to(self.device, self.dtype))
+        return ImageStates(bridges)
+
+    def _raw_image(self, pixel_values: Tensor) -> tuple[Tensor]:
+        return (self._encode_image(pixel_values).bridges,)
 
     def _encode_image(self, pixel_values: Tensor) -> ImageStates:
         w, ops, spec = self.weights, self.ops, self.spec
@@ -146,12 +192,14 @@ class OptimizedBridgeTower(nn.Module):
         """Fuse text i with image i (equal lengths; use `.index()` to pair rows many-to-many)."""
         if len(text_states) != len(image_states):
             raise InputError(f"fuse pairs rows: {len(text_states)} texts but {len(image_states)} images")
-        return self._fuse(text_states, image_states)
+        runtime = self.runtimes["fuse"]
+        mask = _mask_for(runtime, text_states.key_mask, text_states.bridges[:, 0, :, 0])
+        return FusionOutput(*runtime(text_states.bridges, mask, image_states.bridges))
 
-    def _fuse(self, ts: TextStates, im: ImageStates) -> FusionOutput:
+    def _raw_fuse(self, text_bridges: Tensor, key_mask: Tensor | None, image_bridges: Tensor) -> tuple[Tensor, ...]:
         w, ops = self.weights, self.ops
-        t, v = fusion.fuse(w, ops, self.spec, ts.bridges, im.bridges, ts.key_mask)
-        return FusionOutput(t, v, heads.pooler(w, ops, t, v))
+        t, v = fusion.fuse(w, ops, self.spec, text_bridges, key_mask, image_bridges)
+        return t, v, heads.pooler(w, ops, t, v)
 
     # -- head-level helpers for scoring ---------------------------------------------------------------
 
@@ -235,7 +283,7 @@ class OptimizedBridgeTower(nn.Module):
         self, input_ids: Tensor, key_mask: Tensor | None, pixel_values: Tensor, labels: Tensor | None, return_loss: bool
     ) -> Any:
         """The whole forward on checked, on-device inputs (through the runtime); returns the HF output class."""
-        raw = self.runtime(input_ids, key_mask, pixel_values)
+        raw = self.runtime(input_ids, _mask_for(self.runtime, key_mask, input_ids), pixel_values)
         head = self.spec.head
         if head == "base":
             t, v, pooled = raw
@@ -261,17 +309,17 @@ class OptimizedBridgeTower(nn.Module):
         w, ops, head = self.weights, self.ops, self.spec.head
         ts = self._encode_text(input_ids, key_mask)
         im = self._encode_image(pixel_values)
-        fused = self._fuse(ts, im)
+        t, v, pooled = self._raw_fuse(ts.bridges, key_mask, im.bridges)
         if head == "base":
-            return fused.text_features, fused.image_features, fused.pooler_output
+            return t, v, pooled
         if head == "itm":
-            return (heads.itm_logits(w, ops, fused.pooler_output),)
+            return (heads.itm_logits(w, ops, pooled),)
         if head == "mlm":
-            return (heads.mlm_logits(w, ops, self.spec, fused.text_features),)
+            return (heads.mlm_logits(w, ops, self.spec, t),)
         return (
             heads.itc_text(w, ops, ts.cls),
             heads.itc_image(w, ops, im.bridges[:, -1, 0]),
-            heads.itc_cross(w, ops, fused.pooler_output),
+            heads.itc_cross(w, ops, pooled),
         )
 
     def _reference(
@@ -314,7 +362,10 @@ class OptimizedBridgeTower(nn.Module):
         ]
         ops = self.ops.reasons() or ["ops: torch (no call yet)" if self.device.type == "cuda" else "ops: torch"]
         lines += ["  " + line for line in ops]
-        lines += ["  " + line for line in self.runtime.describe()]
+        b = self.runtime.buckets
+        lines.append(f"  buckets: batch {list(b.batch)}, text {list(b.text)}")
+        for runtime in self.runtimes.values():
+            lines += ["  " + line for line in runtime.describe()]
         if self._warned:
             lines.append("  reference model served: " + ", ".join(sorted(self._warned)))
         return "\n".join(lines)
@@ -330,6 +381,13 @@ _HEAD_CLASS = {
 
 def _key_mask(attention_mask: Tensor | None, device: torch.device) -> Tensor | None:
     return None if attention_mask is None else attention_mask.to(device).bool()
+
+
+def _mask_for(runtime: Runtime, key_mask: Tensor | None, like: Tensor) -> Tensor | None:
+    """The key mask a runtime call takes: padded buckets need a real one (all True when none was given)."""
+    if key_mask is None and runtime.pads:
+        return torch.ones(like.shape[:2], dtype=torch.bool, device=like.device)
+    return key_mask
 
 
 def optimize(

@@ -59,6 +59,14 @@ def as_buckets(buckets: Buckets | dict | None) -> Buckets:
     raise TypeError(f"buckets must be a btfast.Buckets or a dict(batch=..., text=...); got {type(buckets).__name__}")
 
 
+@dataclass(frozen=True)
+class Arg:
+    """How a runtime input is padded: the value of padded rows / positions, and which dim (if any) is text."""
+
+    pad: float | int | bool
+    text_dim: int | None = None
+
+
 @dataclass
 class _Entry:
     """One bucket: its callable, and on CUDA its graph with static input and output buffers."""
@@ -89,32 +97,36 @@ def _set_recompile_limit(n: int) -> None:
 
 
 class Runtime:
-    """Runs `forward(input_ids, key_mask, pixel_values) -> tuple of tensors` through buckets.
+    """Runs `forward(*inputs) -> tuple of tensors` through buckets; dim 0 of every input and output is the batch.
 
-    `text_dims[i]` is True where output i has the text length as dim 1 (sliced back like the batch).
-    compile: False, True (inductor) or a torch.compile backend; cuda_graphs: capture per bucket (CUDA only).
+    `inputs` say how each input is padded (`Arg`); `outputs[i]` is the dim of output i holding the text length
+    (sliced back like the batch), or None. compile: False, True (inductor) or a torch.compile backend;
+    cuda_graphs: capture per bucket (CUDA only).
     """
 
     def __init__(
         self,
-        forward: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, ...]],
-        text_dims: Sequence[bool],
-        pad_id: int,
+        forward: Callable[..., tuple[Tensor, ...]],
+        inputs: Sequence[Arg],
+        outputs: Sequence[int | None],
         buckets: Buckets,
         compile: bool | str | Callable = False,
         cuda_graphs: bool = False,
+        name: str = "forward",
     ) -> None:
         self.forward = forward
-        self.text_dims = tuple(text_dims)
-        self.pad_id = pad_id
+        self.inputs = tuple(inputs)
+        self.outputs = tuple(outputs)
         self.buckets = buckets
         self.compile = compile
         self.cuda_graphs = cuda_graphs
+        self.name = name
         self.entries: dict[tuple[int, int], _Entry] = {}
         self.stats = RuntimeStats()
         self._pool = None
         self._compiled: Callable | None = None
         self.disabled: list[str] = []  # what failed on this machine and was turned off, with why
+        self._text_arg = next((i for i, a in enumerate(self.inputs) if a.text_dim is not None), None)
         if compile:
             _set_recompile_limit(4 * len(buckets.batch) * len(buckets.text))
 
@@ -131,17 +143,29 @@ class Runtime:
             self._compiled = torch.compile(self.forward, backend=backend, dynamic=False)
         return self._compiled
 
+    def _length(self, args: Sequence[Tensor]) -> int:
+        if self._text_arg is None:
+            return 0
+        return args[self._text_arg].shape[self.inputs[self._text_arg].text_dim]
+
+    def _padded(self, key: tuple[int, int], args: Sequence[Tensor]) -> list[Tensor]:
+        """Buffers of the bucket's shape filled with each input's pad value, the inputs copied in."""
+        b, n = args[0].shape[0], self._length(args)
+        out = []
+        for arg, x in zip(self.inputs, args):
+            shape = list(x.shape)
+            shape[0] = key[0]
+            if arg.text_dim is not None:
+                shape[arg.text_dim] = key[1]
+            buf = torch.full(shape, arg.pad, dtype=x.dtype, device=x.device)
+            dst = buf[:b] if arg.text_dim is None else buf[:b].narrow(arg.text_dim, 0, n)
+            dst.copy_(x)
+            out.append(buf)
+        return out
+
     # -- building a bucket ---------------------------------------------------------------------------
 
-    def _dummy(self, b: int, n: int, like: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        ids, _, pix = like
-        return (
-            torch.full((b, n), self.pad_id, dtype=ids.dtype, device=ids.device),
-            torch.zeros((b, n), dtype=torch.bool, device=ids.device),
-            torch.zeros((b, *pix.shape[1:]), dtype=pix.dtype, device=pix.device),
-        )
-
-    def _build(self, key: tuple[int, int], like: tuple[Tensor, Tensor, Tensor]) -> _Entry:
+    def _build(self, key: tuple[int, int], like: Sequence[Tensor]) -> _Entry:
         """Compile / capture one bucket. If that fails here (a compiler or driver problem), turn the failing
         feature off for this model, say so, and serve the bucket without it: never a failed call."""
         try:
@@ -149,7 +173,7 @@ class Runtime:
         except Exception as e:
             what = "CUDA graphs" if self.cuda_graphs and like[0].is_cuda else "torch.compile"
             detail = " ".join(str(e).split())[:300]
-            reason = f"{what} off: building bucket {key} failed ({type(e).__name__}: {detail})"
+            reason = f"{self.name}: {what} off: building bucket {key} failed ({type(e).__name__}: {detail})"
             log.warning("btfast: %s", reason)
             self.disabled.append(reason)
             if what == "CUDA graphs":
@@ -158,96 +182,90 @@ class Runtime:
                 self.compile, self._compiled = False, None
             return self._build(key, like) if self.pads else _Entry(self.forward)
 
-    def _try_build(self, key: tuple[int, int], like: tuple[Tensor, Tensor, Tensor]) -> _Entry:
+    def _try_build(self, key: tuple[int, int], like: Sequence[Tensor]) -> _Entry:
         start = time.perf_counter()
         fn = self._callable()
         entry = _Entry(fn)
+        sample = self._padded(key, [x[:1] for x in like])  # one real row, the rest padding
         if self.cuda_graphs and like[0].is_cuda:
-            static = self._dummy(*key, like)
-            static[1][:, 0] = True  # a real-looking row for the warm-up runs
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):  # compile and autotune outside the capture
-                    fn(*static)
+                    fn(*sample)
             torch.cuda.current_stream().wait_stream(stream)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
-                entry.outputs = tuple(fn(*static))
-            entry.graph, entry.inputs = graph, static
+                entry.outputs = tuple(fn(*sample))
+            entry.graph, entry.inputs = graph, tuple(sample)
         elif self.compile:
-            fn(*self._dummy(*key, like))  # compile now, so the cost shows in warmup, not in a call
-        entry.build_s = time.perf_counter() - start
+            fn(*sample)  # compile now, so the cost shows in warmup, not in a call
         if like[0].is_cuda:
             torch.cuda.synchronize()
-            entry.build_s = time.perf_counter() - start
-        if key[1] not in self.buckets.text:
+        entry.build_s = time.perf_counter() - start
+        if self._text_arg is not None and key[1] not in self.buckets.text:
             self.stats.new_shapes.append(key)
             log.warning("btfast: text length %d is past the largest bucket: compiled an extra shape", key[1])
         return entry
 
-    def _entry(self, key: tuple[int, int], like: tuple[Tensor, Tensor, Tensor]) -> _Entry:
+    def _entry(self, key: tuple[int, int], like: Sequence[Tensor]) -> _Entry:
         entry = self.entries.get(key)
         if entry is None:
             entry = self.entries[key] = self._build(key, like)
         return entry
 
+    def _key(self, b: int, n: int) -> tuple[int, int]:
+        return self.buckets.batch_for(b), (self.buckets.text_for(n) if self._text_arg is not None else 0)
+
     # -- calls ---------------------------------------------------------------------------------------
 
-    def _run_chunk(self, ids: Tensor, mask: Tensor | None, pix: Tensor) -> tuple[Tensor, ...]:
-        b, n = ids.shape
+    def _run_chunk(self, args: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
         if not self.pads:
-            return tuple(self.forward(ids, mask, pix))
-        key = (self.buckets.batch_for(b), self.buckets.text_for(n))
-        entry = self._entry(key, (ids, mask, pix))
+            return tuple(self.forward(*args))
+        b, n = args[0].shape[0], self._length(args)
+        key = self._key(b, n)
+        entry = self._entry(key, args)
         entry.hits += 1
         self.stats.padded_rows += key[0] - b
-        self.stats.padded_tokens += key[0] * key[1] - b * n
+        if self._text_arg is not None:
+            self.stats.padded_tokens += key[0] * key[1] - b * n
         if entry.graph is not None:
-            s_ids, s_mask, s_pix = entry.inputs
-            s_ids.fill_(self.pad_id)
-            s_ids[:b, :n].copy_(ids)
-            s_mask.zero_()
-            s_mask[:b, :n].copy_(mask)
-            s_pix[:b].copy_(pix)
-            s_pix[b:].zero_()
+            for arg, buf, x in zip(self.inputs, entry.inputs, args):
+                buf.fill_(arg.pad)
+                dst = buf[:b] if arg.text_dim is None else buf[:b].narrow(arg.text_dim, 0, n)
+                dst.copy_(x)
             entry.graph.replay()
             outs = entry.outputs
         else:
-            p_ids, p_mask, p_pix = self._dummy(*key, (ids, mask, pix))
-            p_ids[:b, :n] = ids
-            p_mask[:b, :n] = mask
-            p_pix[:b] = pix
-            outs = entry.fn(p_ids, p_mask, p_pix)
+            outs = entry.fn(*self._padded(key, args))
         # copy out: graph outputs live in the shared pool and the next replay overwrites them
-        return tuple((o[:b, :n] if t else o[:b]).clone() for o, t in zip(outs, self.text_dims))
+        return tuple((o[:b] if t is None else o[:b].narrow(t, 0, n)).clone() for o, t in zip(outs, self.outputs))
 
-    def __call__(self, ids: Tensor, mask: Tensor | None, pix: Tensor) -> tuple[Tensor, ...]:
+    def __call__(self, *args: Tensor | None) -> tuple[Tensor, ...]:
+        """Run on inputs of any batch size (chunked past the largest bucket). An input may be None only
+        when the runtime runs exact shapes (`pads` is False)."""
         self.stats.calls += 1
-        if mask is None and self.pads:
-            mask = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
         step = self.buckets.max_batch
         parts = []
-        for start in range(0, ids.shape[0], step):
-            sl = slice(start, start + step)
-            parts.append(self._run_chunk(ids[sl], None if mask is None else mask[sl], pix[sl]))
+        for start in range(0, args[0].shape[0], step):
+            parts.append(self._run_chunk([None if x is None else x[start : start + step] for x in args]))
             self.stats.chunks += 1
         if len(parts) == 1:
             return parts[0]
         return tuple(torch.cat(outs, dim=0) for outs in zip(*parts))
 
-    def warmup(
-        self, batch_sizes: Sequence[int], text_lengths: Sequence[int], like: tuple[Tensor, Tensor, Tensor]
-    ) -> dict[tuple[int, int], float]:
-        """Build the buckets covering these sizes now; returns seconds spent per bucket."""
+    def warmup(self, batch_sizes: Sequence[int], text_lengths: Sequence[int], like: Sequence[Tensor]) -> dict:
+        """Build the buckets covering these sizes now (`like`: one example row per input); returns seconds per
+        bucket built."""
         if not self.pads:
             return {}
+        lengths = text_lengths if self._text_arg is not None else [0]
         costs = {}
         for b in batch_sizes:
-            for n in text_lengths:
-                key = (self.buckets.batch_for(min(b, self.buckets.max_batch)), self.buckets.text_for(n))
+            for n in lengths:
+                key = self._key(min(b, self.buckets.max_batch), n)
                 if key not in self.entries:
                     self.entries[key] = self._build(key, like)
                     costs[key] = self.entries[key].build_s
@@ -261,13 +279,13 @@ class Runtime:
         if self.cuda_graphs:
             mode.append("CUDA graphs")
         lines = [
-            f"runtime: {' + '.join(mode) if mode else 'eager, exact shapes (no padding)'}; "
-            f"buckets batch {list(self.buckets.batch)}, text {list(self.buckets.text)}",
-            f"  calls {self.stats.calls}, chunks {self.stats.chunks}, padded rows {self.stats.padded_rows}, "
-            f"padded tokens {self.stats.padded_tokens}",
+            f"{self.name}: {' + '.join(mode) if mode else 'eager, exact shapes (no padding)'}; "
+            f"calls {self.stats.calls}, chunks {self.stats.chunks}, padded rows {self.stats.padded_rows}, "
+            f"padded tokens {self.stats.padded_tokens}"
         ]
         lines += [f"  {reason}" for reason in self.disabled]
         for (b, n), e in sorted(self.entries.items()):
             graph = ", graph captured" if e.graph is not None else ""
-            lines.append(f"  bucket batch {b:>4} x text {n:>4}: {e.hits} hits, built in {e.build_s:.2f}s{graph}")
+            text = f" x text {n:>4}" if self._text_arg is not None else ""
+            lines.append(f"  bucket batch {b:>4}{text}: {e.hits} hits, built in {e.build_s:.2f}s{graph}")
         return lines

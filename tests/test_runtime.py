@@ -77,7 +77,7 @@ def test_zero_recompilations_after_warmup():
     cfg = tiny_config()
     counter = CompileCounter()
     fast = btfast.optimize(build(BridgeTowerForImageAndTextRetrieval, cfg), compile=counter, buckets=SMALL)
-    costs = fast.warmup(batch_sizes=(1, 2, 4), text_lengths=(8, 16))
+    costs = fast.warmup(batch_sizes=(1, 2, 4), text_lengths=(8, 16))["forward"]
     assert len(costs) == 6 and all(s > 0 for s in costs.values())
     frames = counter.frame_count
     assert frames >= 1
@@ -141,3 +141,29 @@ def test_a_compiler_failure_turns_compile_off_and_says_why(caplog):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     assert sum("torch.compile off" in r.getMessage() for r in caplog.records) == 1
     assert "this compiler cannot build the graph" in fast.explain()
+
+
+def test_stages_run_through_buckets_and_match_eager():
+    """encode_text / encode_image / fuse (what offline scoring calls) are bucketed too, with the same results."""
+    cfg = tiny_config()
+    model = build(BridgeTowerForImageAndTextRetrieval, cfg)
+    x = random_inputs(cfg, batch=3, seq_len=7, lengths=[7, 4, 2])
+    eager = btfast.optimize(model, compile=False)
+    want = eager.itm_logits(
+        eager.encode_text(x["input_ids"], x["attention_mask"]), eager.encode_image(x["pixel_values"])
+    )
+    counter = CompileCounter()
+    fast = btfast.optimize(model, compile=counter, buckets=SMALL)
+    costs = fast.warmup(batch_sizes=(1, 4), text_lengths=(8,), stages=("text", "image", "fuse"))
+    assert set(costs) == {"text", "image", "fuse"} and len(costs["image"]) == 2 and len(costs["text"]) == 2
+    frames = counter.frame_count
+    ts = fast.encode_text(x["input_ids"], x["attention_mask"])
+    im = fast.encode_image(x["pixel_values"])
+    assert ts.bridges.shape[:3] == (3, cfg.num_hidden_layers, 7) and len(im) == 3  # sliced back from 4 x 8
+    torch.testing.assert_close(fast.itm_logits(ts, im), want, rtol=1e-5, atol=1e-6)
+    grid = fast.itm_logits(ts.index(torch.tensor([0, 0, 1, 2])), im.index(torch.tensor([2, 1, 0, 0])))
+    assert grid.shape == (4, 2)
+    assert counter.frame_count == frames
+    assert "text: torch.compile" in fast.explain() and "fuse: torch.compile" in fast.explain()
+    with pytest.raises(btfast.InputError, match="unknown stages"):
+        fast.warmup(stages=("decoder",))

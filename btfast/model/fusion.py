@@ -29,7 +29,7 @@ def cross_layer(
 
 
 def fuse(
-    w: Weights, ops: Ops, spec: ModelSpec, text_bridges: Tensor, image_bridges: Tensor, key_mask: Tensor | None
+    w: Weights, ops: Ops, spec: ModelSpec, text_bridges: Tensor, key_mask: Tensor | None, image_bridges: Tensor
 ) -> tuple[Tensor, Tensor]:
     """Run the cross layers on bridges (B, C, L, H) and (B, C, N, H); return the last text and image features.
 
