@@ -22,7 +22,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "tokenizers", "pyarrow", "ruff"],
+        "test": ["pytest", "pytest-benchmark", "tokenizers", "pyarrow", "ruff", "matplotlib"],
         "parquet": ["pyarrow"],
         "plot": ["matplotlib"],
         "ray": ["ray[data]>=2.9", "pyarrow"],
