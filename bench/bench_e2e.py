@@ -3,6 +3,7 @@ builders of the pytest-benchmark suite (`test_bench_e2e.py`).
 
     python bench/bench_e2e.py                      # the main job: base shapes, HF eager vs btfast, one batch
     python bench/bench_e2e.py --quick              # all systems at a few sizes, < 5 min on a 2-core CPU
+    python bench/bench_e2e.py --all-pairs 16,16    # + 16 images x 16 texts: pair by pair vs encode once (dedup)
     python bench/bench_e2e.py --preset gpu --out bench/results    # the GPU sweep (bench/gpu.sh runs it)
     python bench/bench_e2e.py --help               # every option
 
@@ -67,7 +68,9 @@ def reference_logits(batch: int, text_len: int, config=None) -> torch.Tensor:
 
 def all_pairs_case(images: int, texts: int, text_len: int, device: str, dtype: torch.dtype | None = None):
     """btfast's all-pairs scoring of `images` × `texts`: each image and text through its tower once, then fusion of
-    every pair (`encode_image`, `encode_text`, `itm_logits` over gathered rows). Returns (fn, inputs, config)."""
+    every pair (`encode_image`, `encode_text`, `itm_logits` over gathered rows). Returns (fn, inputs, config).
+    At real shapes, against HF and btfast pair by pair: `btfast bench --all-pairs N,M` (btfast/benchmark/all_pairs.py).
+    """
     import btfast
 
     config = tiny_config()

@@ -197,7 +197,7 @@ def test_help_explains_every_option(capsys) -> None:
     for option in (
         "--model", "--systems", "--batch-sizes", "--text-lengths", "--dtype", "--device", "--repeats", "--quick",
         "--preset", "--out", "--no-plot", "--warmup", "--budget", "--cell-seconds", "--compile-mode", "--threads",
-        "--interleave",
+        "--interleave", "--all-pairs",
     ):  # fmt: skip
         assert option in out, option
     assert "base|large|tiny" in out and "max-autotune" in out and "hf-eager-fp32" in out
@@ -222,8 +222,39 @@ def test_plans_on_cpu() -> None:
     assert Cell("base", 40, 256) in gpu.cells and "hf-compile-bf16" in gpu.only
     custom = _plan("--model", "tiny,base", "--batch-sizes", "2,3", "--text-lengths", "7", "--dtype", "fp16")
     assert len(custom.cells) == 4 and {s.name for s in custom.systems} == {"hf-eager-fp16", "btfast-fp16"}
+    assert main.all_pairs is None and custom.all_pairs is None  # asked for only, without a preset
     with pytest.raises(SystemExit):
         _plan("--model", "huge")
+
+
+def test_all_pairs_plans() -> None:
+    gpu = _plan("--preset", "gpu", "--device", "cpu").all_pairs
+    assert (gpu.images, gpu.texts, gpu.text_len, gpu.batch, gpu.models, gpu.dtype) == (64, 64, 40, 64, ["base"], "bf16")
+    plan = _plan("--preset", "gpu", "--device", "cpu")
+    assert 0 < gpu.reserve_s < plan.budget_s and plan.cells_budget_s == plan.budget_s - gpu.reserve_s
+    assert "less 75s kept for all pairs" in plan.budget_text()
+    quick = _plan("--quick", "--device", "cpu").all_pairs
+    assert (quick.images, quick.texts, quick.models, quick.batch) == (2, 2, ["base"], 4) and quick.reserve_s > 0
+    asked = _plan(
+        "--device", "cpu", "--model", "tiny", "--all-pairs", "16x8", "--batch-sizes", "2,8", "--dtype", "bf16"
+    )
+    ap = asked.all_pairs
+    assert (ap.images, ap.texts, ap.pairs, ap.text_len, ap.batch, ap.dtype, ap.models) == (
+        16,
+        8,
+        128,
+        16,
+        8,
+        "bf16",
+        ["tiny"],
+    )
+    assert ap.reserve_s == 0 and asked.cells_budget_s is None
+    assert ap.system_names() == ["hf-eager-bf16", "btfast-bf16", "btfast-dedup-bf16"]
+    assert _plan("--quick", "--device", "cpu", "--all-pairs", "off").all_pairs is None
+    assert _plan("--quick", "--device", "cpu", "--all-pairs", "3,5").all_pairs.pairs == 15
+    for bad in ("3", "3,0", "a,b", "1,2,3"):
+        with pytest.raises(SystemExit):
+            _plan("--all-pairs", bad)
 
 
 def test_bad_combinations_exit_2(capsys) -> None:
@@ -259,6 +290,10 @@ def test_quick_tiny_end_to_end(tmp_path, capsys) -> None:
     skipped = [r for r in data["results"] if r["system"] == "hf-compile-bf16"]
     assert skipped and all(r["status"] == "skipped" and r["reason"] for r in skipped)
     assert "btfast:" in data["systems"]["btfast-fp32"]["explain"]["tiny"]
+    # --quick also scores all pairs (2 x 2 on CPU), in the comparison's low dtype
+    (ap,) = data["all_pairs"]
+    assert (ap["images"], ap["texts"], ap["dtype"], ap["status"]) == (2, 2, "bf16", "ok"), ap
+    assert ap["systems"]["btfast-dedup-bf16"]["max_rel_err"] < 0.1
 
 
 def test_main_job_tiny_prints_ratio_and_difference(capsys, tmp_path, monkeypatch) -> None:
@@ -269,6 +304,79 @@ def test_main_job_tiny_prints_ratio_and_difference(capsys, tmp_path, monkeypatch
     assert "btfast-fp32" in out and "hf-eager-fp32" in out
     assert "ITM logits max relative difference" in out and "x;" in out
     assert not list(tmp_path.iterdir())
+
+
+def test_all_pairs_tiny_end_to_end(tmp_path, capsys) -> None:
+    """3 images x 4 texts at 5 rows per call (a short last chunk): figures in JSON, Markdown and console; fp32 exact."""
+    argv = ["bench", "--model", "tiny", "--device", "cpu", "--all-pairs", "3,4", "--batch-sizes", "5"]
+    argv += ["--repeats", "2", "--out", str(tmp_path), "--no-plot", "--no-progress"]
+    assert btfast_cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "all pairs, tiny: 3 images × 4 texts = 12 pairs" in out and "HF eager pair by pair" in out
+    (json_file,) = tmp_path.glob("*.json")
+    data = json.loads(json_file.read_text())
+    assert data["plan"]["all_pairs"]["pairs"] == 12
+    (ap,) = data["all_pairs"]
+    assert ap["status"] == "ok" and (ap["model"], ap["pairs"], ap["batch"], ap["text_len"]) == ("tiny", 12, 5, 16)
+    assert set(ap["systems"]) == {"hf-eager-fp32", "btfast-fp32", "btfast-dedup-fp32"}
+    for s in ap["systems"].values():
+        assert s["pairs_per_s"] > 0 and s["repeats"] == 2 and s["p50_s"] <= s["p99_s"]
+        assert s["max_abs_err"] < 1e-5 and s["max_rel_err"] < 1e-5
+    assert ap["systems"]["hf-eager-fp32"]["max_abs_err"] == 0.0  # it is the reference
+    rate = {k: v["pairs_per_s"] for k, v in ap["systems"].items()}
+    assert ap["speedup_dedup_vs_btfast"] == pytest.approx(rate["btfast-dedup-fp32"] / rate["btfast-fp32"])
+    assert ap["speedup_dedup_vs_hf"] == pytest.approx(rate["btfast-dedup-fp32"] / rate["hf-eager-fp32"])
+    md = json_file.with_suffix(".md").read_text()
+    assert "## All pairs: 3 images × 4 texts" in md and "dedup ÷ btfast pair by pair" in md
+    assert "encode 3 images + 4 texts once, fuse 12 pairs" in md
+
+
+def test_all_pairs_scorers_agree_with_hf_pairs() -> None:
+    """The three scorers give HF's logits of every (image, text) pair, image-major."""
+    from btfast.benchmark import all_pairs
+
+    config = tiny_config()
+    spec = all_pairs.AllPairs(images=3, texts=2, text_len=9, batch=4, dtype="fp32")
+    x = random_inputs(config, batch=3, seq_len=9, seed=5)
+    data = dict(pixel_values=x["pixel_values"], input_ids=x["input_ids"][:2], attention_mask=x["attention_mask"][:2])
+    cpu = torch.device("cpu")
+    loaded = {
+        key: systems.load(systems.parse_system(name), lambda: build(BridgeTowerForImageAndTextRetrieval, config), cpu)
+        for key, name in (("hf", "hf-eager-fp32"), ("btfast", "btfast-fp32"))
+    }
+    try:
+        fns = all_pairs.scorers(spec, loaded, data, cpu)
+        with torch.no_grad():
+            got = {name: fn() for name, fn in fns.items()}
+            model = build(BridgeTowerForImageAndTextRetrieval, config)
+            want = torch.cat([model(**{k: v[[t]] for k, v in data.items() if k != "pixel_values"},
+                                    pixel_values=data["pixel_values"][[i]]).logits
+                              for i in range(3) for t in range(2)])  # fmt: skip
+    finally:
+        for v in loaded.values():
+            v.close()
+    assert list(got) == ["hf-eager-fp32", "btfast-fp32", "btfast-dedup-fp32"]
+    for logits in got.values():
+        torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_all_pairs_skipped_when_the_budget_is_spent() -> None:
+    from btfast.benchmark.all_pairs import AllPairs
+
+    plan = Plan(
+        cells=[Cell("tiny", 8, 2)],
+        systems=systems.parse_systems("hf-eager,btfast", "fp32"),
+        device=torch.device("cpu"),
+        repeats=1,
+        budget_s=0.0,
+        preset="test",
+        all_pairs=AllPairs(2, 2, 8, 2, "fp32", ["tiny"]),
+    )
+    results = run_plan(plan, Progress(total=0, enabled=False))
+    (ap,) = results["all_pairs"]
+    assert ap["status"] == "skipped" and "time budget" in ap["reason"] and not ap["systems"]
+    assert "not measured (skipped: time budget" in report.summary(results)
+    assert "Not measured (skipped): time budget" in report.markdown(results)
 
 
 @pytest.mark.parametrize("interleave", [False, True])

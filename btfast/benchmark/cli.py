@@ -29,7 +29,14 @@ presets (explicit options override them):
               max-autotune compiles for minutes there); CUDA: batch 1,8,32,128, text 16/40/64.
               Writes bench/results/<date>-<device>-quick.{json,md,png}.
   --preset gpu  base and large; all systems; text 40 at batch 1..256, text 16 / 64 at a few batches, 512
-              as a stress case; hf-compile at a few cells only; budget 290 s. Writes <date>-<device>-gpu.*
+              as a stress case; hf-compile at a few cells only; all pairs 64 x 64 (base, text 40, 64 per call,
+              75 s of the budget kept for it); budget 290 s. Writes <date>-<device>-gpu.*
+  --quick also runs all pairs, 2 x 2 on CPU (45 s of its budget kept for it) and 16 x 16 on CUDA (30 s), base.
+
+all pairs (--all-pairs N,M): N images x M texts, every pair scored by hf-eager-D and btfast-D pair by pair
+(N*M rows through the forward) and btfast-dedup-D (N images and M texts encoded once, then all N*M pairs
+fused); pairs/s, dedup's speed-up over both, and each one's max |ITM logit - hf-eager-fp32| on all pairs.
+Skipped, with the reason printed, when the time budget left cannot fit it.
 
 figures: pairs/s (batch / median latency), p50 / p99 latency, first-call time (compile etc.), peak device
 memory, MFU against a GEMM peak measured in the same run (bf16 on CUDA, fp32 on CPU), max error of the
@@ -45,6 +52,15 @@ def _ints(text: str) -> list[int]:
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
+
+
+def _all_pairs(text: str) -> tuple[int, int] | None:
+    from btfast.benchmark.all_pairs import parse
+
+    try:
+        return parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _models(text: str) -> list[str]:
@@ -87,6 +103,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="L,L,...",
         help="text tokens per pair (every text exactly this long), e.g. 16,40,64,512 (default: 40; tiny: 16)",
+    )
+    g.add_argument(
+        "--all-pairs",
+        type=_all_pairs,
+        default=False,
+        metavar="N,M",
+        help="also score N images x M texts, every pair: HF eager and btfast pair by pair (N*M rows through the "
+        "forward) against btfast-dedup (each image and text encoded once, all pairs fused), at the first text "
+        "length, the largest batch size as rows per call, in --dtype, after every cell; `off` runs none (default: "
+        "none; --quick: 2,2 on CPU, 16,16 on CUDA; --preset gpu: 64,64 on base at text 40)",
     )
     g.add_argument(
         "--dtype",
@@ -234,6 +260,13 @@ def build_plan(args: argparse.Namespace) -> Any:
     if repeats < 1 or warmup < 0:
         raise ValueError("--repeats must be ≥ 1 and --warmup ≥ 0")
 
+    spec = _all_pairs_spec(args, preset, cuda, models, args.text_lengths or texts, batches, low, budget)
+    if spec is not None and spec.reserve_s:
+        notes.append(
+            f"all pairs ({spec.images} x {spec.texts}) runs after every cell; {spec.reserve_s:.0f}s of the "
+            f"{budget:.0f}s budget are kept from the cells for it"
+        )
+
     only: dict[str, tuple[set[Any], str]] = {}
     if preset == "gpu" and args.batch_sizes is None and args.text_lengths is None:
         cells = []
@@ -288,7 +321,44 @@ def build_plan(args: argparse.Namespace) -> Any:
         skip=skip,
         only=only,
         notes=notes,
+        all_pairs=spec,
     )
+
+
+def _all_pairs_spec(
+    args: argparse.Namespace,
+    preset: str | None,
+    cuda: bool,
+    models: list[str],
+    texts: list[int],
+    batches: list[int],
+    low: str,
+    budget: float | None,
+) -> Any:
+    """The all-pairs scenario asked for (--all-pairs), or the preset's own; None for none."""
+    from btfast.benchmark.all_pairs import AllPairs
+
+    asked = args.all_pairs  # False: not given; None: off; (N, M)
+    if asked is None or (asked is False and preset is None):
+        return None
+    text_len, batch, on = texts[0], max(batches), list(models)
+    if preset == "gpu":
+        size, reserve = (64, 64), 75.0
+        if args.text_lengths is None:
+            text_len = 40
+        if args.batch_sizes is None:
+            batch = 64
+        on = ["base"] if "base" in models else models[:1]
+    elif preset == "quick":
+        size, reserve = ((16, 16), 30.0) if cuda else ((2, 2), 45.0)
+        if args.batch_sizes is None:
+            batch = 32 if cuda else max(batches)
+        on = ["base"] if "base" in models else models[:1]
+    else:
+        size, reserve = (1, 1), 0.25 * (budget or 0.0)
+    if asked is not False:
+        size = asked
+    return AllPairs(size[0], size[1], text_len, batch, low, on, reserve if budget is not None else 0.0)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -316,7 +386,15 @@ def run(args: argparse.Namespace) -> int:
         + (f"; budget {plan.budget_s:.0f} s" if plan.budget_s else ""),
         flush=True,
     )
-    progress = Progress(total=len(cells) * len(plan.systems), enabled=not args.no_progress)
+    ap = plan.all_pairs
+    if ap is not None:
+        print(
+            f"  all pairs: {ap.images} images x {ap.texts} texts ({ap.pairs} pairs) on {', '.join(ap.models)}, text "
+            f"{ap.text_len}, {ap.batch} per call, {ap.dtype}: {', '.join(ap.system_names())}",
+            flush=True,
+        )
+    extra = 0 if ap is None else 3 * len(ap.models)
+    progress = Progress(total=len(cells) * len(plan.systems) + extra, enabled=not args.no_progress)
     runner = Runner(plan, progress)
     interrupted = False
     previous = signal.signal(signal.SIGTERM, _interrupt)  # `timeout` sends SIGTERM: keep what was measured
@@ -341,7 +419,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {kind}: {where}")
     if interrupted:
         return 130
-    return 0 if any(r["status"] == "ok" for r in results["results"]) else 1
+    measured = [r["status"] == "ok" for r in results["results"] + results.get("all_pairs", [])]
+    return 0 if any(measured) else 1
 
 
 def _interrupt(signum: int, frame: Any) -> None:

@@ -10,6 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from btfast.benchmark import all_pairs
 from btfast.benchmark.runner import duration
 
 SCHEMA = 1
@@ -157,6 +158,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"{_fmt(r.get('max_abs_err'), 2)} | {_fmt(r.get('max_rel_err'), 2)} | {r['repeats']} |"
         )
 
+    lines += all_pairs.markdown(results.get("all_pairs", []))
+
     skipped: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in results["results"]:
         if r["status"] != "ok":
@@ -276,6 +279,7 @@ def summary(results: dict[str, Any]) -> str:
             f"  {r['model']} text {r['text_len']} batch {r['batch']:<4} {r['system']:<16} "
             f"{r['pairs_per_s']:10.4g} pairs/s  (p50 {duration(r['p50_ms'] / 1e3)}, {r['repeats']} calls){extra}"
         )
+    lines += all_pairs.summary(results.get("all_pairs", []))
     bad = [r for r in results["results"] if r["status"] != "ok"]
     if bad:
         lines.append(f"  {len(bad)} cell(s) not measured: the reasons are printed above and kept in the report")

@@ -15,7 +15,8 @@ compile, hf-compile and btfast on CUDA, count twice) plus a quarter of what the 
 cell whose estimated time (from the system's previous cell, else from what the reference took on that cell)
 would overrun its system's share is skipped, and the reason is printed and recorded, never silent. Text
 lengths run in plan order (the main sweep first), the largest batch first. An out-of-memory cell is recorded
-as such and the run goes on.
+as such and the run goes on. The all-pairs scenario (`Plan.all_pairs`, see all_pairs.py) runs after every cell;
+the cells share the budget less the part kept for it, and it gets what is left then.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from typing import Any
 
 import torch
 
-from btfast.benchmark import timing
+from btfast.benchmark import all_pairs, timing
+from btfast.benchmark.all_pairs import AllPairs
 from btfast.benchmark.flops import flops_per_pair
 from btfast.benchmark.progress import Progress
 from btfast.benchmark.systems import REFERENCE, Loaded, System, load, parse_system
@@ -76,9 +78,22 @@ class Plan:
     reference: bool = True  # compute hf-eager-fp32 logits (untimed) where no hf-eager-fp32 system runs
     interleave: bool = False  # all systems loaded at once, calls interleaved (see Runner._run_interleaved)
     notes: list[str] = field(default_factory=list)
+    all_pairs: AllPairs | None = None  # the N images × M texts scenario, run after every cell (see all_pairs.py)
 
     def models(self) -> list[str]:
         return list(dict.fromkeys(c.model for c in self.cells))
+
+    @property
+    def cells_budget_s(self) -> float | None:
+        """The part of --budget the cells share: all of it, less what is kept for the all-pairs scenario."""
+        if self.budget_s is None:
+            return None
+        reserve = self.all_pairs.reserve_s if self.all_pairs is not None else 0.0
+        return max(0.0, self.budget_s - reserve)
+
+    def budget_text(self) -> str:
+        kept = self.all_pairs.reserve_s if self.all_pairs is not None and self.budget_s is not None else 0.0
+        return f"--budget {self.budget_s:.0f}s" + (f" (less {kept:.0f}s kept for all pairs)" if kept else "")
 
 
 def _git(*args: str) -> str | None:
@@ -177,6 +192,7 @@ class Runner:
         self.cell_wall: dict[tuple[Cell, str], float] = {}  # seconds each measured cell took, all calls
         self.peak: timing.GemmPeak | None = None
         self.env: dict[str, Any] | None = None
+        self.all_pairs_rows: list[dict[str, Any]] = []  # one entry per model of the all-pairs scenario
 
     # -- bookkeeping ----------------------------------------------------------------------------------------------
 
@@ -236,16 +252,35 @@ class Runner:
                 self._run_interleaved(model_name, config, systems, cells, data)
             for j, system in enumerate([] if plan.interleave else systems):
                 share = None
-                if plan.budget_s is not None:
+                if plan.cells_budget_s is not None:
                     # its weighted part of what is left, plus a quarter of what the systems after it would get
                     weights = [self._weight(s) for _, s in runs[i * len(systems) + j :]]
-                    left = max(0.0, plan.budget_s - self.elapsed())
+                    left = max(0.0, plan.cells_budget_s - self.elapsed())
                     fair = left * self._weight(system) / max(1, sum(weights))
                     share = fair + 0.25 * (left - fair)
                 self._run_system(model_name, config, system, cells, data, share)
             if plan.reference and not any(s.name == REFERENCE for s in systems):
                 self._reference(model_name, config, cells, data)
+        if plan.all_pairs is not None:
+            self._all_pairs(plan.all_pairs)
         return self.snapshot()
+
+    def _all_pairs(self, spec: AllPairs) -> None:
+        """The N images × M texts scenario on each of its models, after every cell (it has its own budget slice)."""
+        for model_name in spec.models:
+            config = model_config(model_name)
+            self.max_text.setdefault(
+                model_name, config.text_config.max_position_embeddings - config.text_config.pad_token_id - 1
+            )
+            data: dict[str, torch.Tensor] = {}
+            if spec.text_len <= self.max_text[model_name]:
+                x = _inputs(config, max(spec.images, spec.texts), spec.text_len, self.plan.seed)
+                data = dict(
+                    pixel_values=x["pixel_values"][: spec.images],
+                    input_ids=x["input_ids"][: spec.texts],
+                    attention_mask=x["attention_mask"][: spec.texts],
+                )
+            self.all_pairs_rows.append(all_pairs.run(self, spec, model_name, config, data))
 
     def snapshot(self, interrupted: bool = False) -> dict[str, Any]:
         """Every figure so far: environment, plan, GEMM peak, FLOPs per pair, systems' explain(), one row per cell."""
@@ -271,11 +306,13 @@ class Runner:
                 skipped_systems=plan.skip,
                 restricted=({k: dict(cells=len(v[0]), reason=v[1]) for k, v in plan.only.items()}),
                 notes=plan.notes + (["interrupted: the run was stopped before its end"] if interrupted else []),
+                all_pairs=None if plan.all_pairs is None else plan.all_pairs.as_dict(),
             ),
             gemm_peak=self.peak.as_dict() if self.peak else dict(flops_per_s=float("nan"), dtype="?", note="not run"),
             flops_per_pair=self.flops,
             systems=self.system_info,
             results=self.rows,
+            all_pairs=self.all_pairs_rows,
             wall_s=self.elapsed(),
             interrupted=interrupted,
         )
@@ -411,8 +448,8 @@ class Runner:
                         self._skip(
                             cell,
                             system,
-                            f"time budget: {max(0.0, left):.0f}s left of this system's share of --budget "
-                            f"{plan.budget_s:.0f}s, under the {FIRST_COMPILE_S:.0f}s a first compile is given",
+                            f"time budget: {max(0.0, left):.0f}s left of this system's share of "
+                            f"{plan.budget_text()}, under the {FIRST_COMPILE_S:.0f}s a first compile is given",
                         )
                         continue
                 if deadline is not None and estimate is not None and self.elapsed() + estimate > deadline:
@@ -420,7 +457,7 @@ class Runner:
                         cell,
                         system,
                         f"time budget: ~{estimate:.0f}s needed, {max(0.0, deadline - self.elapsed()):.0f}s left "
-                        f"of this system's share of --budget {plan.budget_s:.0f}s",
+                        f"of this system's share of {plan.budget_text()}",
                     )
                     continue
                 self.progress.status(f"{system.name} {model_name} L={cell.text_len} B={cell.batch}")
@@ -502,13 +539,13 @@ class Runner:
                     )
                     for x in runnable
                 ]
-                if plan.budget_s is not None and all(e is not None for e in estimates):
+                if plan.cells_budget_s is not None and all(e is not None for e in estimates):
                     need = sum(e for e in estimates if e is not None)
-                    left = plan.budget_s - self.elapsed()
+                    left = plan.cells_budget_s - self.elapsed()
                     if need > left:
-                        reason = f"time budget: ~{need:.0f}s needed, {max(0.0, left):.0f}s left of --budget "
+                        reason = f"time budget: ~{need:.0f}s needed, {max(0.0, left):.0f}s left of {plan.budget_text()}"
                         for x in runnable:
-                            self._skip(cell, x.system, reason + f"{plan.budget_s:.0f}s")
+                            self._skip(cell, x.system, reason)
                         continue
                 self._interleave_cell(cell, runnable, data, weights, per_pair, first_extra, failures)
         finally:
@@ -566,7 +603,7 @@ class Runner:
                     mem[id(x)] = max(mem[id(x)] or 0, added)
             if plan.cell_seconds is not None and spent >= plan.cell_seconds * len(runnable) and i + 1 >= 3:
                 break
-            if plan.budget_s is not None and self.elapsed() > plan.budget_s and i + 1 < plan.repeats:
+            if plan.cells_budget_s is not None and self.elapsed() > plan.cells_budget_s and i + 1 < plan.repeats:
                 self.progress.note(f"budget spent: {cell} keeps {i + 1} timed round(s) of {plan.repeats}")
                 break
         batches.clear()
