@@ -19,13 +19,14 @@ refuses every non-RGB mode unless `do_convert_rgb=True`, and raises on banners b
    three passes over float arrays. The table also runs on the device (`normalize_torch`), so worker
    processes can ship uint8 canvases (4× fewer bytes) and the GPU does the rest.
 
-Speed (the default, `exact=False`): JPEGs much larger than the target are decoded with `Image.draft`
+Speed (opt-in, `exact=False`, CLI `--no-exact`; the default is bit-exact): JPEGs much larger than the
+target are decoded with `Image.draft`
 (libjpeg's DCT scaling by 1/2, 1/4 or 1/8), keeping at least twice the resize target per side so the bicubic
 resize still anti-aliases; and a downscale computes only the centre crop (`resize(box=...)`, one PIL op
 instead of resize-then-crop). Draft decoding changes pixels by a few levels (measured: mean 0.4-0.8, max 3-5
 of 255 on 1600-4000 px photos); the crop-in-resize by at most 1 level on ~2% of pixels; downscales beyond 6×
-(large PNGs) first reduce by an integer factor (`reducing_gap=3`). `exact=True` (CLI
-`--exact`) gives HF's tensors bit for bit on every input. (Upscales always resize then crop: there the box
+(large PNGs) first reduce by an integer factor (`reducing_gap=3`). `exact=True` (the default) gives HF's
+tensors bit for bit on every input. (Upscales always resize then crop: there the box
 form can differ by more.)
 
 Texts: the model folder's tokenizer, truncated to the model's limit (`max_position_embeddings - 2` tokens:
@@ -198,13 +199,13 @@ def _lut(cfg: ImageConfig) -> np.ndarray:
 class ImagePreprocessor:
     """Decode, convert, resize, crop and normalise images as BridgeTower's processor intends.
 
-    `exact`: False (default) lets libjpeg decode large JPEGs at 1/2, 1/4 or 1/8 scale (still ≥ 2× the resize
-    target) and resizes straight to the crop when downscaling; True gives HF's tensors bit for bit.
+    `exact`: True (default) gives HF's tensors bit for bit; False lets libjpeg decode large JPEGs at 1/2, 1/4
+    or 1/8 scale (still ≥ 2× the resize target) and resizes straight to the crop when downscaling.
     `max_pixels`: larger images are refused (checked on the header, before decoding).
     """
 
     config: ImageConfig = field(default_factory=ImageConfig)
-    exact: bool = False
+    exact: bool = True
     max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:

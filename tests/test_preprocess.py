@@ -151,7 +151,8 @@ def test_draft_decode_is_close_and_exact_decode_is_exact():
     ref = hf(Image.open(io.BytesIO(data)), return_tensors="np")["pixel_values"]
     exact = ImagePreprocessor(exact=True)
     np.testing.assert_array_equal(exact(data)["pixel_values"], ref)
-    fast = ImagePreprocessor()
+    assert ImagePreprocessor().exact, "bit-exact preprocessing is the default"
+    fast = ImagePreprocessor(exact=False)
     img = fast.open(data)
     assert img.size == (800, 600)  # decoded at 1/2 scale: still >= 2x the 384x288 target
     diff = np.abs(fast(data)["pixel_values"] - ref)

@@ -37,10 +37,12 @@ def add_runtime(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--exact",
-        action="store_true",
-        help="preprocess exactly as BridgeTowerProcessor, bit for bit (default: large JPEGs decode at "
-        "1/2-1/8 scale via Image.draft, still >= 2x the resize target, and downscales resample only "
-        "the centre crop: several times faster on photos, pixels differ by a few levels)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="preprocess exactly as BridgeTowerProcessor, bit for bit (default). --no-exact: large JPEGs "
+        "decode at 1/2-1/8 scale via Image.draft (still >= 2x the resize target) and downscales resample "
+        "only the centre crop: 2-4x faster on large photos, pixels differ by a few levels, so scores differ "
+        "slightly from the reference",
     )
     g.add_argument(
         "--max-pixels",

@@ -356,7 +356,7 @@ class Scorer:
         dtype: str | None = "auto",
         batch_size: int = 32,
         image_root: str | os.PathLike | None = None,
-        exact: bool = False,
+        exact: bool = True,
         dedup: bool = True,
     ) -> None:
         dev = resolve_device(device)

@@ -161,7 +161,7 @@ def score(
     overwrite: bool = False,
     limits: Limits | None = None,
     dedup: bool = True,
-    exact: bool = False,
+    exact: bool = True,
     max_pixels: int | None = None,
     progress: bool = True,
     engine: str = "btfast",
@@ -289,7 +289,7 @@ def embed(
     shard: str | None = None,
     overwrite: bool = False,
     limits: Limits | None = None,
-    exact: bool = False,
+    exact: bool = True,
     max_pixels: int | None = None,
     progress: bool = True,
 ) -> Summary:

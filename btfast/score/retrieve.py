@@ -97,7 +97,7 @@ def retrieve(
     batch_size: int | None = None,
     workers: int | None = None,
     limits: Limits | None = None,
-    exact: bool = False,
+    exact: bool = True,
     max_pixels: int | None = None,
     progress: bool = True,
 ) -> RetrieveSummary:
