@@ -5,7 +5,7 @@ from setuptools import find_packages, setup
 setup(
     name="btfast",
     version="0.1.0",
-    description="Fast, exact inference for Hugging Face BridgeTower models (Triton kernels, shape buckets, CUDA graphs)",
+    description="Fast, exact inference for Hugging Face BridgeTower models: Triton kernels, shape buckets, CUDA graphs",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",

@@ -32,7 +32,8 @@ def _check(cls, cfg, dtype, device, kernels, rtol, lengths=(7, 4), seq_len=7):
 
 @interpreted
 @pytest.mark.parametrize(
-    "cls,link", [(BridgeTowerForImageAndTextRetrieval, "scaled_add"), (BridgeTowerModel, "interpolate")],
+    "cls,link",
+    [(BridgeTowerForImageAndTextRetrieval, "scaled_add"), (BridgeTowerModel, "interpolate")],
     ids=["itm-scaled_add", "base-interpolate"],
 )
 def test_interpreted_kernels_fp32_exact(cls, link):
@@ -59,13 +60,22 @@ def test_default_kernel_set_and_policy_is_explained():
 @pytest.mark.parametrize("kernels", [None, "all"], ids=["default", "all"])
 @pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-4), (torch.bfloat16, 6e-2)], ids=["fp32", "bf16"])
 def test_cuda_kernels_tiny(kernels, dtype, rtol):
-    fast = _check(BridgeTowerForImageAndTextRetrieval, tiny_config(link_tower_type="interpolate"), dtype, "cuda",
-                  kernels, rtol)
+    fast = _check(
+        BridgeTowerForImageAndTextRetrieval, tiny_config(link_tower_type="interpolate"), dtype, "cuda", kernels, rtol
+    )
     assert "self-check" not in fast.explain(), fast.explain()
 
 
 @cuda
 @pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-4), (torch.bfloat16, 6e-2)], ids=["fp32", "bf16"])
 def test_cuda_kernels_base_shapes(dtype, rtol):
-    _check(BridgeTowerForImageAndTextRetrieval, base_config(), dtype, "cuda", "all", rtol,
-           lengths=(40, 17, 3, 40), seq_len=40)
+    _check(
+        BridgeTowerForImageAndTextRetrieval,
+        base_config(),
+        dtype,
+        "cuda",
+        "all",
+        rtol,
+        lengths=(40, 17, 3, 40),
+        seq_len=40,
+    )

@@ -7,6 +7,7 @@ magnitude (the interpreter truncates fp32 -> bf16 instead of rounding, so its bf
 
 import pytest
 import torch
+
 from btfast.kernels import add_layernorm, add_layernorm_reference, add_layernorm_unsupported_reasons
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

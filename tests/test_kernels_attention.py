@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+
 from btfast.kernels import attention, attention_reference, attention_unsupported_reasons
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

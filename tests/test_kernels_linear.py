@@ -7,6 +7,7 @@ at most twice PyTorch's own error at that dtype, plus one ulp at the output's la
 
 import pytest
 import torch
+
 from btfast.kernels import ACTIVATIONS, linear, linear_reference, linear_unsupported_reasons
 
 # The interpreter's numpy exp overflows to inf in sigmoid(-large) = 0: right answer, noisy warning.
