@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from btfast.ray.cli import add_arguments as add_ray_arguments
 from btfast.score.cli_common import add_job, add_runtime, fail, known_errors, limits, set_threads
 
 EPILOG = """\
@@ -49,9 +50,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_runtime(parser)
     add_job(parser, "images or texts")
+    add_ray_arguments(parser)  # --ray, --address, --gpus-per-worker: btfast.ray.cli
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "ray", False):  # the same job on Ray Data, written as a folder of Parquet parts
+        from btfast.ray.cli import run as run_ray
+
+        return run_ray(args, "embed")
     if args.images is None and args.texts is None:
         return fail("embed", ValueError("give --images, --texts or both"))
     try:

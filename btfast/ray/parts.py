@@ -1,0 +1,275 @@
+"""Resumable folder output for `--ray` runs: deterministic parts, each written atomically, finished parts skipped.
+
+The driver cuts the input into parts with the same planner as the single-process scorer (`btfast.score.plan`),
+so a part's rows depend only on the input and the chunk limits: every run, resumed or not, cuts the same parts.
+Output rows come back from Ray in any order; the driver gathers them by part and, once a part holds all its
+rows, writes it:
+
+    OUT/part-00000042.parquet      one file per part, rows sorted by `row`; present means complete
+    OUT/_btfast_job.json           the job's header (command, model, input, options); `finished` once done
+    OUT/_SUCCESS                   written last, when every part is there
+    OUT/.btfast-lock               held (flock) by the running driver; released by the kernel if it dies
+
+A part is written to a hidden temporary name, fsynced, renamed into place and the folder fsynced: a driver
+killed at any moment leaves complete parts and at most a temporary file (deleted on restart). A rerun of the
+same command skips the parts present; a rerun with different settings is refused unless `overwrite`. Each part
+records its row and error counts in its Parquet metadata, so resuming reads only file footers.
+
+Parquet readers (pyarrow, pandas, Spark, `ray.data.read_parquet`) read the folder as one table: names starting
+with `_` or `.` are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from btfast.score.sink import ResumeError
+
+JOB_FILE = "_btfast_job.json"
+SUCCESS_FILE = "_SUCCESS"
+LOCK_FILE = ".btfast-lock"
+PART_RE = re.compile(r"^part-(\d{8,})\.parquet$")
+TMP_RE = re.compile(r"^\.part-(\d{8,})\.parquet\.tmp$")
+META_KEY = b"btfast"
+
+
+def part_name(k: int) -> str:
+    return f"part-{k:08d}.parquet"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _ours(name: str) -> bool:
+    return bool(
+        PART_RE.match(name)
+        or TMP_RE.match(name)
+        or name in (JOB_FILE, SUCCESS_FILE, LOCK_FILE)
+        or name == f".{JOB_FILE}.tmp"
+    )
+
+
+class PartStore:
+    """The output folder of one job: which parts are done (with their row / error counts), writing new ones."""
+
+    def __init__(self, folder: str | os.PathLike, header: dict[str, Any], overwrite: bool = False) -> None:
+        self.folder = Path(folder)
+        self.header = json.loads(json.dumps(header))
+        self.done: dict[int, dict[str, int]] = {}
+        self.finished = False
+        self._lock_fd: int | None = None
+        if self.folder.exists() and not self.folder.is_dir():
+            raise ResumeError(f"{self.folder} is a file: with --ray, --out is a folder of Parquet files")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._lock()
+        try:
+            self._open(overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- start / resume --------------------------------------------------------------------------------------
+    def _lock(self) -> None:
+        import fcntl
+
+        fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ResumeError(f"{self.folder}: another btfast run is writing this folder") from None
+        self._lock_fd = fd
+
+    def _open(self, overwrite: bool) -> None:
+        names = [p.name for p in self.folder.iterdir()]
+        foreign = sorted(n for n in names if not _ours(n))
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (" ..." if len(foreign) > 3 else "")
+            raise ResumeError(
+                f"{self.folder} holds files btfast did not write ({shown}): give an empty or new folder for --out"
+            )
+        job = self.folder / JOB_FILE
+        if not any(PART_RE.match(n) for n in names):
+            overwrite = True  # nothing written yet (a run that failed at its start): no output to protect
+        if job.exists() and not overwrite:
+            try:
+                record = json.loads(job.read_text(encoding="utf-8"))
+                old = record["header"]
+            except (ValueError, KeyError, TypeError):
+                raise ResumeError(f"{job}: damaged; pass --overwrite to start again") from None
+            if old != self.header:
+                diff = sorted(k for k in set(old) | set(self.header) if old.get(k) != self.header.get(k))
+                raise ResumeError(
+                    f"{self.folder} was written by a different job (differs in: {', '.join(diff)}); "
+                    "rerun with the same settings to resume, or pass --overwrite"
+                )
+            self.finished = bool(record.get("finished"))
+        else:  # a fresh job (or --overwrite): clear what an earlier job left, then record the header
+            for n in names:
+                if n != LOCK_FILE:
+                    (self.folder / n).unlink()
+            _write_atomic(job, (json.dumps({"header": self.header}, indent=1) + "\n").encode())
+        for n in os.listdir(self.folder):
+            if TMP_RE.match(n):  # a part being written when the last run died
+                (self.folder / n).unlink()
+        for n in os.listdir(self.folder):
+            m = PART_RE.match(n)
+            if m:
+                info = self._read_meta(self.folder / n)
+                if info is None:  # unreadable: cannot be ours and complete; redo it
+                    (self.folder / n).unlink()
+                else:
+                    self.done[int(m.group(1))] = info
+
+    @staticmethod
+    def _read_meta(path: Path) -> dict[str, int] | None:
+        import pyarrow.parquet as pq
+
+        try:
+            md = pq.read_metadata(path)
+            info = json.loads((md.metadata or {})[META_KEY])
+            if int(info["rows"]) != md.num_rows:
+                return None
+            return {"rows": int(info["rows"]), "errors": int(info["errors"])}
+        except Exception:
+            return None
+
+    # ---- write -----------------------------------------------------------------------------------------------
+    def path(self, k: int) -> Path:
+        return self.folder / part_name(k)
+
+    def write(self, k: int, table: Any) -> None:
+        """Write part k (a pyarrow Table) atomically; its row and error counts go into the file's metadata."""
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        errors = table.num_rows - int(pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0)
+        info = {"part": k, "rows": table.num_rows, "errors": errors}
+        meta = dict(table.schema.metadata or {})
+        meta[META_KEY] = json.dumps(info).encode()
+        table = table.replace_schema_metadata(meta)
+        final = self.path(k)
+        tmp = final.with_name(f".{final.name}.tmp")
+        pq.write_table(table, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(self.folder)
+        self.done[k] = {"rows": info["rows"], "errors": errors}
+
+    def discard(self, k: int) -> None:
+        """Forget part k (its file does not match the plan): it will be computed again."""
+        self.path(k).unlink(missing_ok=True)
+        self.done.pop(k, None)
+
+    def finish(self, parts: Iterable[int]) -> None:
+        """Mark the job complete once every one of `parts` is written."""
+        parts = sorted(parts)
+        missing = [k for k in parts if k not in self.done]
+        if missing:
+            raise RuntimeError(f"cannot finish {self.folder}: {len(missing)} parts missing (first {missing[0]})")
+        if self.finished:
+            return
+        record = {
+            "header": self.header,
+            "finished": True,
+            "parts": len(parts),
+            "rows": self.rows_done,
+            "errors": self.errors_done,
+        }
+        _write_atomic(self.folder / JOB_FILE, (json.dumps(record, indent=1) + "\n").encode())
+        _write_atomic(self.folder / SUCCESS_FILE, b"")
+        self.finished = True
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    def __enter__(self) -> PartStore:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
+    def rows_done(self) -> int:
+        return sum(v["rows"] for v in self.done.values())
+
+    @property
+    def errors_done(self) -> int:
+        return sum(v["errors"] for v in self.done.values())
+
+
+class Assembler:
+    """Gathers output batches (any order, any split) into whole parts; a row seen twice is kept once.
+
+    `expected` maps each part still to do to its number of rows. `add(table)` returns the parts it completed,
+    each as a table sorted by `row`, without the `part` column.
+    """
+
+    def __init__(self, expected: dict[int, int]) -> None:
+        self.expected = dict(expected)
+        self.pieces: dict[int, list[Any]] = defaultdict(list)
+        self.seen: dict[int, set[int]] = defaultdict(set)
+        self.duplicates = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self.expected)
+
+    def add(self, table: Any) -> Iterator[tuple[int, Any]]:
+        import numpy as np
+        import pyarrow as pa
+
+        if table.num_rows == 0:
+            return
+        parts = table.column("part").to_numpy(zero_copy_only=False)
+        rows = table.column("row").to_numpy(zero_copy_only=False)
+        for k in np.unique(parts).tolist():
+            if k not in self.expected:  # a part already written (a retried task's output): drop it
+                self.duplicates += int((parts == k).sum())
+                continue
+            idx = np.flatnonzero(parts == k)
+            seen = self.seen[k]
+            keep = []
+            for i in idx.tolist():
+                r = int(rows[i])
+                if r in seen:
+                    self.duplicates += 1
+                else:
+                    seen.add(r)
+                    keep.append(i)
+            if keep:
+                self.pieces[k].append(table.take(pa.array(keep, type=pa.int64())))
+            if len(seen) >= self.expected[k]:
+                whole = pa.concat_tables(self.pieces.pop(k))
+                whole = whole.take(np.argsort(whole.column("row").to_numpy(zero_copy_only=False), kind="stable"))
+                del self.expected[k], self.seen[k]
+                yield k, whole.drop_columns(["part"])

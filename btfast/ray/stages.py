@@ -1,0 +1,446 @@
+"""The two Ray Data stages: image decoding as CPU tasks, the model in an actor pool; and how to size the pool.
+
+Stage 1, `decode_batch` (a plain function, run as CPU tasks): turns input records into rows (the same parsing and
+error messages as `btfast score`), decodes and preprocesses each unique image of the batch once into a uint8
+canvas, and ships the canvas on the first row of its image only: later rows of the same image carry the image's
+source instead, in case they land in another model batch. Failed images carry their reason on every row.
+
+Stage 2, `ModelWorker` (a callable class, one instance per actor): loads the head with `from_pretrained`,
+optimizes and warms it up once, then maps batches of decoded rows to output rows with `score_chunk` /
+`embed_chunk` from `btfast.score.engine`, the same code as the single-process scorer. It keeps recent canvases,
+so a row whose canvas travelled in an earlier batch is not decoded again; a canvas it never saw is decoded there.
+
+Nothing here imports Ray: the functions take and return pyarrow Tables.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("btfast")
+
+# Columns between the stages (names starting with "_" never reach the output).
+ROW_COLUMNS = ("row", "id", "kind", "image", "text", "_error", "_key", "_path", "_bytes")
+DECODED_COLUMNS = (
+    "row",
+    "id",
+    "kind",
+    "image",
+    "text",
+    "_error",
+    "_key",
+    "_path",
+    "_bytes",
+    "_canvas",
+    "_h",
+    "_w",
+    "_decode_error",
+)
+
+
+# ---- schemas -----------------------------------------------------------------------------------------------------
+
+
+def score_schema(head: str, id_type: str) -> Any:
+    """The output schema of `btfast score` with Parquet output (same names, same types)."""
+    import pyarrow as pa
+
+    f32 = pa.float32()
+    cols = [
+        ("row", pa.int64()),
+        ("id", pa.int64() if id_type == "int" else pa.string()),
+        ("image", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("text_truncated", pa.bool_()),
+    ]
+    cols += [("itm_logit", f32), ("itm_prob", f32)] if head == "itm" else [("itc_cosine", f32), ("itc_logit", f32)]
+    return pa.schema(cols)
+
+
+def embed_schema() -> Any:
+    """The output schema of `btfast embed` with Parquet output."""
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("kind", pa.string()),
+            ("row", pa.int64()),
+            ("id", pa.string()),
+            ("image", pa.string()),
+            ("text", pa.string()),
+            ("status", pa.string()),
+            ("error", pa.string()),
+            ("text_truncated", pa.bool_()),
+            ("embedding", pa.list_(pa.float32())),
+        ]
+    )
+
+
+def rows_schema(id_type: str, keep: Sequence[tuple[str, Any]] = ()) -> Any:
+    """Schema of prepared input rows (what the CLI's driver builds from `read_pairs` / `read_images` / ...)."""
+    import pyarrow as pa
+
+    cols = [
+        ("row", pa.int64()),
+        ("id", pa.int64() if id_type == "int" else pa.string()),
+        ("kind", pa.string()),
+        ("image", pa.string()),
+        ("text", pa.string()),
+        ("_error", pa.string()),
+        ("_key", pa.string()),
+        ("_path", pa.string()),
+        ("_bytes", pa.binary()),
+    ]
+    return pa.schema(cols + list(keep))
+
+
+def id_value(v: Any, id_type: str) -> Any:
+    if v is None:
+        return None
+    if id_type == "int":
+        return int(v)
+    return v if isinstance(v, str) else str(v)
+
+
+def row_record(r: Any, id_type: str, **extra: Any) -> dict[str, Any]:
+    """A `btfast.score.rows.Row` as a prepared input record (see `rows_schema`)."""
+    src = r.image if r.error is None else None
+    return {
+        "row": r.row,
+        "id": id_value(r.id, id_type),
+        "kind": r.kind,
+        "image": r.image_name,
+        "text": r.text,
+        "_error": r.error,
+        "_key": r.image_key if r.error is None else None,
+        "_path": src if isinstance(src, str) else None,
+        "_bytes": bytes(src) if isinstance(src, (bytes, bytearray, memoryview)) else None,
+        **extra,
+    }
+
+
+# ---- stage 1: decode (CPU tasks) ---------------------------------------------------------------------------------
+
+
+def load_image(pre: Any, source: Any) -> np.ndarray | str:
+    """A uint8 canvas, or the reason the image cannot be used (the messages of `btfast score`'s workers)."""
+    from btfast.preprocess import ImageError
+
+    try:
+        return pre.load(source)
+    except ImageError as e:
+        return str(e)
+    except Exception as e:  # a decoder bug must cost one row, never the run
+        return f"cannot read image: {type(e).__name__}: {e}"
+
+
+def _parse(
+    records: list[dict[str, Any]],
+    kind: str,
+    fields: tuple[str, str, str],
+    image_root: str | None,
+    base: str | None,
+    id_type: str,
+) -> list[dict[str, Any]]:
+    """User records (an `image` path or bytes, a `text`, optionally `id` and `row`) → prepared records."""
+    from btfast.score.rows import ImageResolver, Row, _id_of, _set_image, _set_text
+
+    resolver = ImageResolver(image_root, base or os.getcwd())
+    image_field, text_field, id_field = fields
+    out = []
+    for rec in records:
+        row = rec.get("row")
+        row = int(row) if isinstance(row, (int, np.integer)) else None
+        r = Row(row=row, id=_id_of(rec, id_field, row), kind=kind)
+        if kind in ("pair", "image"):
+            r.error = _set_image(r, rec, image_field, resolver)
+        if kind in ("pair", "text") and r.error is None:
+            r.error = _set_text(r, rec, text_field)
+        if kind == "text" and r.text is None and r.error is None:  # pragma: no cover - _set_text sets one
+            r.error = "row: no text"
+        out.append(row_record(r, id_type))
+    return out
+
+
+def decode_batch(
+    batch: Any,
+    *,
+    pre: Any,
+    kind: str = "pair",
+    prepared: bool = False,
+    fields: tuple[str, str, str] = ("image", "text", "id"),
+    image_root: str | None = None,
+    base: str | None = None,
+    id_type: str = "string",
+    keep: Sequence[str] = (),
+) -> Any:
+    """Ray Data batch (pyarrow Table) of input records → rows with decoded canvases (see the module doc)."""
+    import pyarrow as pa
+
+    if prepared:
+        recs = batch.select(list(ROW_COLUMNS)).to_pylist()
+    else:
+        recs = _parse(batch.to_pylist(), kind, fields, image_root, base, id_type)
+    canvases: dict[str, np.ndarray | str] = {}
+    cols: dict[str, list[Any]] = {c: [] for c in DECODED_COLUMNS}
+    for rec in recs:
+        key = rec["_key"]
+        first = False
+        if key is not None and key not in canvases:
+            canvases[key] = load_image(pre, rec["_path"] if rec["_path"] is not None else rec["_bytes"])
+            first = True
+        c = canvases.get(key) if key is not None else None
+        canvas = c if isinstance(c, np.ndarray) else None
+        for name in ROW_COLUMNS:
+            cols[name].append(rec[name])
+        shipped = first and canvas is not None
+        cols["_canvas"].append(canvas.tobytes() if shipped else None)
+        cols["_h"].append(canvas.shape[0] if shipped else None)
+        cols["_w"].append(canvas.shape[1] if shipped else None)
+        cols["_decode_error"].append(c if isinstance(c, str) else None)
+        if shipped or isinstance(c, str):  # the source is needed only by rows without a canvas
+            cols["_path"][-1] = cols["_bytes"][-1] = None
+    types = {
+        "row": pa.int64(),
+        "id": pa.int64() if id_type == "int" else pa.string(),
+        "_bytes": pa.binary(),
+        "_canvas": pa.binary(),
+        "_h": pa.int32(),
+        "_w": pa.int32(),
+    }
+    arrays = {c: pa.array(v, type=types.get(c, pa.string())) for c, v in cols.items()}
+    for name in keep:
+        arrays[name] = batch.column(name)
+    return pa.table(arrays)
+
+
+# ---- stage 2: the model (an actor pool) --------------------------------------------------------------------------
+
+
+DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+class ModelWorker:
+    """One per actor: the model loaded once, then `__call__(decoded rows) -> output rows` (pyarrow Tables).
+
+    mode "score": ITM / ITC scores of pairs (`btfast score`); "embed": ITC embeddings of image and text rows
+    (`btfast embed`). `threads`: torch CPU threads of this actor (what its CPU reservation allows).
+    """
+
+    def __init__(
+        self,
+        model_dir: str,
+        head: str,
+        mode: str,
+        device: str,
+        dtype: str,
+        batch_size: int,
+        pre: Any,
+        id_type: str = "string",
+        keep: Sequence[str] = (),
+        threads: int = 1,
+        warmup: bool = True,
+        dedup: bool = True,
+        engine: str = "btfast",
+        cache_images: int = 1024,
+    ) -> None:
+        import torch
+
+        from btfast.preprocess import TextPreprocessor
+        from btfast.score.engine import Context, load_head, resolve_device, resolve_dtype
+
+        if threads >= 1:
+            torch.set_num_threads(int(threads))
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        net = load_head(model_dir, head, dev, dt, engine=engine)
+        self.mode, self.id_type, self.keep = mode, id_type, tuple(keep)
+        self.pre = pre
+        self.ctx = Context(
+            net, head, pre, TextPreprocessor.from_pretrained(model_dir), batch_size=batch_size, dedup=dedup
+        )
+        self.schema = embed_schema() if mode == "embed" else score_schema(head, id_type)
+        self.cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.cache_images = cache_images
+        self.redecoded = 0
+        self.warmup_s = 0.0
+        if warmup and dev.type == "cuda" and hasattr(net, "warmup"):
+            self.warmup_s = sum(net.warmup(batch_sizes=(batch_size,), text_lengths=(16, 40, 64)).values())
+
+    def _canvases(self, t: Any) -> dict[str, np.ndarray | str]:
+        keys = t.column("_key").to_pylist()
+        derr = t.column("_decode_error").to_pylist()
+        hs, ws = t.column("_h").to_pylist(), t.column("_w").to_pylist()
+        canvas_col = t.column("_canvas")
+        out: dict[str, np.ndarray | str] = {}
+        for i, k in enumerate(keys):
+            if k is None or k in out:
+                continue
+            if derr[i] is not None:
+                out[k] = derr[i]
+            elif hs[i] is not None:
+                buf = canvas_col[i].as_buffer()
+                out[k] = np.frombuffer(buf, dtype=np.uint8).reshape(hs[i], ws[i], 3)
+                self._remember(k, out[k])
+            elif k in self.cache:
+                out[k] = self.cache[k]
+                self.cache.move_to_end(k)
+        missing = [i for i, k in enumerate(keys) if k is not None and k not in out]
+        if missing:  # the canvas went to another batch or actor: decode it here
+            paths, blobs = t.column("_path").to_pylist(), t.column("_bytes").to_pylist()
+            for i in missing:
+                k = keys[i]
+                if k not in out:
+                    out[k] = load_image(self.pre, paths[i] if paths[i] is not None else blobs[i])
+                    self.redecoded += 1
+                    if isinstance(out[k], np.ndarray):
+                        self._remember(k, out[k])
+        return out
+
+    def _remember(self, key: str, canvas: np.ndarray) -> None:
+        self.cache[key] = canvas
+        self.cache.move_to_end(key)
+        while len(self.cache) > self.cache_images:
+            self.cache.popitem(last=False)
+
+    def __call__(self, t: Any) -> Any:
+        import pyarrow as pa
+        import torch
+
+        from btfast.score.engine import embed_chunk, score_chunk
+        from btfast.score.rows import Row
+
+        canvases = self._canvases(t)
+        rows = [
+            Row(
+                row=rec["row"],
+                id=rec["id"],
+                image_key=rec["_key"],
+                image_name=rec["image"],
+                text=rec["text"],
+                error=rec["_error"],
+                kind=rec["kind"] or "pair",
+            )
+            for rec in t.select(["row", "id", "kind", "image", "text", "_error", "_key"]).to_pylist()
+        ]
+        with torch.inference_mode():
+            if self.mode == "embed":
+                outs = embed_chunk(self.ctx, rows, canvases)
+            else:
+                outs = score_chunk(self.ctx, rows, canvases)
+        id_type = "string" if self.mode == "embed" else self.id_type
+        for o in outs:
+            o["id"] = id_value(o["id"], id_type)
+        table = pa.Table.from_pylist(outs, schema=self.schema)
+        for name in self.keep:
+            table = table.append_column(name, t.column(name))
+        return table
+
+
+# ---- placement ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How many model actors, on what, with what reservations; the rest of the CPUs decode images."""
+
+    device: str  # "cuda" or "cpu"
+    actors: int
+    actor_cpus: float
+    actor_gpus: float
+    threads: int  # torch threads per actor
+    cluster_cpus: float
+    cluster_gpus: float
+
+    def describe(self) -> str:
+        gpus = f", {self.actor_gpus:g} GPU" if self.actor_gpus else ""
+        left = self.cluster_cpus - self.actors * self.actor_cpus
+        return (
+            f"{self.actors} model actor(s) on {self.device} ({self.actor_cpus:g} CPU{gpus} each, "
+            f"{self.threads} torch thread(s)); {left:g} of {self.cluster_cpus:g} CPUs left for decoding"
+        )
+
+
+def place(
+    resources: dict[str, float],
+    device: str | None = "auto",
+    gpus_per_worker: float | None = None,
+    workers: int | None = None,
+) -> Placement:
+    """Size the actor pool from the cluster's resources (`ray.cluster_resources()`).
+
+    GPUs: one actor per `gpus_per_worker` GPUs (default 1), 1 CPU each while that leaves a CPU per actor for
+    decoding, less otherwise. CPUs only: one actor per 4 CPUs; the actors together never reserve more than
+    CPUs - 1, so decoding always has a CPU (an actor pool that takes every CPU stalls the pipeline).
+    """
+    cpus = float(resources.get("CPU", 0) or 0)
+    gpus = float(resources.get("GPU", 0) or 0)
+    if workers is not None and workers < 1:
+        raise ValueError(f"--workers must be >= 1 with --ray, got {workers}")
+    if gpus_per_worker is not None and gpus_per_worker < 0:
+        raise ValueError(f"--gpus-per-worker must be >= 0, got {gpus_per_worker}")
+    device = (device or "auto").lower()
+    if device == "auto":
+        device = "cuda" if gpus > 0 and gpus_per_worker != 0 else "cpu"
+    elif device.startswith("cuda"):
+        device = "cuda"
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"--device with --ray must be auto, cpu or cuda, got {device}")
+    if device == "cuda":
+        if gpus <= 0:
+            raise ValueError("--device cuda: the Ray cluster has no GPUs")
+        gpw = gpus_per_worker or 1.0
+        if gpw > gpus:
+            raise ValueError(f"--gpus-per-worker {gpw:g}: the Ray cluster has {gpus:g} GPUs")
+        n = workers or max(1, int(math.floor(gpus / gpw + 1e-9)))
+        actor_cpus = 1.0 if cpus - n >= n else max(0.0, math.floor((cpus - 1) / n * 100) / 100)
+        return Placement("cuda", n, actor_cpus, gpw, max(1, int(actor_cpus)), cpus, gpus)
+    if gpus_per_worker:
+        raise ValueError("--gpus-per-worker needs --device cuda (or auto on a cluster with GPUs)")
+    n = workers or max(1, int(cpus // 4))
+    share = max(1.0, float(int(cpus // (2 * n))))
+    cap = max(0.0, (cpus - 1) / n)  # leave at least one CPU to decoding
+    actor_cpus = share if share <= cap else math.floor(cap * 100) / 100
+    return Placement("cpu", n, actor_cpus, 0.0, max(1, int(actor_cpus)), cpus, gpus)
+
+
+def default_batch_size(device: str, batch_size: int | None) -> int:
+    """Pairs / images / texts per model call: 64 on CUDA, 16 on CPU, rounded up to a runtime bucket."""
+    from btfast.runtime import Buckets
+
+    b = batch_size or (64 if device == "cuda" else 16)
+    if b < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {b}")
+    steps = Buckets()
+    return steps.batch_for(b) if b <= steps.max_batch else b
+
+
+def batch_rows(batch_size: int) -> tuple[int, int]:
+    """(rows per model call, rows per decode task) for a model batch size.
+
+    A model call takes 4 batches' worth of rows (dedup finds shared images and texts within a call). A decode task
+    takes a multiple of that, at least 256 rows: a Ray task costs milliseconds to schedule, decoding a small image
+    less. Its output block is then cut into model calls that run one after the other on one actor, so the canvas
+    sent on an image's first row is in that actor's cache for the image's later rows.
+    """
+    model = 4 * batch_size
+    return model, model * max(1, -(-256 // model))
+
+
+def dtype_name(dtype: str | None, device: str) -> str:
+    """The precision the actors will use (resolved where the driver may have no GPU)."""
+    import torch
+
+    from btfast.score.engine import resolve_dtype
+
+    dt = resolve_dtype(dtype, torch.device(device))
+    return DTYPE_NAMES[str(dt).replace("torch.", "")]
