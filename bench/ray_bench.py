@@ -7,7 +7,8 @@
 What it measures: the overhead of running the same job through Ray Data (decode tasks + one model actor + the
 driver writing parts) instead of one process (decode worker processes + the model in the main process). Both
 run end to end from a pairs file to Parquet output, on a fresh output, with the same model, device, batch size
-and chunk limits (256-row chunks / parts). Each system runs on N and 3N pairs (after one untimed pass at N).
+and chunk limits (3N / 24 rows per chunk or part, at most 256). Each system runs on N and 3N pairs (after one
+untimed pass at N).
 Figures: end-to-end rows/s (wall clock of the whole command); the steady rate, rows/s between the first and the
 last chunk / part file landing on disk (watched every 10 ms: the single-process scorer renames chunks into
 OUT.btfast-parts/, `--ray` renames parts into OUT/), so fixed costs drop out (for Ray: scheduling, starting the
@@ -201,6 +202,7 @@ def bench_model(kind: str, n: int, work: Path, batch: int | None, repeats: int) 
     folder = work / f"model_{kind}"
     info = make_model(kind, folder)
     n_images = max(1, n // 4)
+    chunk_rows = max(8, min(256, 3 * n // 24))  # at least ~24 chunks / parts in the 3N run: a steady rate to measure
     small, large = make_pairs(work, n, n_images), make_pairs(work, 3 * n, 3 * n_images)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     common = [
@@ -210,9 +212,9 @@ def bench_model(kind: str, n: int, work: Path, batch: int | None, repeats: int) 
         "--image-root",
         str(work / "imgs"),
         "--chunk-rows",
-        "256",
+        str(chunk_rows),
         "--chunk-images",
-        "64",
+        str(chunk_rows // 4),
         "--device",
         device,
     ]
@@ -247,7 +249,7 @@ def bench_model(kind: str, n: int, work: Path, batch: int | None, repeats: int) 
         "images": [n_images, 3 * n_images],
         "texts_per_image": 4,
         "batch_size": batch or (64 if device == "cuda" else 16),
-        "chunk_rows": 256,
+        "chunk_rows": chunk_rows,
         "repeats": repeats,
     }
     for name, by_size in runs.items():

@@ -165,8 +165,6 @@ def _parse(
             r.error = _set_image(r, rec, image_field, resolver)
         if kind in ("pair", "text") and r.error is None:
             r.error = _set_text(r, rec, text_field)
-        if kind == "text" and r.text is None and r.error is None:  # pragma: no cover - _set_text sets one
-            r.error = "row: no text"
         out.append(row_record(r, id_type))
     return out
 
@@ -213,7 +211,7 @@ def decode_batch(
         "row": pa.int64(),
         "id": pa.int64() if id_type == "int" else pa.string(),
         "_bytes": pa.binary(),
-        "_canvas": pa.binary(),
+        "_canvas": pa.large_binary(),  # 64-bit offsets: a block of large canvases may pass 2 GiB
         "_h": pa.int32(),
         "_w": pa.int32(),
     }
@@ -251,7 +249,7 @@ class ModelWorker:
         warmup: bool = True,
         dedup: bool = True,
         engine: str = "btfast",
-        cache_images: int = 1024,
+        cache_bytes: int = 256 << 20,
     ) -> None:
         import torch
 
@@ -270,7 +268,7 @@ class ModelWorker:
         )
         self.schema = embed_schema() if mode == "embed" else score_schema(head, id_type)
         self.cache: OrderedDict[str, np.ndarray] = OrderedDict()
-        self.cache_images = cache_images
+        self.cache_bytes, self.cached = cache_bytes, 0
         self.redecoded = 0
         self.warmup_s = 0.0
         if warmup and dev.type == "cuda" and hasattr(net, "warmup"):
@@ -307,10 +305,14 @@ class ModelWorker:
         return out
 
     def _remember(self, key: str, canvas: np.ndarray) -> None:
+        """Keep recent canvases (up to `cache_bytes`): later rows of an image may come in a later batch."""
+        if key in self.cache:
+            self.cache.move_to_end(key)
+            return
         self.cache[key] = canvas
-        self.cache.move_to_end(key)
-        while len(self.cache) > self.cache_images:
-            self.cache.popitem(last=False)
+        self.cached += canvas.nbytes
+        while self.cached > self.cache_bytes and len(self.cache) > 1:
+            self.cached -= self.cache.popitem(last=False)[1].nbytes
 
     def __call__(self, t: Any) -> Any:
         import pyarrow as pa
