@@ -209,7 +209,9 @@ def drive(
             file=sys.stderr,
         )
         try:
-            for batch in out.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2):
+            # prefetch_batches=0: take each block as soon as it is done (prefetching holds blocks back until the
+            # next ones are ready, and a part is written only once all its rows are here)
+            for batch in out.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
                 for k, table in asm.add(batch):
                     store.write(k, table)
                     summary.new_rows += table.num_rows
