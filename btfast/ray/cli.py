@@ -25,8 +25,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-RAY_FLAGS = ("--ray", "--address", "--gpus-per-worker")
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the Ray group to `btfast score` / `btfast embed` (idempotent)."""
