@@ -7,37 +7,11 @@ magnitude (the interpreter truncates fp32 -> bf16 instead of rounding, so its bf
 
 import pytest
 import torch
+from kernel_checks import DEVICE, DTYPES, assert_matches, cuda_only
 
 from btfast.kernels import add_layernorm, add_layernorm_reference, add_layernorm_unsupported_reasons
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 MODES = ["plain", "add", "scaled_add", "interpolate", "float_scales"]
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="real shapes need CUDA")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture
-def poisoned_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fill every float tensor from ``torch.empty`` with NaN, so an output element the kernel skips shows."""
-    empty = torch.empty
-
-    def nan_empty(*args: object, **kwargs: object) -> torch.Tensor:
-        out = empty(*args, **kwargs)
-        return out.fill_(float("nan")) if out.dtype.is_floating_point else out
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
-
-
-def assert_matches(out: torch.Tensor, ref: torch.Tensor, torch_out: torch.Tensor, dtype: torch.dtype) -> None:
-    assert out.dtype == dtype and out.shape == ref.shape
-    assert not out.isnan().any()
-    if dtype == torch.float32:
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-        return
-    err = (out.float() - ref).abs().max().item()
-    torch_err = (torch_out.float() - ref).abs().max().item()
-    ulp = torch.finfo(dtype).eps * max(1.0, ref.abs().max().item())
-    assert err <= 2 * torch_err + ulp, f"kernel error {err:.3g}, torch's own {torch_err:.3g}, ulp {ulp:.3g}"
 
 
 def make_inputs(lead: tuple[int, ...], hidden: int, dtype: torch.dtype, mode: str, weight_dtype: torch.dtype):
