@@ -1,8 +1,14 @@
-"""`btfast embed` and `btfast retrieve` on saved tiny models: embeddings equal HF's, ITC top-k then ITM re-rank."""
+"""`btfast embed` and `btfast retrieve` on saved tiny models: embeddings equal HF's, ITC top-k then ITM re-rank;
+retrieve resumes after kill -9, its shards join to the unsharded output, a rerun with other settings is refused."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +18,8 @@ from fixtures_saved_model import sentences, write_images, write_jsonl
 from PIL import Image
 
 from btfast.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -240,3 +248,140 @@ def test_retrieve_refuses_a_folder_without_itc_weights(saved_models, gallery, tm
         0,
     )
     assert rc == 1 and "lacks weights" in capsys.readouterr().err
+
+
+# ---- resume, shards, refusal ---------------------------------------------------------------------------------------
+
+
+def retrieve_args(saved_models, gallery, texts, *extra) -> list[str]:
+    return [
+        "--model",
+        saved_models["itm"],
+        "--itc-model",
+        saved_models["itc"],
+        "--images",
+        gallery["imgs"],
+        "--texts",
+        texts,
+        "--top-k",
+        3,
+        "--workers",
+        0,
+        *extra,
+    ]
+
+
+def queries(rows: list[dict]) -> list[tuple[str, int]]:
+    return [(r["direction"], r["query_row"]) for r in rows]
+
+
+def expected_queries(n_texts: int, n_images: int) -> list[tuple[str, int]]:
+    return [("text_to_image", k) for k in range(n_texts)] + [("image_to_text", k) for k in range(n_images)]
+
+
+def test_retrieve_kill_9_and_resume(saved_models, gallery, tmp_path, capsys):
+    """SIGKILL a real run after its first query chunks are written; the rerun completes it exactly."""
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(sentences(240, seed=31)) + "\n")
+    args = [
+        "retrieve",
+        "--no-progress",
+        "--threads",
+        "1",
+        *map(str, retrieve_args(saved_models, gallery, texts, "--chunk-queries", 2)),
+    ]
+    out = tmp_path / "killed.jsonl"
+    prog = Path(str(out) + ".btfast-progress")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "btfast.cli", *args, "--out", str(out)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if prog.exists() and prog.read_text().count('"chunk"') >= 3:
+            break
+        if proc.poll() is not None:
+            pytest.fail(f"retrieve exited before it could be killed: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done_before = prog.read_text().count('"chunk"')
+    assert '"finished"' not in prog.read_text() and 3 <= done_before < (240 + 8) // 2
+    capsys.readouterr()
+    assert main([*args, "--out", str(out)]) == 3  # broken.jpg: its query row has status error
+    assert f"{2 * done_before:,} resumed from an earlier run" in capsys.readouterr().err
+    ref = tmp_path / "uninterrupted.jsonl"
+    assert main([*args, "--out", str(ref)]) == 3
+    got = read(out)
+    assert queries(got) == expected_queries(240, 8)  # every query exactly once, in order
+    assert got == read(ref)
+    assert out.read_bytes() == ref.read_bytes()
+
+
+def test_retrieve_interrupted_parquet_run_resumes(saved_models, gallery, tmp_path, monkeypatch):
+    """An interrupt after two query chunks (their Parquet parts written) and a rerun give the uninterrupted output."""
+    from btfast.score.retrieve import _Ranker
+
+    args = retrieve_args(saved_models, gallery, gallery["txt"], "--chunk-queries", 3)
+    ref = tmp_path / "ref.parquet"
+    assert run("retrieve", *args, "--out", ref) == 3
+    rank = _Ranker.__call__
+    calls = []
+
+    def interrupted(self, chunk, canvases):
+        calls.append(chunk.index)
+        if len(calls) > 2:
+            raise KeyboardInterrupt
+        return rank(self, chunk, canvases)
+
+    out = tmp_path / "out.parquet"
+    monkeypatch.setattr(_Ranker, "__call__", interrupted)
+    assert run("retrieve", *args, "--out", out) == 130
+    assert not out.exists() and len(list(Path(str(out) + ".btfast-parts").glob("*.parquet"))) == 2
+    monkeypatch.setattr(_Ranker, "__call__", rank)
+    assert run("retrieve", *args, "--out", out) == 3
+    assert read(out) == read(ref)
+    assert queries(read(out)) == expected_queries(8, 8)
+
+
+def test_retrieve_shards_join_to_the_unsharded_result(saved_models, gallery, tmp_path):
+    args = retrieve_args(saved_models, gallery, gallery["txt"], "--chunk-queries", 2)
+    assert run("retrieve", *args, "--out", tmp_path / "all.parquet") == 3
+    joined = []
+    for i in range(3):
+        run("retrieve", *args, "--out", tmp_path / f"s{i}.parquet", "--shard", f"{i}/3")
+        part = read(tmp_path / f"s{i}.parquet")
+        assert {r["direction"] for r in part} == {"text_to_image", "image_to_text"}  # both directions
+        joined += part
+    order = {q: n for n, q in enumerate(expected_queries(8, 8))}
+    joined.sort(key=lambda r: order[(r["direction"], r["query_row"])])
+    assert joined == read(tmp_path / "all.parquet")
+
+
+def test_retrieve_rerun_with_other_settings_is_refused(saved_models, gallery, tmp_path, capsys):
+    out = tmp_path / "r.jsonl"
+    args = retrieve_args(saved_models, gallery, gallery["txt"])
+    assert run("retrieve", *args, "--out", out) == 3
+    before = out.read_bytes()
+    assert run("retrieve", *args, "--out", out) == 3  # a finished job reruns as a no-op
+    assert out.read_bytes() == before
+    other_texts = tmp_path / "other.txt"
+    other_texts.write_text("a dog\n")
+    capsys.readouterr()
+    for changed, differs in (
+        (["--top-k", 2], "top_k"),
+        (["--itc-model", saved_models["itm"]], "itc_model"),
+        (["--texts", other_texts], "texts"),
+        (["--shard", "0/2"], "shard"),
+        (["--no-rerank"], "itm_model"),
+    ):
+        assert run("retrieve", *args, *changed, "--out", out) == 1, changed
+        err = capsys.readouterr().err
+        assert "different job" in err and differs in err, err
+    assert out.read_bytes() == before
+    assert run("retrieve", *args, "--top-k", 2, "--out", out, "--overwrite") == 3
+    assert all(len(r["results"]) == 2 for r in read(out) if r["status"] == "ok")

@@ -63,7 +63,8 @@ def add_runtime(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar (the summary is still printed)")
 
 
-def add_job(p: argparse.ArgumentParser, what: str = "rows") -> None:
+def add_resume(p: argparse.ArgumentParser, of: str = "the input") -> argparse._ArgumentGroup:
+    """--overwrite and --shard, in a group the caller adds its chunk flags to."""
     g = p.add_argument_group("resume, sharding, chunking")
     g.add_argument(
         "--overwrite",
@@ -74,11 +75,16 @@ def add_job(p: argparse.ArgumentParser, what: str = "rows") -> None:
         "--shard",
         default=None,
         metavar="I/N",
-        help="process only shard I of N (0-based) of the input, e.g. 0/4 on one GPU, 1/4 on the next; "
+        help=f"process only shard I of N (0-based) of {of}, e.g. 0/4 on one GPU, 1/4 on the next; "
         "the N outputs together hold exactly the unsharded result, the same numbers bit for bit on one kind of "
-        "device. Chunks are dealt round robin, so a shard of an input smaller than N chunks may be empty "
+        f"device. Chunks are dealt round robin, so a shard of {of} smaller than N chunks may be empty "
         "(default: all)",
     )
+    return g
+
+
+def add_job(p: argparse.ArgumentParser, what: str = "rows") -> None:
+    g = add_resume(p)
     g.add_argument(
         "--chunk-rows",
         type=int,

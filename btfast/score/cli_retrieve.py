@@ -1,11 +1,14 @@
-"""`btfast retrieve`: ITC top-k candidates per query, re-ranked by ITM, in both directions (the paper's protocol)."""
+"""`btfast retrieve`: ITC top-k candidates per query, re-ranked by ITM, in both directions (the paper's protocol).
+
+Resumable and shardable over the queries, like `btfast score`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from btfast.score.cli_common import add_runtime, fail, known_errors, set_threads
+from btfast.score.cli_common import add_resume, add_runtime, fail, known_errors, set_threads
 
 EPILOG = """\
 models: BridgeTower's ITC and ITM heads are different checkpoints (BridgeTowerForContrastiveLearning,
@@ -17,7 +20,14 @@ output (.jsonl or .parquet), one row per query, texts then images: direction (te
 query_row, query_id, query (the text, or the image path), status, error, results: a list best first of
 {rank, row, id, item, itc_cosine, itm_logit, itm_prob}; item is the image path or the text.
 
-exit status: 0 ok, 3 done but some images or texts could not be used (their rows say why), 1 fatal, 2 arguments.
+Rows are written --chunk-queries queries at a time. Kill it at any moment and rerun the same command: it
+resumes, and the output holds every query exactly once, with the results of an uninterrupted run (a rerun
+with other settings is refused). --shard I/N ranks 1/N of the queries of both directions against the whole
+gallery; the N outputs joined are the unsharded output. Every shard, and every resumed run, first embeds the
+whole gallery (all images and texts) with ITC; only the ranking (top-k and ITM) is split.
+
+exit status: 0 ok, 3 done but some queries have status error (an image or text that could not be used; its
+row says why), 1 fatal, 2 arguments.
 """
 
 
@@ -65,7 +75,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="paths in an image list are relative to DIR and may not leave it (default: the list's folder)",
     )
     add_runtime(parser)
-    g2 = parser.add_argument_group("chunking")
+    g2 = add_resume(parser, "the queries")
+    g2.add_argument(
+        "--chunk-queries",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="queries per chunk, the unit written (and resumed) at once; the ITM images are encoded once per "
+        "chunk, so larger chunks re-encode less (default: 1024)",
+    )
     g2.add_argument(
         "--chunk-images",
         type=int,
@@ -97,13 +115,16 @@ def run(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             batch_size=args.batch_size,
             workers=args.workers,
+            shard=args.shard,
+            overwrite=args.overwrite,
+            chunk_queries=args.chunk_queries,
             limits=Limits(images=args.chunk_images, texts=args.chunk_texts),
             exact=args.exact,
             max_pixels=args.max_pixels,
             progress=not args.no_progress,
         )
     except KeyboardInterrupt:
-        print("btfast retrieve: interrupted", file=sys.stderr)
+        print("btfast retrieve: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     except known_errors() as e:
         return fail("retrieve", e)

@@ -58,7 +58,14 @@ def stream(
     compute: Callable[[Chunk, dict[str, Any]], list[dict[str, Any]]],
     prefetch: int = 2,
 ) -> Iterator[tuple[Chunk, list[dict[str, Any]]]]:
-    """(chunk, output rows) in order; the images of the next `prefetch` chunks decode while one computes."""
+    """(chunk, output rows) in order; the images of the next `prefetch` chunks decode while one computes.
+
+    With `loader=None` nothing is decoded ahead: `compute` gets no images (it fetches what it needs itself).
+    """
+    if loader is None:
+        for c in chunks:
+            yield c, compute(c, {})
+        return
     it = iter(chunks)
     pending: deque[tuple[Chunk, Any]] = deque()
 

@@ -1,11 +1,17 @@
 """Retrieval as in the BridgeTower paper: ITC picks the top-k candidates per query, ITM re-ranks them.
 
 1. Every image and every text gets its unimodal ITC embedding once (a BridgeTowerForContrastiveLearning
-   model: no fusion needed).
-2. Cosine similarities text × image, in blocks; the top-k images per text and top-k texts per image.
-3. The union of those candidate pairs is scored by a BridgeTowerForImageAndTextRetrieval model, each
-   unique image and text through its tower once (the `score` chunks), and each list is re-ranked by the
+   model: no fusion needed): the gallery of both directions.
+2. The queries (every text, then every image) are cut into chunks of `chunk_queries`: the unit written,
+   resumed and sharded, through the score job's `ChunkSink` and `run_chunks`. Per chunk: cosines of its
+   queries against the whole other side, in blocks, and the top-k of each.
+3. The chunk's candidate pairs are scored by a BridgeTowerForImageAndTextRetrieval model, each unique image
+   and text through its tower once per query chunk (the `score` chunks), and each list is re-ranked by the
    ITM logit.
+
+A chunk's numbers depend only on its queries and the gallery, so a resumed run, or the shards of a run
+joined, give the rows of one uninterrupted run. Every run (each shard, each resume) embeds the whole gallery
+again before ranking the queries it has left.
 
 Two heads, two folders: `itm_model` (ITM weights) and `itc_model` (ITC weights; default: the same folder,
 which then must hold both heads' weights; a folder missing a head's weights is refused, never filled with
@@ -17,34 +23,42 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
-from btfast.score.plan import Limits, plan
+from btfast.score.job import EXIT_OK, EXIT_ROW_ERRORS, _abs, _header, run_chunks
+from btfast.score.plan import Chunk, Limits, parse_shard, plan
 from btfast.score.rows import Row
+from btfast.score.sink import ChunkSink, output_format
 
-DIRECTIONS = ("text_to_image", "image_to_text")
+DIRECTION = {"text": "text_to_image", "image": "image_to_text"}  # query side -> direction
+BLOCK = 1024  # queries per similarity matmul (bounds its memory: BLOCK x gallery floats)
 
 
 @dataclass
 class RetrieveSummary:
+    """What a retrieve job did. `queries`/`errors` count this shard's whole output, resumed chunks included."""
+
     out: str
     images: int = 0
     texts: int = 0
+    queries: int = 0
     errors: int = 0
+    resumed: int = 0
     pairs_reranked: int = 0
     seconds: float = 0.0
 
     @property
     def exit_code(self) -> int:
-        return 3 if self.errors else 0
+        return EXIT_ROW_ERRORS if self.errors else EXIT_OK
 
     def line(self) -> str:
+        resumed = f", {self.resumed:,} resumed from an earlier run" if self.resumed else ""
         return (
-            f"{self.images:,} images, {self.texts:,} texts ({self.errors:,} errors); "
+            f"{self.images:,} images, {self.texts:,} texts; "
+            f"{self.queries:,} queries ({self.errors:,} errors{resumed}); "
             f"{self.pairs_reranked:,} candidate pairs re-ranked by ITM; {self.seconds:.1f} s -> {self.out}"
         )
 
@@ -73,13 +87,174 @@ def _embed_all(
     return (emb if emb is not None else np.zeros((len(rows), 1), np.float32)), errors
 
 
-def _topk(sim: Any, k: int) -> tuple[Any, Any]:
-    import torch
+def _query_chunks(text_rows: list[Row], image_rows: list[Row], size: int) -> list[Chunk]:
+    """Texts then images, `size` queries a chunk; a chunk holds one direction only (numbers run on)."""
+    chunks: list[Chunk] = []
+    for rows in (text_rows, image_rows):
+        for s in range(0, len(rows), size):
+            chunks.append(Chunk(len(chunks), rows[s : s + size]))
+    return chunks
 
-    k = min(k, sim.shape[1])
-    if k == 0:
-        return torch.zeros(sim.shape[0], 0), torch.zeros(sim.shape[0], 0, dtype=torch.long)
-    return torch.topk(sim, k, dim=1)
+
+class _Ranker:
+    """The gallery (ITC embeddings of every image and text) and the ITM model; ranks one chunk of queries."""
+
+    def __init__(
+        self,
+        image_rows: list[Row],
+        text_rows: list[Row],
+        *,
+        itc_model: str | os.PathLike,
+        itm_model: str | os.PathLike | None,
+        top_k: int,
+        device: Any,
+        dtype: Any,
+        batch_size: int,
+        workers: int,
+        limits: Limits,
+        exact: bool,
+        max_pixels: int,
+        progress: bool,
+        str_ids: bool,
+    ) -> None:
+        """Embed the gallery and load the ITM model (`itm_model=None`: rank by ITC only)."""
+        import torch
+
+        from btfast.preprocess import ImagePreprocessor, TextPreprocessor
+        from btfast.score.engine import Context, load_head
+        from btfast.score.loader import ImageLoader
+
+        self.rows = {"image": image_rows, "text": text_rows}
+        self.top_k = top_k
+        self.limits = limits
+        self.str_ids = str_ids
+        self.itm: Any = None
+        self.pairs_reranked = 0
+        itc_pre = ImagePreprocessor.from_pretrained(itc_model, exact=exact, max_pixels=max_pixels)
+        itm_pre = None
+        if itm_model is not None:
+            itm_pre = ImagePreprocessor.from_pretrained(itm_model, exact=exact, max_pixels=max_pixels)
+        self.loader: Any = ImageLoader(itc_pre, workers)  # workers start while the model loads
+        try:
+            itc = Context(
+                load_head(itc_model, "itc", device, dtype),
+                "itc",
+                itc_pre,
+                TextPreprocessor.from_pretrained(itc_model),
+                batch_size=batch_size,
+            )
+            with torch.inference_mode():
+                i_emb, i_err = _embed_all(itc, image_rows, self.loader, limits, "itc images", progress)
+                t_emb, t_err = _embed_all(itc, text_rows, self.loader, limits, "itc texts", progress)
+            del itc
+            if itm_pre is None or itm_pre.config != itc_pre.config:  # else one worker pool serves both models
+                self.loader.close()
+                self.loader = None if itm_pre is None else ImageLoader(itm_pre, workers)
+            if itm_model is not None:
+                self.itm = Context(
+                    load_head(itm_model, "itm", device, dtype),
+                    "itm",
+                    itm_pre,  # type: ignore[arg-type]
+                    TextPreprocessor.from_pretrained(itm_model),
+                    batch_size=batch_size,
+                )
+        except BaseException:
+            self.close()
+            raise
+        self.errors = {"image": i_err, "text": t_err}
+        self.gallery: dict[str, tuple[Any, list[Row]]] = {}  # side -> (embeddings of its usable rows, those rows)
+        self.pos: dict[str, dict[int, int]] = {}  # side -> row number -> position in its gallery
+        for side, emb, err in (("image", i_emb, i_err), ("text", t_emb, t_err)):
+            ok = [k for k, e in enumerate(err) if e is None]
+            self.gallery[side] = (torch.from_numpy(emb[ok]).to(device), [self.rows[side][k] for k in ok])
+            self.pos[side] = {k: a for a, k in enumerate(ok)}
+
+    def close(self) -> None:
+        if self.loader is not None:
+            self.loader.close()
+
+    def __call__(self, chunk: Chunk, canvases: dict[str, Any]) -> list[dict[str, Any]]:
+        """One output row per query of `chunk`, in order (a `run_chunks` compute; the ITM images load here)."""
+        import torch
+
+        side = chunk.rows[0].kind
+        other = "image" if side == "text" else "text"
+        queries, _ = self.gallery[side]
+        targets, target_rows = self.gallery[other]
+        ok = [r for r in chunk.rows if r.row in self.pos[side]]
+        cands: list[list[tuple[float, Row]]] = [[] for _ in ok]  # per usable query: (cosine, target) best first
+        with torch.inference_mode():
+            if len(target_rows):
+                at = torch.tensor([self.pos[side][r.row] for r in ok], dtype=torch.long, device=queries.device)
+                k = min(self.top_k, len(target_rows))
+                for s in range(0, len(ok), BLOCK):
+                    vals, idx = torch.topk(queries[at[s : s + BLOCK]] @ targets.T, k, dim=1)
+                    for a, (v, b) in enumerate(zip(vals.float().cpu().tolist(), idx.cpu().tolist()), s):
+                        cands[a] = [(x, target_rows[j]) for x, j in zip(v, b)]
+            itm = self._itm(side, ok, cands) if self.itm is not None else None
+        results: dict[int, list[dict[str, Any]]] = {}
+        n = 0
+        for q, cs in zip(ok, cands):
+            res = []
+            for cos, t in cs:
+                score = itm[n] if itm is not None else None
+                n += 1
+                res.append(
+                    {
+                        "row": t.row,
+                        "id": str(t.id) if self.str_ids else t.id,
+                        "item": t.image_name if other == "image" else t.text,
+                        "itc_cosine": cos,
+                        "itm_logit": None if score is None else score[0],
+                        "itm_prob": None if score is None else score[1],
+                    }
+                )
+            if itm is not None:
+                res.sort(key=lambda r: (-(r["itm_logit"] if r["itm_logit"] is not None else -np.inf), -r["itc_cosine"]))
+            results[q.row] = [{"rank": rank, **r} for rank, r in enumerate(res, 1)]
+        outs = []
+        for q in chunk.rows:
+            o = {
+                "direction": DIRECTION[side],
+                "query_row": q.row,
+                "query_id": str(q.id),
+                "query": q.text if side == "text" else q.image_name,
+                "status": "ok",
+                "error": None,
+                "results": results.get(q.row, []),
+            }
+            if q.row not in results:
+                o["status"], o["error"] = "error", self.errors[side][q.row]
+            outs.append(o)
+        return outs
+
+    def _itm(
+        self, side: str, queries: list[Row], cands: list[list[tuple[float, Row]]]
+    ) -> list[tuple[float, float] | None]:
+        """ITM (logit, prob) of every candidate pair, in order (None where it failed), one `score` chunk at a time."""
+        from btfast.score.engine import score_chunk
+        from btfast.score.job import stream
+
+        pairs = []
+        for q, cs in zip(queries, cands):
+            for _, t in cs:
+                text, image = (q, t) if side == "text" else (t, q)
+                pairs.append(
+                    Row(
+                        row=len(pairs),
+                        image=image.image,
+                        image_key=image.image_key,
+                        image_name=image.image_name,
+                        text=text.text,
+                    )
+                )
+        scores: list[tuple[float, float] | None] = [None] * len(pairs)
+        for _, outs in stream(plan(pairs, self.limits), self.loader, lambda c, cv: score_chunk(self.itm, c.rows, cv)):
+            for o in outs:
+                if o["status"] == "ok":
+                    scores[o["row"]] = (o["itm_logit"], o["itm_prob"])
+        self.pairs_reranked += len(pairs)
+        return scores
 
 
 def retrieve(
@@ -96,6 +271,9 @@ def retrieve(
     dtype: str = "auto",
     batch_size: int | None = None,
     workers: int | None = None,
+    shard: str | None = None,
+    overwrite: bool = False,
+    chunk_queries: int = 1024,
     limits: Limits | None = None,
     exact: bool = True,
     max_pixels: int | None = None,
@@ -103,25 +281,29 @@ def retrieve(
 ) -> RetrieveSummary:
     """Ranked lists in both directions; see the module doc. Output rows (.jsonl / .parquet), one per query:
     `direction`, `query_row`, `query_id`, `query` (the text, or the image path), `status`, `error`, `results`
-    = [{rank, row, id, item, itc_cosine, itm_logit, itm_prob}] best first (by ITM; by ITC with rerank=False)."""
-    import torch
+    = [{rank, row, id, item, itc_cosine, itm_logit, itm_prob}] best first (by ITM; by ITC with rerank=False).
 
-    from btfast.preprocess import DEFAULT_MAX_PIXELS, ImagePreprocessor, TextPreprocessor
-    from btfast.score.engine import Context, load_head, resolve_device, resolve_dtype, score_chunk
-    from btfast.score.loader import ImageLoader, default_workers
+    Written `chunk_queries` queries at a time; resumes an interrupted run of the same job. `shard="i/n"` ranks
+    the query chunks numbered i mod n, against the whole gallery. `limits` bound the embedding and ITM chunks.
+    """
+    from btfast.preprocess import DEFAULT_MAX_PIXELS
+    from btfast.score.engine import resolve_device, resolve_dtype
+    from btfast.score.loader import default_workers
     from btfast.score.rows import read_images, read_texts
-    from btfast.score.sink import dumps, output_format
 
     t0 = time.perf_counter()
     if top_k < 1:
         raise ValueError("--top-k must be >= 1")
-    fmt = output_format(out)
+    if chunk_queries < 1:
+        raise ValueError("--chunk-queries must be >= 1")
+    output_format(out)
     itc_model = itc_model or itm_model
     if itc_model is None:
         raise ValueError("give --model (ITM) and/or --itc-model")
     if rerank and itm_model is None:
         raise ValueError("re-ranking needs --model (an ITM folder); or pass --no-rerank")
     limits = limits or Limits()
+    shard_i, shard_n = parse_shard(shard)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     batch_size = batch_size or (64 if dev.type == "cuda" else 16)
@@ -130,196 +312,95 @@ def retrieve(
 
     image_rows = list(read_images(images, image_root))
     text_rows = list(read_texts(texts))
-    summary = RetrieveSummary(out=str(out), images=len(image_rows), texts=len(text_rows))
-
-    itc_pre = ImagePreprocessor.from_pretrained(itc_model, exact=exact, max_pixels=mp)
-    itm_pre = ImagePreprocessor.from_pretrained(itm_model, exact=exact, max_pixels=mp) if rerank else None  # type: ignore[arg-type]
-    shared = itm_pre is not None and itm_pre.config == itc_pre.config  # one worker pool serves both models
-    loader = ImageLoader(itc_pre, workers)
+    header = _header(
+        "retrieve",
+        itm_model=_abs(itm_model) if rerank else None,
+        itc_model=_abs(itc_model),
+        images=_abs(images),
+        texts=_abs(texts),
+        image_root=_abs(image_root),
+        shard=f"{shard_i}/{shard_n}",
+        top_k=top_k,
+        chunk_queries=chunk_queries,
+        limits=asdict(limits),
+        exact=exact,
+        max_pixels=mp,
+        dtype=str(dt),
+        batch_size=batch_size,
+    )
+    sink = ChunkSink(out, header, overwrite=overwrite, schema=_schema(out))
+    chunks = _query_chunks(text_rows, image_rows, chunk_queries)
+    mine = [c for c in chunks if c.index % shard_n == shard_i]
+    ranker = None
     try:
-        itc = Context(
-            load_head(itc_model, "itc", dev, dt),
-            "itc",
-            itc_pre,
-            TextPreprocessor.from_pretrained(itc_model),
-            batch_size=batch_size,
-        )
-        with torch.inference_mode():
-            i_emb, i_err = _embed_all(itc, image_rows, loader, limits, "itc images", progress)
-            t_emb, t_err = _embed_all(itc, text_rows, loader, limits, "itc texts", progress)
-    except BaseException:
-        loader.close()
-        raise
-    if not shared:
-        loader.close()
-    del itc
-    ok_i = [k for k, e in enumerate(i_err) if e is None]
-    ok_t = [k for k, e in enumerate(t_err) if e is None]
-    summary.errors = len(image_rows) + len(text_rows) - len(ok_i) - len(ok_t)
-
-    # 2. ITC top-k in both directions (on the device, in blocks of queries)
-    ti = torch.from_numpy(t_emb[ok_t]).to(dev)
-    ii = torch.from_numpy(i_emb[ok_i]).to(dev)
-    cand: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {d: [] for d in DIRECTIONS}
-    block = 4096
-    for q, g, d in ((ti, ii, "text_to_image"), (ii, ti, "image_to_text")):
-        for s in range(0, q.shape[0], block):
-            vals, idx = _topk(q[s : s + block] @ g.T, top_k)
-            cand[d].append((vals.float().cpu().numpy(), idx.cpu().numpy()))
-    t2i_v = np.concatenate([v for v, _ in cand["text_to_image"]]) if ok_t else np.zeros((0, 0), np.float32)
-    t2i_i = np.concatenate([i for _, i in cand["text_to_image"]]) if ok_t else np.zeros((0, 0), np.int64)
-    i2t_v = np.concatenate([v for v, _ in cand["image_to_text"]]) if ok_i else np.zeros((0, 0), np.float32)
-    i2t_i = np.concatenate([i for _, i in cand["image_to_text"]]) if ok_i else np.zeros((0, 0), np.int64)
-
-    # 3. ITM on the union of candidate pairs: (text row, image row) -> (logit, prob)
-    pairs: dict[tuple[int, int], tuple[float, float] | None] = {}
-    for a, t in enumerate(ok_t):
-        for b in t2i_i[a]:
-            pairs[(t, ok_i[b])] = None
-    for a, i in enumerate(ok_i):
-        for b in i2t_i[a]:
-            pairs[(ok_t[b], i)] = None
-    if rerank and pairs:
-        summary.pairs_reranked = len(pairs)
-        if not shared:
-            loader = ImageLoader(itm_pre, workers)  # type: ignore[arg-type]
-        try:
-            itm = Context(
-                load_head(itm_model, "itm", dev, dt),
-                "itm",
-                itm_pre,  # type: ignore[arg-type]
-                TextPreprocessor.from_pretrained(itm_model),
+        if not sink.finished and any(c.index not in sink.done for c in mine):
+            ranker = _Ranker(
+                image_rows,
+                text_rows,
+                itc_model=itc_model,
+                itm_model=itm_model if rerank else None,
+                top_k=top_k,
+                device=dev,
+                dtype=dt,
                 batch_size=batch_size,
-            )  # type: ignore[arg-type]
-            keys = list(pairs)
-            prow = [
-                Row(
-                    row=n,
-                    image=image_rows[i].image,
-                    image_key=image_rows[i].image_key,
-                    image_name=image_rows[i].image_name,
-                    text=text_rows[t].text,
-                )
-                for n, (t, i) in enumerate(keys)
-            ]
-            from tqdm import tqdm
-
-            from btfast.score.job import stream
-
-            with (
-                tqdm(total=len(prow), desc="itm rerank", unit="pair", disable=not progress, file=sys.stderr) as bar,
-                torch.inference_mode(),
-            ):
-                chunks: Any = plan(prow, limits)
-                for _, outs in stream(chunks, loader, lambda c, cv: score_chunk(itm, c.rows, cv)):
-                    for o in outs:
-                        pairs[keys[o["row"]]] = (o["itm_logit"], o["itm_prob"]) if o["status"] == "ok" else None
-                    bar.update(len(outs))
-        finally:
-            loader.close()
-    loader.close()  # (idempotent) the shared pool when nothing was re-ranked
-
-    # 4. ranked lists
-    def ranked(query_is_text: bool, a: int, vals: np.ndarray, idx: np.ndarray) -> list[dict[str, Any]]:
-        res = []
-        for v, b in zip(vals[a].tolist(), idx[a].tolist()):
-            if query_is_text:
-                t, i = ok_t[a], ok_i[b]
-                other = image_rows[i]
-                item = other.image_name
-            else:
-                t, i = ok_t[b], ok_i[a]
-                other = text_rows[t]
-                item = other.text
-            s = pairs.get((t, i))
-            res.append(
-                {
-                    "row": other.row,
-                    "id": other.id,
-                    "item": item,
-                    "itc_cosine": v,
-                    "itm_logit": None if s is None else s[0],
-                    "itm_prob": None if s is None else s[1],
-                }
+                workers=workers,
+                limits=limits,
+                exact=exact,
+                max_pixels=mp,
+                progress=progress,
+                str_ids=sink.fmt == "parquet",
             )
-        if rerank:
-            res.sort(key=lambda r: (-(r["itm_logit"] if r["itm_logit"] is not None else -np.inf), -r["itc_cosine"]))
-        for n, r in enumerate(res, 1):
-            r["rank"] = n
-        return [{"rank": r.pop("rank"), **r} for r in res]
-
-    rows_out: list[dict[str, Any]] = []
-    pos_t = {t: a for a, t in enumerate(ok_t)}
-    pos_i = {i: a for a, i in enumerate(ok_i)}
-    for r in text_rows:
-        o = {
-            "direction": "text_to_image",
-            "query_row": r.row,
-            "query_id": str(r.id),
-            "query": r.text,
-            "status": "ok",
-            "error": None,
-            "results": [],
-        }
-        if r.row in pos_t:
-            o["results"] = ranked(True, pos_t[r.row], t2i_v, t2i_i)
-        else:
-            o["status"], o["error"] = "error", t_err[r.row]
-        rows_out.append(o)
-    for r in image_rows:
-        o = {
-            "direction": "image_to_text",
-            "query_row": r.row,
-            "query_id": str(r.id),
-            "query": r.image_name,
-            "status": "ok",
-            "error": None,
-            "results": [],
-        }
-        if r.row in pos_i:
-            o["results"] = ranked(False, pos_i[r.row], i2t_v, i2t_i)
-        else:
-            o["status"], o["error"] = "error", i_err[r.row]
-        rows_out.append(o)
-
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(str(out) + ".tmp")
-    if fmt == "jsonl":
-        with open(tmp, "w", encoding="utf-8") as f:
-            for o in rows_out:
-                f.write(dumps(o) + "\n")
-    else:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        res_t = pa.list_(
-            pa.struct(
-                [
-                    ("rank", pa.int32()),
-                    ("row", pa.int64()),
-                    ("id", pa.string()),
-                    ("item", pa.string()),
-                    ("itc_cosine", pa.float32()),
-                    ("itm_logit", pa.float32()),
-                    ("itm_prob", pa.float32()),
-                ]
-            )
+        job = run_chunks(  # without a ranker every chunk of this shard is done: this only marks the job finished
+            chunks,
+            sink,
+            None,
+            ranker or (lambda c, x: []),
+            shard=(shard_i, shard_n),
+            total_rows=sum(len(c.rows) for c in mine),
+            desc="retrieve",
+            unit="query",
+            progress=progress and ranker is not None,
         )
-        schema = pa.schema(
-            [
-                ("direction", pa.string()),
-                ("query_row", pa.int64()),
-                ("query_id", pa.string()),
-                ("query", pa.string()),
-                ("status", pa.string()),
-                ("error", pa.string()),
-                ("results", res_t),
-            ]
-        )
-        for o in rows_out:
-            for r in o["results"]:
-                r["id"] = str(r["id"])
-        pq.write_table(pa.Table.from_pylist(rows_out, schema=schema), tmp)
-    os.replace(tmp, out)
-    summary.seconds = time.perf_counter() - t0
-    return summary
+    finally:
+        if ranker is not None:
+            ranker.close()
+        sink.close()
+    return RetrieveSummary(
+        out=str(out),
+        images=len(image_rows),
+        texts=len(text_rows),
+        queries=job.rows,
+        errors=job.errors,
+        resumed=job.resumed_rows,
+        pairs_reranked=ranker.pairs_reranked if ranker is not None else 0,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _schema(out: str | os.PathLike) -> Any:
+    if output_format(out) != "parquet":
+        return None
+    import pyarrow as pa
+
+    result = pa.struct(
+        [
+            ("rank", pa.int32()),
+            ("row", pa.int64()),
+            ("id", pa.string()),
+            ("item", pa.string()),
+            ("itc_cosine", pa.float32()),
+            ("itm_logit", pa.float32()),
+            ("itm_prob", pa.float32()),
+        ]
+    )
+    return pa.schema(
+        [
+            ("direction", pa.string()),
+            ("query_row", pa.int64()),
+            ("query_id", pa.string()),
+            ("query", pa.string()),
+            ("status", pa.string()),
+            ("error", pa.string()),
+            ("results", pa.list_(result)),
+        ]
+    )
