@@ -10,7 +10,7 @@
 # Writes under $OUT (6 files, 1 folder deep):
 #     env.txt       date, commit, Python / torch / triton / transformers versions, nvidia-smi, CPU, memory
 #     pytest.log    pytest on CUDA of the tests that exercise it ($CUDA_TESTS: kernels, the Triton engine, the
-#                   runtime, half precision, bench/; benchmarks run once, untimed); the rest of the suite is
+#                   kernel race, runtime, half precision, bench/; benchmarks run once, untimed); the rest is
 #                   device-independent and runs on the CPU machine
 #     bench.log     the benchmark's progress lines and summary
 #     results/<date>-<gpu>-gpu.{json,md,png}    every figure; copy these into bench/results/ and commit them,
@@ -88,7 +88,7 @@ cat "$OUT/env.txt"
 # -- tests on CUDA ----------------------------------------------------------------------------------------------
 # only those that exercise CUDA (the whole suite does not fit TEST_TIMEOUT); the glob is expanded here
 CUDA_TESTS=()
-for t in tests/test_kernels_*.py tests/test_engine_triton.py tests/test_runtime.py tests/test_half_precision.py bench; do
+for t in tests/test_kernels_*.py tests/test_kernel_race.py tests/test_engine_triton.py tests/test_runtime.py tests/test_half_precision.py bench; do
   [ -e "$t" ] && CUDA_TESTS+=("$t")
 done
 if [ "${SKIP_TESTS:-0}" != "1" ] && [ ${#CUDA_TESTS[@]} -gt 0 ]; then

@@ -11,12 +11,16 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from btfast.weights import Linear, Link, Norm
+
+if TYPE_CHECKING:
+    from btfast.kernel_race import Lap
 
 log = logging.getLogger("btfast")
 
@@ -48,18 +52,45 @@ def _link_coefficients(link: Link | None) -> tuple[Tensor | float, Tensor | floa
     return 1.0, 1.0
 
 
+def torch_add_layernorm(
+    x: Tensor, residual: Tensor | None, norm: Norm, alpha: Tensor | float = 1.0, beta: Tensor | float = 1.0
+) -> Tensor:
+    """The torch path of `Ops.add_layernorm`: LayerNorm(alpha·x + beta·residual), in fp32 for half inputs."""
+    s = x if isinstance(alpha, float) and alpha == 1.0 else x * alpha
+    if residual is not None:
+        s = s + (residual if isinstance(beta, float) and beta == 1.0 else residual * beta)
+    if s.dtype == torch.float32:
+        return F.layer_norm(s, s.shape[-1:], norm.weight, norm.bias, norm.eps)
+    out = F.layer_norm(s.float(), s.shape[-1:], norm.weight.float(), norm.bias.float(), norm.eps)
+    return out.to(x.dtype)
+
+
+def torch_linear(x: Tensor, lin: Linear, activation: str | None = None, residual: Tensor | None = None) -> Tensor:
+    """The torch path of `Ops.linear`: act(x·Wᵀ + b) + residual."""
+    y = _activate(F.linear(x, lin.weight, lin.bias), activation)
+    return y if residual is None else y + residual
+
+
+def torch_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -> Tensor:
+    """The torch path of `Ops.attention`: SDPA with the reference's additive mask."""
+    bias = None
+    if key_mask is not None:
+        bias = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device)
+        bias = bias.masked_fill(~key_mask, torch.finfo(q.dtype).min)[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
 KERNEL_OPS = ("add_layernorm", "linear", "attention")
-# The Triton GEMM replaces cuBLAS only when asked (kernels="all") until a GPU benchmark shows it winning end to end.
-DEFAULT_KERNELS = ("add_layernorm", "attention")
-_POLICY_NOTE = {
-    "linear": "cuBLAS by default until a GPU benchmark shows the Triton GEMM winning; kernels='all' forces it"
-}
 
 
 def _resolve(kernels: bool | str | Iterable[str] | None) -> tuple[tuple[str, ...], bool]:
-    """(ops to serve with Triton, whether the user asked for them explicitly)."""
+    """(ops to serve with Triton, whether the user asked for them explicitly).
+
+    By default every kernel is a candidate; on CUDA each then races torch at the model's shapes and serves
+    only where it wins (btfast.kernel_race). An explicit choice is served as asked, without a race.
+    """
     if kernels is None:
-        return DEFAULT_KERNELS, False
+        return KERNEL_OPS, False
     if kernels is False:
         return (), True
     if kernels is True or kernels == "all":
@@ -74,8 +105,9 @@ def _resolve(kernels: bool | str | Iterable[str] | None) -> tuple[tuple[str, ...
 class Ops:
     """Primitive ops of the BridgeTower forward.
 
-    kernels: None = the default Triton set on CUDA; True / "all" = every kernel; False = torch only; or a
-    list of op names. Asked for explicitly under TRITON_INTERPRET=1, the kernels also run on CPU (tests).
+    kernels: None = on CUDA, each Triton kernel that beats torch in the kernel race; True / "all" = every
+    kernel; False = torch only; or a list of op names. Asked for explicitly under TRITON_INTERPRET=1, the
+    kernels also run on CPU (tests).
     """
 
     def __init__(self, kernels: bool | str | Iterable[str] | None = None) -> None:
@@ -85,7 +117,7 @@ class Ops:
         self.off: dict[str, str] = {}  # op -> why Triton does not serve it at all
         for op in KERNEL_OPS:
             if op not in wanted:
-                self.off[op] = "disabled by optimize(..., kernels=False)" if kernels is False else _POLICY_NOTE[op]
+                self.off[op] = f"not asked for (optimize(..., kernels={kernels!r}))"
         if wanted:
             try:
                 import btfast.kernels as kernels_module
@@ -97,6 +129,8 @@ class Ops:
                     self.off[op] = f"btfast.kernels cannot be imported ({type(e).__name__}: {e})"
         self.used: Counter[str] = Counter()
         self.fallbacks: Counter[str] = Counter()
+        self.laps: dict[str, Lap] = {}  # op -> its kernel race result, when the kernels raced torch
+        self.race_note = ""
 
     # -- bookkeeping -------------------------------------------------------------------------------
 
@@ -121,6 +155,13 @@ class Ops:
         lines = [f"{k} ({n} calls)" for k, n in sorted(self.used.items())]
         lines += [f"fallback {k} ({n} calls)" for k, n in sorted(self.fallbacks.items())]
         lines += [f"{op}: torch ({why})" for op, why in self.off.items()]
+        if self.laps:
+            lines.append(self.race_note + ":")
+            lines += [
+                f"  {op}: Triton {lap.triton_ms:.3f} vs torch {lap.torch_ms:.3f} ({lap.speedup:.2f}x) -> "
+                f"{'Triton' if op not in self.off else 'torch'}"
+                for op, lap in self.laps.items()
+            ]
         return lines
 
     @torch.no_grad()
@@ -178,20 +219,13 @@ class Ops:
             "add_layernorm", x, "add_layernorm_unsupported_reasons", x, residual, norm.weight, norm.bias, alpha, beta
         ):
             return self.kernels.add_layernorm(x, residual, norm.weight, norm.bias, norm.eps, alpha=alpha, beta=beta)
-        s = x if isinstance(alpha, float) and alpha == 1.0 else x * alpha
-        if residual is not None:
-            s = s + (residual if isinstance(beta, float) and beta == 1.0 else residual * beta)
-        if s.dtype == torch.float32:
-            return F.layer_norm(s, s.shape[-1:], norm.weight, norm.bias, norm.eps)
-        out = F.layer_norm(s.float(), s.shape[-1:], norm.weight.float(), norm.bias.float(), norm.eps)
-        return out.to(x.dtype)
+        return torch_add_layernorm(x, residual, norm, alpha, beta)
 
     def linear(self, x: Tensor, lin: Linear, activation: str | None = None, residual: Tensor | None = None) -> Tensor:
         """act(x·Wᵀ + b) + residual."""
         if self._triton_ok("linear", x, "linear_unsupported_reasons", x, lin.weight, lin.bias, activation, residual):
             return self.kernels.linear(x, lin.weight, lin.bias, activation=activation, residual=residual)
-        y = _activate(F.linear(x, lin.weight, lin.bias), activation)
-        return y if residual is None else y + residual
+        return torch_linear(x, lin, activation, residual)
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -> Tensor:
         """Non-causal softmax(q·kᵀ/√d)·v over (B, H, L, D); `key_mask` (B, Lk) bool, True = attend.
@@ -200,8 +234,4 @@ class Ops:
         """
         if self._triton_ok("attention", q, "attention_unsupported_reasons", q, k, v, key_mask):
             return self.kernels.attention(q, k, v, key_mask=key_mask)
-        bias = None
-        if key_mask is not None:
-            bias = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device)
-            bias = bias.masked_fill(~key_mask, torch.finfo(q.dtype).min)[:, None, None, :]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return torch_attention(q, k, v, key_mask)

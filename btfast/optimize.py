@@ -14,6 +14,7 @@ from transformers.models.bridgetower.modeling_bridgetower import BridgeTowerCont
 
 from btfast import inputs
 from btfast.errors import InputError
+from btfast.kernel_race import Workload, race
 from btfast.model import fusion, heads, text, vision
 from btfast.ops import Ops
 from btfast.runtime import Arg, Buckets, Runtime, as_buckets
@@ -77,6 +78,8 @@ class OptimizedBridgeTower(nn.Module):
         if graphs and not on_cuda:
             self._warn_once("graphs-off-cuda", "btfast: cuda_graphs=True ignored: the model is not on CUDA")
             graphs = False
+        if on_cuda and not self.ops.explicit:  # the default set: each kernel serves only where it beats torch
+            race(self.ops, Workload.of(self.spec), self.device, self.dtype, compile, graphs)
         # Each compiled / captured function, how its inputs are padded and where its outputs hold the text length.
         ids, mask, pixels = Arg(self.spec.pad_id, 1), Arg(False, 1), Arg(0.0)
         heads_out = {"base": (1, None, None), "itm": (None,), "mlm": (1,), "itc": (None, None, None)}
@@ -403,8 +406,9 @@ def optimize(
 
     dtype: torch.bfloat16 / torch.float16 run in half precision (LayerNorm, softmax and accumulation
     in fp32); the model's parameters are cast in place, as `model.to(dtype)` would. device: moves the
-    model there first. kernels: None = the default Triton kernels on CUDA (add+LayerNorm, attention),
-    True / "all" = every kernel (the GEMM too), False = torch only, or a list of op names.
+    model there first. kernels: None = on CUDA, each Triton kernel (add+LayerNorm, GEMM, attention) that
+    beats torch when timed at this model's shapes (the kernel race, in explain()); True / "all" = every
+    kernel, False = torch only, or a list of op names (served as asked, no race).
     buckets: `btfast.Buckets(batch=..., text=...)` or a dict of the same; calls are padded up to them.
     compile: torch.compile each bucket (default: on CUDA only; True = inductor, or a backend name).
     cuda_graphs: capture and replay a CUDA graph per bucket (default: on CUDA).

@@ -119,6 +119,39 @@ def test_hf_compile_system_runs() -> None:
     torch.testing.assert_close(got, want)
 
 
+def test_hf_compile_falls_back_to_per_layer_compile_on_the_transformers_mask_bug(monkeypatch) -> None:
+    """transformers 5.17 cannot be traced whole (its cross-attention mask); the baseline then compiles each layer."""
+    config = tiny_config()
+    real_compile = torch.compile
+
+    def whole_model_trace_fails(module, **kwargs):
+        def run(**batch):
+            raise torch._dynamo.exc.TorchRuntimeError("got RuntimeError('Attempting to broadcast a dimension of 17')")
+
+        return run
+
+    monkeypatch.setattr(systems.torch, "compile", whole_model_trace_fails)
+    loaded = systems.load(
+        systems.parse_system("hf-compile-fp32"),
+        lambda: build(BridgeTowerForImageAndTextRetrieval, config),
+        torch.device("cpu"),
+        compile_backend="eager",
+    )
+    monkeypatch.setattr(systems.torch, "compile", real_compile)
+    batch = random_inputs(config, batch=2, seq_len=9)
+    try:
+        with torch.no_grad():
+            got = loaded.call(loaded.prepare(batch))
+            want = build(BridgeTowerForImageAndTextRetrieval, config)(**batch).logits
+        core = loaded.module.bridgetower
+        layers = [*core.text_model.encoder.layer, *core.cross_modal_text_layers, *core.cross_modal_image_layers]
+        assert all(layer._compiled_call_impl is not None for layer in layers)
+        assert "compiled its" in loaded.explain() and "layers one by one" in loaded.explain()
+    finally:
+        loaded.close()
+    torch.testing.assert_close(got, want)
+
+
 # -- report writers ---------------------------------------------------------------------------------------------
 
 

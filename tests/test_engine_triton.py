@@ -48,10 +48,12 @@ def test_interpreted_kernels_bf16_within_bounds():
     _check(BridgeTowerForMaskedLM, tiny_config(), torch.bfloat16, "cpu", "all", 6e-2)
 
 
-def test_default_kernel_set_and_policy_is_explained():
-    fast = btfast.optimize(build(BridgeTowerModel, tiny_config()))
+def test_kernel_choice_is_explained():
+    fast = btfast.optimize(build(BridgeTowerModel, tiny_config()), kernels=["attention"])
     text = fast.explain()
-    assert "linear: torch (cuBLAS by default" in text
+    for op in ("linear", "add_layernorm"):
+        assert f"{op}: torch (not asked for (optimize(..., kernels=['attention'])))" in text, text
+    assert "attention: torch" not in text
     with pytest.raises(ValueError, match="unknown kernels"):
         btfast.optimize(build(BridgeTowerModel, tiny_config()), kernels=["softmax"])
 
@@ -63,7 +65,9 @@ def test_cuda_kernels_tiny(kernels, dtype, rtol):
     fast = _check(
         BridgeTowerForImageAndTextRetrieval, tiny_config(link_tower_type="interpolate"), dtype, "cuda", kernels, rtol
     )
-    assert "self-check" not in fast.explain(), fast.explain()
+    text = fast.explain()
+    assert "self-check" not in text, text
+    assert ("kernel race at" in text) == (kernels is None), text  # the default set races torch; "all" does not
 
 
 @cuda
