@@ -1,7 +1,7 @@
 # Common commands. `make test` is what CI runs (see .ci/run and README).
 PY ?= .venv/bin/python
 
-.PHONY: venv install test lint format bench bench-quick bench-suite
+.PHONY: venv install test lint format bench bench-quick bench-suite test-gpu-versions
 
 venv:
 	test -x $(PY) || python3 -m venv .venv
@@ -28,3 +28,11 @@ bench-quick:
 
 bench-suite:
 	$(PY) -m pytest bench --benchmark-enable -q
+
+# The suite against the GPU machines' releases (torch 2.11 CUDA build, triton 3.6, transformers 5.17), on the CPU:
+# a CUDA build also runs tests/test_fake_cuda_trace.py (the CUDA path traced on fake tensors). ~3 GB download.
+GPU_VERSIONS_VENV ?= .venv-gpu-versions
+test-gpu-versions:
+	test -x $(GPU_VERSIONS_VENV)/bin/python || python3 -m venv $(GPU_VERSIONS_VENV)
+	$(GPU_VERSIONS_VENV)/bin/pip install -q torch==2.11.0 triton==3.6.0 transformers==5.17.0 -e ".[test]"
+	$(GPU_VERSIONS_VENV)/bin/python -m pytest -q -p no:cacheprovider tests

@@ -86,9 +86,10 @@ EOF
 cat "$OUT/env.txt"
 
 # -- tests on CUDA ----------------------------------------------------------------------------------------------
-# only those that exercise CUDA (the whole suite does not fit TEST_TIMEOUT); the glob is expanded here
+# only those that exercise CUDA (the whole suite does not fit TEST_TIMEOUT), end to end first (if the timeout cuts
+# the run, the kernels' own real-shape tests, slow to autotune, are what is lost); the glob is expanded here
 CUDA_TESTS=()
-for t in tests/test_kernels_*.py tests/test_kernel_race.py tests/test_engine_triton.py tests/test_runtime.py tests/test_half_precision.py bench; do
+for t in tests/test_engine_triton.py tests/test_runtime.py tests/test_kernel_race.py tests/test_half_precision.py tests/test_kernels_*.py bench; do
   [ -e "$t" ] && CUDA_TESTS+=("$t")
 done
 if [ "${SKIP_TESTS:-0}" != "1" ] && [ ${#CUDA_TESTS[@]} -gt 0 ]; then

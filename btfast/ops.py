@@ -141,6 +141,10 @@ class Ops:
         if not x.is_cuda and not (self.interpret and self.explicit):
             return False  # off CUDA torch is the intended path, not a fallback
         why = getattr(self.kernels, reasons_fn_name)(*args)
+        if torch.compiler.is_compiling():
+            # traced: keep no books (dynamo would guard on the counts and compile again every call); the
+            # runtime calls each bucket once eagerly first, and those calls keep them
+            return not why
         if not why:
             self.used[f"{op}: triton"] += 1
             return True

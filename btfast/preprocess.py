@@ -8,7 +8,8 @@ refuses every non-RGB mode unless `do_convert_rgb=True`, and raises on banners b
 (tests/test_preprocess.py):
 
 1. RGB: transparency (an alpha band, or a palette/`transparency` entry) is composited on white, as HF's
-   `convert_to_rgb` does; every other mode goes through `Image.convert("RGB")` (grayscale, CMYK, palette, ...).
+   `convert_to_rgb` does since it learnt to (transformers 5.17 and older drop the alpha band instead: exact mode
+   follows the installed release, probed once); every other mode goes through `Image.convert("RGB")`.
 2. Resize (bicubic, PIL resample 3, on the uint8 image exactly as HF does) so the shortest edge is `size`,
    the longer side capped at `int(1333 / 800 * size)`, both sides floored to multiples of `size_divisor`
    but never below one step (HF: 0 px and a crash on 30×700 banners; here 32 px).
@@ -35,8 +36,10 @@ RoBERTa positions start after the padding index), and each text says whether it 
 
 from __future__ import annotations
 
+import functools
 import io
 import json
+import logging
 import os
 import struct
 import warnings
@@ -47,6 +50,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+log = logging.getLogger("btfast")
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -169,11 +174,37 @@ def has_alpha(img: Image.Image) -> bool:
     return "A" in img.getbands() or img.info.get("transparency") is not None
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB as HF's `convert_to_rgb`: transparency composited on white, every other mode converted by PIL."""
+@functools.cache
+def transparency_on_white() -> bool:
+    """Whether the installed transformers' BridgeTower processor composites transparency on white (newer releases)
+    or drops the alpha band (5.17 and older), found by running it on one transparent black image."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        off = dict(do_resize=False, do_center_crop=False, do_rescale=False, do_normalize=False, do_pad=False)
+        clear = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its notes on backends are not the user's business here
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                from transformers import BridgeTowerImageProcessor
+
+                out = BridgeTowerImageProcessor(do_convert_rgb=True, **off)(clear, return_tensors="np")
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        return float(np.asarray(out["pixel_values"]).max()) > 127
+    except Exception as e:  # a release whose processor cannot run this: assume the current behaviour
+        log.info("btfast: could not probe transformers' RGBA conversion (%s); compositing on white", e)
+        return True
+
+
+def to_rgb(img: Image.Image, on_white: bool = True) -> Image.Image:
+    """RGB as HF's `convert_to_rgb`: transparency composited on white (or, `on_white=False`, the alpha band dropped
+    as transformers 5.17 and older do), every other mode converted by PIL."""
     if img.mode == "RGB":
         return img
-    if has_alpha(img):
+    if has_alpha(img) and on_white:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
@@ -207,8 +238,11 @@ class ImagePreprocessor:
     config: ImageConfig = field(default_factory=ImageConfig)
     exact: bool = True
     max_pixels: int = DEFAULT_MAX_PIXELS
+    alpha_on_white: bool | None = None  # None: as the installed transformers does (transparency_on_white())
 
     def __post_init__(self) -> None:
+        if self.alpha_on_white is None:
+            self.alpha_on_white = transparency_on_white()
         self.lut = _lut(self.config)
         self._lut_torch: dict[Any, Any] = {}
 
@@ -217,10 +251,11 @@ class ImagePreprocessor:
         return cls(ImageConfig.from_pretrained(folder), **kwargs)
 
     def __getstate__(self) -> dict[str, Any]:  # picklable for worker processes (no torch tensors)
-        return {"config": self.config, "exact": self.exact, "max_pixels": self.max_pixels}
+        return {k: getattr(self, k) for k in ("config", "exact", "max_pixels", "alpha_on_white")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.config, self.exact, self.max_pixels = state["config"], state["exact"], state["max_pixels"]
+        for k, v in state.items():
+            setattr(self, k, v)
         self.__post_init__()
 
     @property
@@ -276,7 +311,7 @@ class ImagePreprocessor:
     def canvas(self, img: Image.Image) -> np.ndarray:
         """(H, W, 3) uint8: the image converted, resized, centre-cropped (black padding where it is smaller)."""
         cfg = self.config
-        img = to_rgb(img)
+        img = to_rgb(img, self.alpha_on_white)
         h, w = img.height, img.width
         if cfg.do_resize:
             th, tw = self.target_size(w, h)

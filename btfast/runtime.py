@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -65,6 +66,14 @@ class Arg:
 
     pad: float | int | bool
     text_dim: int | None = None
+
+
+class _BuildError(Exception):
+    """Building a bucket failed in `what` ("torch.compile" or "CUDA graphs"): that feature goes off."""
+
+    def __init__(self, what: str, cause: Exception) -> None:
+        super().__init__(f"{what}: {cause}")
+        self.what, self.cause = what, cause
 
 
 @dataclass
@@ -170,13 +179,12 @@ class Runtime:
         feature off for this model, say so, and serve the bucket without it: never a failed call."""
         try:
             return self._try_build(key, like)
-        except Exception as e:
-            what = "CUDA graphs" if self.cuda_graphs and like[0].is_cuda else "torch.compile"
-            detail = " ".join(str(e).split())[:300]
-            reason = f"{self.name}: {what} off: building bucket {key} failed ({type(e).__name__}: {detail})"
+        except _BuildError as e:
+            detail = " ".join(str(e.cause).split())[:300]
+            reason = f"{self.name}: {e.what} off: building bucket {key} failed ({type(e.cause).__name__}: {detail})"
             log.warning("btfast: %s", reason)
             self.disabled.append(reason)
-            if what == "CUDA graphs":
+            if e.what == "CUDA graphs":
                 self.cuda_graphs = False
             else:
                 self.compile, self._compiled = False, None
@@ -186,22 +194,28 @@ class Runtime:
         start = time.perf_counter()
         fn = self._callable()
         entry = _Entry(fn)
-        sample = self._padded(key, [x[:1] for x in like])  # one real row, the rest padding
-        if self.cuda_graphs and like[0].is_cuda:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # compile and autotune outside the capture
-                    fn(*sample)
-            torch.cuda.current_stream().wait_stream(stream)
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                entry.outputs = tuple(fn(*sample))
-            entry.graph, entry.inputs = graph, tuple(sample)
-        elif self.compile:
-            fn(*sample)  # compile now, so the cost shows in warmup, not in a call
+        # Built under torch.inference_mode (as the scoring jobs call), the buffers a graph keeps would be
+        # inference tensors that a later call outside it cannot refill: make them ordinary tensors.
+        with torch.inference_mode(False):
+            sample = self._padded(key, [x[:1] for x in like])  # one real row, the rest padding
+        if self.compile:
+            self.forward(*sample)  # once eagerly: the op table keeps its books (which backend serves what) here
+        graphs = self.cuda_graphs and like[0].is_cuda
+        try:
+            if graphs:
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    for _ in range(2):  # compile and autotune outside the capture
+                        fn(*sample)
+                torch.cuda.current_stream().wait_stream(stream)
+            elif self.compile:
+                fn(*sample)  # compile now, so the cost shows in warmup, not in a call
+        except Exception as e:
+            raise _BuildError("torch.compile" if self.compile else "CUDA graphs", e) from e
+        if graphs:
+            entry.graph, entry.outputs = self._capture(fn, sample)
+            entry.inputs = tuple(sample)
         if like[0].is_cuda:
             torch.cuda.synchronize()
         entry.build_s = time.perf_counter() - start
@@ -209,6 +223,23 @@ class Runtime:
             self.stats.new_shapes.append(key)
             log.warning("btfast: text length %d is past the largest bucket: compiled an extra shape", key[1])
         return entry
+
+    def _capture(self, fn: Callable, sample: Sequence[Tensor]) -> tuple[Any, tuple[Tensor, ...]]:
+        """One CUDA graph of fn(*sample) in the shared pool; on failure the stream and pool are put back."""
+        previous = torch.cuda.current_stream()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            # thread_local: another thread's CUDA calls (a data loader, say) cannot invalidate the capture
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                outputs = tuple(fn(*sample))
+        except Exception as e:
+            # torch.cuda.graph leaves its capture stream current when ending the capture fails
+            torch.cuda.set_stream(previous)
+            self._pool = None
+            raise _BuildError("CUDA graphs", e) from e
+        return graph, outputs
 
     def _entry(self, key: tuple[int, int], like: Sequence[Tensor]) -> _Entry:
         entry = self.entries.get(key)

@@ -31,7 +31,10 @@ try:  # torch >= 2.6: user Triton kernels as custom ops that torch.compile trace
 except ImportError:  # pragma: no cover - older torch: kernels are launched directly
     triton_op = wrap_triton = None
 
-CUSTOM_OPS = TRITON_IMPORT_ERROR is None and triton_op is not None
+# Only the installed package registers the ``btfast::`` ops. From a source checkout, transformers' probe for
+# the hub's ``kernels`` package imports this folder a second time as a top-level ``kernels``; that copy must
+# not re-register the ops to its own functions.
+CUSTOM_OPS = TRITON_IMPORT_ERROR is None and triton_op is not None and __name__.startswith("btfast.kernels.")
 
 # Read once, like ``triton.jit`` does when it decorates: under TRITON_INTERPRET=1 the kernels are
 # interpreted on the CPU (numpy), so CPU tensors are fine and the autotune lists shrink to one small config.

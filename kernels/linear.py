@@ -43,8 +43,9 @@ def _config(bm: int, bn: int, bk: int, stages: int, warps: int) -> object:
 
 
 # Hopper-sized tiles for the real shapes (M = batch x tokens in the thousands, K and N in 768..4096), plus
-# narrow ones for small M (heads, batch-1 text). Configs that do not fit shared memory (fp32 with deep
-# pipelines) are dropped by the autotuner when they fail to launch. One small tile under the interpreter.
+# narrow ones for small M (heads, batch-1 text). Exact fp32 ("ieee": FMA, no tensor cores) gets its own short
+# list of tiles that fit shared memory without deep pipelines: every candidate costs a compile at first use.
+# One small tile under the interpreter.
 _CONFIGS = (
     [_config(32, 32, 32, 1, 4)]
     if INTERPRET
@@ -62,6 +63,12 @@ _CONFIGS = (
         _config(16, 64, 128, 4, 4),
     ]
 )
+_FP32_CONFIGS = (
+    _CONFIGS
+    if INTERPRET
+    else [_config(128, 128, 32, 4, 4), _config(128, 64, 32, 4, 4), _config(64, 64, 64, 4, 4), _config(32, 64, 64, 5, 2)]
+)
+_KEY = ["M_BUCKET", "N", "K"]
 
 
 @triton.jit
@@ -79,7 +86,6 @@ def _activate(y, ACTIVATION: tl.constexpr):
     return y
 
 
-@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "K"])
 @triton.jit
 def _linear_kernel(
     X,
@@ -151,6 +157,13 @@ def _linear_kernel(
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=in_tile)
 
 
+# The kernel autotuned over the tiles for its input dtype.
+_TUNED = {
+    True: triton.autotune(configs=_FP32_CONFIGS, key=_KEY)(_linear_kernel),
+    False: triton.autotune(configs=_CONFIGS, key=_KEY)(_linear_kernel),
+}
+
+
 def _launch(
     kernel: object,
     x: torch.Tensor,
@@ -207,7 +220,7 @@ def _linear_op(
     residual: torch.Tensor | None,
 ) -> torch.Tensor:
     """``torch.ops.btfast.linear``."""
-    return _launch(wrap_triton(_linear_kernel), x, weight, bias, activation, residual)
+    return _launch(wrap_triton(_TUNED[x.dtype == torch.float32]), x, weight, bias, activation, residual)
 
 
 if CUSTOM_OPS:
@@ -266,7 +279,7 @@ def linear(
         raise ValueError("linear: " + "; ".join(reasons))
     if CUSTOM_OPS and x.is_cuda:
         return torch.ops.btfast.linear(x, weight, bias, activation, residual)
-    return _launch(_linear_kernel, x, weight, bias, activation, residual)
+    return _launch(_TUNED[x.dtype == torch.float32], x, weight, bias, activation, residual)
 
 
 def linear_reference(

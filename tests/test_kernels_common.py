@@ -43,6 +43,26 @@ def test_import_without_triton() -> None:
     assert result.returncode == 0, result.stderr
 
 
+def test_a_second_copy_imported_as_top_level_kernels_registers_nothing() -> None:
+    """From a source checkout transformers' probe for the hub's `kernels` package imports kernels/ again."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, torch, btfast.kernels, kernels\n"
+            "assert not sys.modules['kernels._common'].CUSTOM_OPS\n"
+            "assert sys.modules['btfast.kernels._common'].CUSTOM_OPS\n"
+            "print(hasattr(torch.ops.btfast, 'linear'))",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),  # the repo root, where kernels/ is
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "True"  # the installed package's ops are still there
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_cpu_tensors_refused_without_interpreter() -> None:
     result = run_python(

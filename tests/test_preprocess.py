@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import pickle
 import warnings
 
 import numpy as np
@@ -19,6 +20,8 @@ from btfast.preprocess import (
     ImagePreprocessor,
     TextPreprocessor,
     resize_output_size,
+    to_rgb,
+    transparency_on_white,
 )
 
 hf_logging.set_verbosity_error()
@@ -233,3 +236,16 @@ def test_collate_pads_with_pad_id(saved_models):
     ids, mask = pre.collate([[0, 5, 2], [0, 2]])
     assert ids.tolist() == [[0, 5, 2], [0, 2, 1]]
     assert mask.tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+def test_transparency_follows_the_installed_transformers():
+    """transformers 5.17 and older drop the alpha band; newer releases composite it on white: exact mode follows."""
+    clear = Image.new("RGBA", (40, 40), (10, 20, 30, 0))
+    assert np.asarray(to_rgb(clear, on_white=True)).min() == 255
+    assert (np.asarray(to_rgb(clear, on_white=False)) == (10, 20, 30)).all()
+    hf = BridgeTowerImageProcessor(do_convert_rgb=True)(clear, return_tensors="np")["pixel_values"]
+    mine = ImagePreprocessor()
+    assert mine.alpha_on_white == transparency_on_white()
+    np.testing.assert_array_equal(mine([clear], return_tensors="np")["pixel_values"], hf)
+    copy = pickle.loads(pickle.dumps(ImagePreprocessor(alpha_on_white=not mine.alpha_on_white)))
+    assert copy.alpha_on_white is not mine.alpha_on_white  # worker processes keep the parent's choice

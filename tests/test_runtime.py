@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from helpers import assert_outputs_close
@@ -14,6 +16,7 @@ from transformers import (
 )
 
 import btfast
+import btfast.kernels
 from btfast.runtime import Buckets
 from btfast.testing import build, random_inputs, tiny_config
 
@@ -87,6 +90,41 @@ def test_zero_recompilations_after_warmup():
     assert counter.frame_count == frames, "a call inside the warmed buckets compiled again"
     text = fast.explain()
     assert "bucket batch    4 x text   16" in text and "hits" in text
+
+
+def test_an_op_table_serving_kernels_compiles_once_and_still_keeps_its_books():
+    """The op table's call counts must not reach dynamo's guards (they would change every call)."""
+    cfg = tiny_config()
+    counter = CompileCounter()
+    fast = btfast.optimize(build(BridgeTowerForImageAndTextRetrieval, cfg), compile=counter, buckets=SMALL)
+    # stand-ins for the Triton kernels (their torch references) that serve CPU tensors, as the kernels do on CUDA
+    K = btfast.kernels
+    fast.ops.kernels = SimpleNamespace(
+        add_layernorm=lambda *a, **kw: K.add_layernorm_reference(*a, **kw)[0],
+        linear=K.linear_reference,
+        attention=K.attention_reference,
+        **{f"{op}_unsupported_reasons": lambda *a: [] for op in ("add_layernorm", "linear", "attention")},
+    )
+    fast.ops.interpret = fast.ops.explicit = True
+    fast.ops.off.clear()
+    for seed in range(4):
+        fast(**random_inputs(cfg, batch=2, seq_len=7, seed=seed))
+    assert counter.frame_count == 1, "the op table's bookkeeping made dynamo compile again"
+    text = fast.explain()
+    for op in ("add_layernorm", "linear", "attention"):
+        assert f"{op}: triton (" in text, text  # recorded by the bucket's one eager call
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_a_graph_built_under_inference_mode_serves_calls_outside_it():
+    cfg = tiny_config()
+    fast = btfast.optimize(build(BridgeTowerModel, cfg), device="cuda", buckets=SMALL)
+    with torch.inference_mode():
+        a = fast(**random_inputs(cfg, batch=2, seed=1)).pooler_output
+    with torch.no_grad():
+        b = fast(**random_inputs(cfg, batch=2, seed=1)).pooler_output
+    torch.testing.assert_close(a, b)
+    assert any(e.graph is not None for e in fast.runtime.entries.values())
 
 
 def test_results_are_not_overwritten_by_the_next_call():
