@@ -1,5 +1,5 @@
-"""The CUDA path traced without a GPU: btfast's forward on fake CUDA tensors, through dynamo (strict export, one
-graph), with every op served by the Triton custom ops.
+"""The CUDA path traced without a GPU: btfast's forward and its stages on fake CUDA tensors, through dynamo
+(strict export, one graph), with every op served by the Triton custom ops.
 
 What this checks that the interpreter tests cannot: that on CUDA tensors the op table picks the kernels, that
 `torch.ops.btfast.*` (torch.library.triton_op) trace under dynamo with their launchers, grids and autotuners,
@@ -30,7 +30,7 @@ SCRIPT = textwrap.dedent(
     import btfast
     from btfast.testing import build, random_inputs, tiny_config
 
-    head, dtype = sys.argv[1], getattr(torch, sys.argv[2])
+    head, dtype, stage = sys.argv[1], getattr(torch, sys.argv[2]), sys.argv[3]
     cfg = tiny_config(link_tower_type="interpolate")
     fast = btfast.optimize(build(getattr(transformers, head), cfg), compile=False, cuda_graphs=False)
     mode = FakeTensorMode()
@@ -48,35 +48,47 @@ SCRIPT = textwrap.dedent(
 
     fast.weights = fake(fast.weights)
     x = random_inputs(cfg, batch=2, seq_len=7, lengths=[7, 4])
-    args = (fake(x["input_ids"]), fake(x["attention_mask"].bool()), fake(x["pixel_values"]))
+    ids, mask, pixels = fake(x["input_ids"]), fake(x["attention_mask"].bool()), fake(x["pixel_values"])
+    s = fast.spec
+    with mode:  # the bridges the towers hand to the fusion stage: (B, C, L, H) and (B, C, N, H)
+        text_bridges = torch.empty(2, s.cross_layers, 7, s.hidden, dtype=dtype, device="cuda")
+        image_bridges = torch.empty(2, s.cross_layers, s.image_tokens, s.hidden, dtype=dtype, device="cuda")
+    fn, args = {
+        "forward": (fast._raw_forward, (ids, mask, pixels)),
+        "text": (fast._raw_text, (ids, mask)),
+        "image": (fast._raw_image, (pixels,)),
+        "fuse": (fast._raw_fuse, (text_bridges, mask, image_bridges)),
+    }[stage]
 
-    class Forward(torch.nn.Module):
-        def forward(self, ids, mask, pixels):
-            return fast._raw_forward(ids, mask, pixels)
+    class Stage(torch.nn.Module):
+        def forward(self, *args):
+            return fn(*args)
 
-    graph = torch.export.export(Forward(), args, strict=True).graph_module.graph
+    graph = torch.export.export(Stage(), args, strict=True).graph_module.graph
     calls = collections.Counter(str(n.target) for n in graph.nodes if n.op == "call_function")
     print(json.dumps({"calls": calls, "used": dict(fast.ops.used), "fallbacks": dict(fast.ops.fallbacks)}))
     """
 )
 
 
+CASES = [(head, dtype, "forward") for head in ("BridgeTowerModel", "BridgeTowerForImageAndTextRetrieval",
+         "BridgeTowerForMaskedLM") for dtype in ("float32", "bfloat16")]  # fmt: skip
+CASES += [("BridgeTowerForImageAndTextRetrieval", "bfloat16", stage) for stage in ("text", "image", "fuse")]
+
+
 @needs_cuda_build
-@pytest.mark.parametrize(
-    "head",
-    ["BridgeTowerModel", "BridgeTowerForImageAndTextRetrieval", "BridgeTowerForMaskedLM"],
-)
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_forward_traces_through_the_triton_ops_in_one_graph(head, dtype):
+@pytest.mark.parametrize("head,dtype,stage", CASES, ids=["-".join(c) for c in CASES])
+def test_stages_trace_through_the_triton_ops_in_one_graph(head, dtype, stage):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the kernels as on a GPU
     result = subprocess.run(
-        [sys.executable, "-c", SCRIPT, head, dtype], capture_output=True, text=True, env=env, timeout=600
+        [sys.executable, "-c", SCRIPT, head, dtype, stage], capture_output=True, text=True, env=env, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     calls = out["calls"]
     for op in ("linear", "add_layernorm", "attention"):
         assert calls.get(f"btfast.{op}.default", 0) > 0, calls
-    torch_paths = [t for t in calls if "layer_norm" in t or "scaled_dot_product" in t or t.startswith(("aten.addmm", "aten.linear"))]
+    torch_ops = ("layer_norm", "scaled_dot_product", "aten.addmm", "aten.linear")
+    torch_paths = [t for t in calls if any(name in t for name in torch_ops)]
     assert not torch_paths, f"ops left to torch on CUDA: {torch_paths}"
     assert out["fallbacks"] == {} and out["used"] == {}  # traced: the op table keeps no books
