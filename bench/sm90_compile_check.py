@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import subprocess
 import sys
 import time
 
@@ -101,6 +103,13 @@ def norm_rows(dtype: torch.dtype, hidden: int) -> list[dict]:
     return rows
 
 
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="JSON file to write")
@@ -119,6 +128,7 @@ def main() -> int:
     report = {
         "what": "every autotune config compiled ahead of time for sm_90 (no GPU): lowers, and fits shared memory",
         "target": "cuda sm_90, warp 32",
+        "commit": os.environ.get("BTFAST_COMMIT") or _commit(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": triton.__version__,
