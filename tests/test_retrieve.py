@@ -4,22 +4,16 @@ retrieve resumes after kill -9, its shards join to the unsharded output, a rerun
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from fixtures_saved_model import sentences, write_images, write_jsonl
+from jobs import kill_after_chunks
 from PIL import Image
 
 from btfast.cli import main
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -291,26 +285,8 @@ def test_retrieve_kill_9_and_resume(saved_models, gallery, tmp_path, capsys):
         *map(str, retrieve_args(saved_models, gallery, texts, "--chunk-queries", 2)),
     ]
     out = tmp_path / "killed.jsonl"
-    prog = Path(str(out) + ".btfast-progress")
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "btfast.cli", *args, "--out", str(out)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if prog.exists() and prog.read_text().count('"chunk"') >= 3:
-            break
-        if proc.poll() is not None:
-            pytest.fail(f"retrieve exited before it could be killed: {proc.stderr.read().decode()[-2000:]}")
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    done_before = prog.read_text().count('"chunk"')
-    assert '"finished"' not in prog.read_text() and 3 <= done_before < (240 + 8) // 2
+    done_before = kill_after_chunks(args, out)
+    assert 3 <= done_before < (240 + 8) // 2
     capsys.readouterr()
     assert main([*args, "--out", str(out)]) == 3  # broken.jpg: its query row has status error
     assert f"{2 * done_before:,} resumed from an earlier run" in capsys.readouterr().err

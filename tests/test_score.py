@@ -5,23 +5,17 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import pickle
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from fixtures_saved_model import sentences, write_bad_images, write_images, write_jsonl
+from jobs import kill_after_chunks
 from PIL import Image
 
 from btfast.cli import main
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -416,26 +410,8 @@ def test_kill_9_and_resume(saved_models, data, tmp_path):
         "1",
     ]
     out = tmp_path / "killed.jsonl"
-    prog = Path(str(out) + ".btfast-progress")
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "btfast.cli", *args, "--out", str(out)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if prog.exists() and prog.read_text().count('"chunk"') >= 3:
-            break
-        if proc.poll() is not None:
-            pytest.fail(f"scorer exited before it could be killed: {proc.stderr.read().decode()[-2000:]}")
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    done_before = prog.read_text().count('"chunk"')
-    assert '"finished"' not in prog.read_text() and done_before < 1500 // 4
+    done_before = kill_after_chunks(args, out)
+    assert done_before < 1500 // 4
     assert main([*args, "--out", str(out)]) == 3
     ref = tmp_path / "uninterrupted.jsonl"
     assert main([*args, "--out", str(ref)]) == 3
