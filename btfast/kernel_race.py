@@ -22,6 +22,7 @@ from torch import Tensor
 
 from btfast.model.attention import split_heads
 from btfast.ops import Ops, torch_add_layernorm, torch_attention, torch_linear
+from btfast.runtime import capture_graph
 from btfast.spec import ModelSpec
 from btfast.weights import Linear, Norm
 
@@ -197,11 +198,8 @@ def cuda_timer(graphs: bool) -> Timer:
 
         run = eager
         if graphs:
-            graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(graph):
-                    eager()
-                run = graph.replay
+                run = capture_graph(eager)[0].replay
             except Exception:  # not capturable: time it as it would run, eagerly
                 torch.cuda.synchronize()
         samples = []

@@ -68,6 +68,21 @@ class Arg:
     text_dim: int | None = None
 
 
+def capture_graph(fn: Callable[[], Any], pool: Any = None) -> tuple[Any, Any]:
+    """(CUDA graph, fn's outputs) of one capture of fn() (warmed up already). On failure the caller's stream is
+    current again: torch.cuda.graph leaves its capture stream current when ending a failed capture raises."""
+    previous = torch.cuda.current_stream()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        # thread_local: another thread's CUDA calls (a data loader, say) cannot invalidate the capture
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            outputs = fn()
+    except Exception:
+        torch.cuda.set_stream(previous)
+        raise
+    return graph, outputs
+
+
 class _BuildError(Exception):
     """Building a bucket failed in `what` ("torch.compile" or "CUDA graphs"): that feature goes off."""
 
@@ -225,21 +240,14 @@ class Runtime:
         return entry
 
     def _capture(self, fn: Callable, sample: Sequence[Tensor]) -> tuple[Any, tuple[Tensor, ...]]:
-        """One CUDA graph of fn(*sample) in the shared pool; on failure the stream and pool are put back."""
-        previous = torch.cuda.current_stream()
+        """One CUDA graph of fn(*sample) in the shared pool (a fresh pool after a failure)."""
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
         try:
-            # thread_local: another thread's CUDA calls (a data loader, say) cannot invalidate the capture
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                outputs = tuple(fn(*sample))
+            return capture_graph(lambda: tuple(fn(*sample)), self._pool)
         except Exception as e:
-            # torch.cuda.graph leaves its capture stream current when ending the capture fails
-            torch.cuda.set_stream(previous)
             self._pool = None
             raise _BuildError("CUDA graphs", e) from e
-        return graph, outputs
 
     def _entry(self, key: tuple[int, int], like: Sequence[Tensor]) -> _Entry:
         entry = self.entries.get(key)
