@@ -223,13 +223,13 @@ def race(
     workload: Workload,
     device: torch.device,
     dtype: torch.dtype,
-    compiled: bool | str,
+    compiled: bool | str | Callable,
     graphs: bool,
     timer: Timer | None = None,
 ) -> dict[str, Lap]:
     """Time every Triton kernel still on in `ops` against torch at `workload`; switch off the ones that lose.
 
-    `compiled`: time the torch side of add+LayerNorm and the GEMM compiled (True = inductor, or a backend name),
+    `compiled`: time the torch side of add+LayerNorm and the GEMM compiled (True = inductor, or a backend),
     as the runtime will run them. `timer` defaults to CUDA events (tests pass their own). A kernel whose timing
     fails is switched off with the reason, like a failed self-check.
     """
@@ -265,7 +265,7 @@ def _run(
     w: Workload,
     device: torch.device,
     dtype: torch.dtype,
-    compiled: bool | str,
+    compiled: bool | str | Callable,
     timer: Timer,
     racing: tuple[str, ...],
 ) -> dict[str, Lap]:
@@ -285,7 +285,7 @@ def _run(
     return laps
 
 
-def _time_reference(case: Case, compiled: bool | str, timer: Timer) -> float:
+def _time_reference(case: Case, compiled: bool | str | Callable, timer: Timer) -> float:
     """The torch side as the runtime runs it: compiled for norms and GEMMs (inductor fuses their epilogues;
     SDPA it calls as is), eager if compiling this one call fails."""
     if compiled and case.op != "attention":
