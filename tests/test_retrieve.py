@@ -14,6 +14,8 @@ from jobs import kill_after_chunks
 from PIL import Image
 
 from btfast.cli import main
+from btfast.score import retrieve as retrieve_module
+from btfast.score.retrieve import GALLERY_SUFFIX
 
 
 @pytest.fixture(autouse=True)
@@ -273,7 +275,7 @@ def expected_queries(n_texts: int, n_images: int) -> list[tuple[str, int]]:
     return [("text_to_image", k) for k in range(n_texts)] + [("image_to_text", k) for k in range(n_images)]
 
 
-def test_retrieve_kill_9_and_resume(saved_models, gallery, tmp_path, capsys):
+def test_retrieve_kill_9_and_resume(saved_models, gallery, tmp_path, capsys, monkeypatch):
     """SIGKILL a real run after its first query chunks are written; the rerun completes it exactly."""
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(sentences(240, seed=31)) + "\n")
@@ -287,11 +289,20 @@ def test_retrieve_kill_9_and_resume(saved_models, gallery, tmp_path, capsys):
     out = tmp_path / "killed.jsonl"
     done_before = kill_after_chunks(args, out)
     assert 3 <= done_before < (240 + 8) // 2
+    cache = Path(str(out) + GALLERY_SUFFIX)
+    assert cache.exists()  # the gallery's ITC embeddings, kept for the rerun
+    embedded = []
+    embed_all = retrieve_module._embed_all
+    monkeypatch.setattr(retrieve_module, "_embed_all", lambda *a, **k: embedded.append(a[4]) or embed_all(*a, **k))
     capsys.readouterr()
     assert main([*args, "--out", str(out)]) == 3  # broken.jpg: its query row has status error
-    assert f"{2 * done_before:,} resumed from an earlier run" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{2 * done_before:,} resumed from an earlier run" in err
+    assert "ITC embeddings are reused" in err and embedded == []  # the rerun embedded nothing
+    assert not cache.exists()  # the job finished: the cache is gone
     ref = tmp_path / "uninterrupted.jsonl"
     assert main([*args, "--out", str(ref)]) == 3
+    assert embedded == ["itc images", "itc texts"] and not Path(str(ref) + GALLERY_SUFFIX).exists()
     got = read(out)
     assert queries(got) == expected_queries(240, 8)  # every query exactly once, in order
     assert got == read(ref)

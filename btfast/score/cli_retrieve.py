@@ -23,8 +23,9 @@ query_row, query_id, query (the text, or the image path), status, error, results
 Rows are written --chunk-queries queries at a time. Kill it at any moment and rerun the same command: it
 resumes, and the output holds every query exactly once, with the results of an uninterrupted run (a rerun
 with other settings is refused). --shard I/N ranks 1/N of the queries of both directions against the whole
-gallery; the N outputs joined are the unsharded output. Every shard, and every resumed run, first embeds the
-whole gallery (all images and texts) with ITC; only the ranking (top-k and ITM) is split.
+gallery; the N outputs joined are the unsharded output. Every shard first embeds the whole gallery (all images
+and texts) with ITC; only the ranking (top-k and ITM) is split. Those embeddings are kept beside the output
+(OUT.btfast-gallery.npz) until the job finishes, so a resumed run does not embed the gallery again.
 
 exit status: 0 ok, 3 done but some queries have status error (an image or text that could not be used; its
 row says why), 1 fatal, 2 arguments.

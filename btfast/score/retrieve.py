@@ -20,10 +20,13 @@ random ones).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,6 +38,7 @@ from btfast.score.sink import ChunkSink, output_format
 
 DIRECTION = {"text": "text_to_image", "image": "image_to_text"}  # query side -> direction
 BLOCK = 1024  # queries per similarity matmul (bounds its memory: BLOCK x gallery floats)
+GALLERY_SUFFIX = ".btfast-gallery.npz"  # the gallery's ITC embeddings, kept until the job finishes
 
 
 @dataclass
@@ -87,6 +91,42 @@ def _embed_all(
     return (emb if emb is not None else np.zeros((len(rows), 1), np.float32)), errors
 
 
+class _GalleryCache:
+    """The gallery's ITC embeddings beside the output, so a resumed run skips the ITC model altogether.
+
+    Keyed by the job (its header) and the input rows' names and texts: a file whose images changed content under
+    the same names is not detected. Written atomically; removed when the job finishes or with --overwrite.
+    """
+
+    def __init__(self, out: str | os.PathLike, header: dict[str, Any], rows: list[Row]) -> None:
+        self.path = Path(str(out) + GALLERY_SUFFIX)
+        digest = hashlib.sha256(json.dumps(header, sort_keys=True, default=str).encode())
+        for r in rows:
+            digest.update(json.dumps([r.kind, r.image_name, r.text, r.error], default=str).encode())
+        self.key = digest.hexdigest()
+
+    def load(self) -> dict[str, tuple[np.ndarray, list[str | None]]] | None:
+        """side -> (embeddings, errors) from an earlier run of this job, or None."""
+        try:
+            with np.load(self.path, allow_pickle=False) as z:
+                if str(z["key"]) != self.key:
+                    return None
+                errors = json.loads(str(z["errors"]))
+                return {side: (z[side], errors[side]) for side in ("image", "text")}
+        except (OSError, KeyError, ValueError):  # none yet, or unreadable: embed again
+            return None
+
+    def save(self, gallery: dict[str, tuple[np.ndarray, list[str | None]]]) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        errors = json.dumps({side: err for side, (_, err) in gallery.items()})
+        with open(tmp, "wb") as f:
+            np.savez(f, key=np.array(self.key), errors=np.array(errors), **{s: e for s, (e, _) in gallery.items()})
+        os.replace(tmp, self.path)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 def _query_chunks(text_rows: list[Row], image_rows: list[Row], size: int) -> list[Chunk]:
     """Texts then images, `size` queries a chunk; a chunk holds one direction only (numbers run on)."""
     chunks: list[Chunk] = []
@@ -116,8 +156,9 @@ class _Ranker:
         max_pixels: int,
         progress: bool,
         str_ids: bool,
+        cache: _GalleryCache,
     ) -> None:
-        """Embed the gallery and load the ITM model (`itm_model=None`: rank by ITC only)."""
+        """Embed the gallery (or take it from `cache`) and load the ITM model (`itm_model=None`: ITC only)."""
         import torch
 
         from btfast.preprocess import ImagePreprocessor, TextPreprocessor
@@ -136,17 +177,25 @@ class _Ranker:
             itm_pre = ImagePreprocessor.from_pretrained(itm_model, exact=exact, max_pixels=max_pixels)
         self.loader: Any = ImageLoader(itc_pre, workers)  # workers start while the model loads
         try:
-            itc = Context(
-                load_head(itc_model, "itc", device, dtype),
-                "itc",
-                itc_pre,
-                TextPreprocessor.from_pretrained(itc_model),
-                batch_size=batch_size,
-            )
-            with torch.inference_mode():
-                i_emb, i_err = _embed_all(itc, image_rows, self.loader, limits, "itc images", progress)
-                t_emb, t_err = _embed_all(itc, text_rows, self.loader, limits, "itc texts", progress)
-            del itc
+            gallery = cache.load()
+            if gallery is not None:
+                print(f"retrieve: the gallery's ITC embeddings are reused from {cache.path}", file=sys.stderr)
+            else:
+                itc = Context(
+                    load_head(itc_model, "itc", device, dtype),
+                    "itc",
+                    itc_pre,
+                    TextPreprocessor.from_pretrained(itc_model),
+                    batch_size=batch_size,
+                )
+                with torch.inference_mode():
+                    gallery = {
+                        "image": _embed_all(itc, image_rows, self.loader, limits, "itc images", progress),
+                        "text": _embed_all(itc, text_rows, self.loader, limits, "itc texts", progress),
+                    }
+                del itc
+                cache.save(gallery)
+            (i_emb, i_err), (t_emb, t_err) = gallery["image"], gallery["text"]
             if itm_pre is None or itm_pre.config != itc_pre.config:  # else one worker pool serves both models
                 self.loader.close()
                 self.loader = None if itm_pre is None else ImageLoader(itm_pre, workers)
@@ -329,6 +378,9 @@ def retrieve(
         batch_size=batch_size,
     )
     sink = ChunkSink(out, header, overwrite=overwrite, schema=_schema(out))
+    cache = _GalleryCache(out, header, image_rows + text_rows)
+    if overwrite:
+        cache.remove()
     chunks = _query_chunks(text_rows, image_rows, chunk_queries)
     mine = [c for c in chunks if c.index % shard_n == shard_i]
     ranker = None
@@ -349,6 +401,7 @@ def retrieve(
                 max_pixels=mp,
                 progress=progress,
                 str_ids=sink.fmt == "parquet",
+                cache=cache,
             )
         job = run_chunks(  # without a ranker every chunk of this shard is done: this only marks the job finished
             chunks,
@@ -365,6 +418,8 @@ def retrieve(
         if ranker is not None:
             ranker.close()
         sink.close()
+    if sink.finished:
+        cache.remove()
     return RetrieveSummary(
         out=str(out),
         images=len(image_rows),
