@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 import torch
 from transformers import BridgeTowerForImageAndTextRetrieval
 
 from btfast import cli as btfast_cli
-from btfast.benchmark import cli, report, systems, timing
+from btfast.benchmark import cli, device, report, systems, timing
 from btfast.benchmark.flops import flops_per_pair
 from btfast.benchmark.progress import Progress
 from btfast.benchmark.runner import Cell, Plan, run_plan
@@ -83,9 +88,31 @@ def test_peak_memory_and_gemm_peak_on_cpu() -> None:
     peak = mem.peak()
     del x
     assert peak is None or peak >= 0
-    gp = timing.measure_gemm_peak(torch.device("cpu"), n=128)
-    assert gp.flops_per_s > 0 and gp.dtype == "float32" and "fp32" in gp.note
-    assert timing.device_slug(torch.device("cpu")) == "cpu"
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_gemm_peak_on_cpu_is_quick_and_says_emulated(dtype: str) -> None:
+    cpu = torch.device("cpu")
+    n, _ = timing.gemm_size(cpu, dtype)
+    assert n == (1024 if device.native(cpu, dtype) else 256)
+    gp = timing.measure_gemm_peak(cpu, dtype, n=64)
+    assert gp.flops_per_s > 0 and gp.dtype == dtype and gp.note.startswith(f"{dtype} GEMM peak")
+    assert ("emulated" in gp.note) == (not device.native(cpu, dtype))
+    assert device.device_slug(cpu) == "cpu"
+
+
+def test_native_dtypes(monkeypatch) -> None:
+    cpu = torch.device("cpu")
+    assert device.native(cpu, "fp32") and device.native("cuda", "bf16")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(device, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert device.native(cpu, "bf16") and not device.native(cpu, "fp16")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")  # flags without the kernels
+    assert not device.native(cpu, "bf16")
+    assert "AVX2" in device.emulated_reason("bf16") and "avx512_bf16" in device.emulated_reason("bf16")
+    assert device.published_bf16_flops("NVIDIA H100 PCIe") == 756e12
+    assert device.published_bf16_flops("NVIDIA H100 80GB HBM3") == device.published_bf16_flops("NVIDIA H200")
+    assert device.published_bf16_flops("Tesla T4") is None
 
 
 # -- systems ----------------------------------------------------------------------------------------------------
@@ -192,7 +219,7 @@ def _fake_results() -> dict:
             cpu_threads=2,
         ),  # fmt: skip
         plan=dict(preset="quick", systems=["hf-eager-fp32", "btfast-fp32", "hf-compile-bf16"], warmup=1, repeats=3),
-        gemm_peak=dict(flops_per_s=1e11, dtype="float32", n=1024, device="cpu", note="fp32 GEMM peak"),
+        gemm_peaks={"fp32": dict(flops_per_s=1e11, dtype="fp32", n=1024, device="cpu", note="fp32 GEMM peak")},
         flops_per_pair={"base/40": flops_per_pair(base_config(), 40).as_dict()},
         systems={"btfast-fp32": dict(build_s={"base": 1.0}, notes=[], explain={"base": "btfast: ops: torch"})},
         results=rows,
@@ -244,10 +271,19 @@ def _plan(*argv: str) -> Plan:
 def test_plans_on_cpu() -> None:
     main = _plan("--device", "cpu")
     assert main.preset == "default" and [s.name for s in main.systems] == ["hf-eager-fp32", "btfast-fp32"]
-    assert main.cells == [Cell("base", 40, 4)] and main.budget_s is None and main.interleave
+    assert main.cells == [Cell("base", 40, 2)] and main.budget_s is None and main.interleave
+    assert main.dtypes() == ["fp32"]  # the only GEMM peak this run times
     quick = _plan("--quick", "--device", "cpu")
-    assert "hf-compile-bf16" in quick.skip and "2 minutes" in quick.skip["hf-compile-bf16"]
-    assert {c.batch for c in quick.cells} == {1, 4} and quick.budget_s is not None
+    if device.native("cpu", "bf16"):
+        assert "2 minutes" in quick.skip["hf-compile-bf16"] and "bf16" in quick.dtypes()
+    else:  # skipped with the reason, and never timed
+        for name in ("hf-eager-bf16", "btfast-bf16", "hf-compile-bf16"):
+            assert "emulated" in quick.skip[name] and "--dtype bf16" in quick.skip[name]
+        assert quick.dtypes() == ["fp32"] and quick.all_pairs.dtype == "fp32"
+        emulated = _plan("--quick", "--device", "cpu", "--dtype", "bf16")  # asked for: runs, and says emulated
+        assert "hf-eager-bf16" not in emulated.skip and "bf16" in emulated.dtypes()
+        assert any("emulated" in n for n in emulated.notes) and emulated.all_pairs.dtype == "bf16"
+    assert {c.batch for c in quick.cells} == {1, 2} and quick.budget_s is not None
     asked = _plan("--quick", "--device", "cpu", "--systems", "hf-compile")
     assert not asked.skip  # asked for explicitly: it runs
     gpu = _plan("--preset", "gpu", "--device", "cpu")
@@ -262,12 +298,13 @@ def test_plans_on_cpu() -> None:
 
 def test_all_pairs_plans() -> None:
     gpu = _plan("--preset", "gpu", "--device", "cpu").all_pairs
-    assert (gpu.images, gpu.texts, gpu.text_len, gpu.batch, gpu.models, gpu.dtype) == (64, 64, 40, 64, ["base"], "bf16")
+    low = "bf16" if device.native("cpu", "bf16") else "fp32"  # planned on this CPU: bf16 only where native
+    assert (gpu.images, gpu.texts, gpu.text_len, gpu.batch, gpu.models, gpu.dtype) == (64, 64, 40, 64, ["base"], low)
     plan = _plan("--preset", "gpu", "--device", "cpu")
     assert 0 < gpu.reserve_s < plan.budget_s and plan.cells_budget_s == plan.budget_s - gpu.reserve_s
     assert "less 75s kept for all pairs" in plan.budget_text()
     quick = _plan("--quick", "--device", "cpu").all_pairs
-    assert (quick.images, quick.texts, quick.models, quick.batch) == (2, 2, ["base"], 4) and quick.reserve_s > 0
+    assert (quick.images, quick.texts, quick.models, quick.batch) == (2, 2, ["base"], 2) and quick.reserve_s > 0
     asked = _plan(
         "--device", "cpu", "--model", "tiny", "--all-pairs", "16x8", "--batch-sizes", "2,8", "--dtype", "bf16"
     )
@@ -298,13 +335,16 @@ def test_bad_combinations_exit_2(capsys) -> None:
 # -- tiny runs end to end ---------------------------------------------------------------------------------------
 
 
-def test_quick_tiny_end_to_end(tmp_path, capsys) -> None:
-    rc = btfast_cli.main(
-        ["bench", "--model", "tiny", "--quick", "--device", "cpu", "--out", str(tmp_path), "--repeats", "2"]
-    )
+@pytest.mark.parametrize("asked", [False, True], ids=["default", "dtype-bf16"])
+def test_quick_tiny_end_to_end(tmp_path, capsys, asked: bool) -> None:
+    """--quick on the tiny model; bf16 runs where the CPU has bf16 units or where asked for (then it says emulated),
+    else it is skipped with the reason printed and no bf16 is timed at all (not even the GEMM peak)."""
+    argv = ["bench", "--model", "tiny", "--quick", "--device", "cpu", "--out", str(tmp_path), "--repeats", "2"]
+    rc = btfast_cli.main(argv + (["--dtype", "bf16"] if asked else []))
     assert rc == 0
     out = capsys.readouterr()
     assert "skipping hf-compile-bf16" in out.err  # never silently
+    bf16 = asked or device.native("cpu", "bf16")
     files = sorted(p.name for p in tmp_path.iterdir())
     assert [f.rsplit(".", 1)[1] for f in files] == ["json", "md", "png"] and files[0].endswith("-cpu-quick.json")
     data = json.loads((tmp_path / files[0]).read_text())
@@ -312,21 +352,59 @@ def test_quick_tiny_end_to_end(tmp_path, capsys) -> None:
     env = data["environment"]
     for key in ("device", "torch", "triton", "transformers", "commit", "date"):
         assert key in env
-    ok = {r["system"]: r for r in data["results"] if r["status"] == "ok" and r["batch"] == 4}
-    assert set(ok) == {"hf-eager-fp32", "hf-eager-bf16", "btfast-fp32", "btfast-bf16"}
+    assert sorted(data["gemm_peaks"]) == (["bf16", "fp32"] if bf16 else ["fp32"])
+    ok = {r["system"]: r for r in data["results"] if r["status"] == "ok" and r["batch"] == 2}
+    assert set(ok) == {"hf-eager-fp32", "btfast-fp32"} | ({"hf-eager-bf16", "btfast-bf16"} if bf16 else set())
     for r in ok.values():
         assert r["pairs_per_s"] > 0 and r["p50_ms"] <= r["p99_ms"] and r["repeats"] == 2
         assert 0 < r["mfu"] and math.isfinite(r["mfu"]) and r["gflop_per_pair"] > 0
     assert ok["hf-eager-fp32"]["max_abs_err"] == 0.0
     assert ok["btfast-fp32"]["max_rel_err"] < 1e-5 and ok["btfast-fp32"]["rel_diff_vs_hf_eager"] < 1e-5
-    assert ok["btfast-bf16"]["max_rel_err"] < 0.1
+    if bf16:
+        assert ok["btfast-bf16"]["max_rel_err"] < 0.1
+        assert ("emulated" in out.out) == (not device.native("cpu", "bf16"))
+    else:
+        for name in ("hf-eager-bf16", "btfast-bf16"):
+            rows = [r for r in data["results"] if r["system"] == name]
+            assert rows and all(r["status"] == "skipped" and "emulated" in r["reason"] for r in rows)
+        assert "skipped: btfast-bf16: bf16 is emulated on this CPU" in out.out
     skipped = [r for r in data["results"] if r["system"] == "hf-compile-bf16"]
     assert skipped and all(r["status"] == "skipped" and r["reason"] for r in skipped)
     assert "btfast:" in data["systems"]["btfast-fp32"]["explain"]["tiny"]
-    # --quick also scores all pairs (2 x 2 on CPU), in the comparison's low dtype
+    # --quick also scores all pairs (2 x 2 on CPU), in the comparison's low dtype where it runs
     (ap,) = data["all_pairs"]
-    assert (ap["images"], ap["texts"], ap["dtype"], ap["status"]) == (2, 2, "bf16", "ok"), ap
-    assert ap["systems"]["btfast-dedup-bf16"]["max_rel_err"] < 0.1
+    low = "bf16" if bf16 else "fp32"
+    assert (ap["images"], ap["texts"], ap["dtype"], ap["status"]) == (2, 2, low, "ok"), ap
+    assert ap["systems"][f"btfast-dedup-{low}"]["max_rel_err"] < 0.1
+
+
+def test_ctrl_c_writes_what_was_measured(tmp_path) -> None:
+    """A real SIGINT to `btfast bench` in its timed calls: it stops within seconds and writes the calls timed so far."""
+    argv = [sys.executable, "-m", "btfast.cli", "bench", "--model", "tiny", "--device", "cpu", "--batch-sizes", "2"]
+    argv += ["--repeats", "1000000", "--out", str(tmp_path), "--no-plot"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(180, proc.kill)
+    watchdog.start()
+    try:
+        for line in proc.stderr:
+            if "first timed round took" in line:  # every system has one timed call
+                break
+        t0 = time.perf_counter()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        stopped = time.perf_counter() - t0
+    finally:
+        watchdog.cancel()
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert stopped < 15 and "interrupted; writing what was measured" in err
+    (json_file,) = tmp_path.glob("*.json")
+    data = json.loads(json_file.read_text())
+    assert data["interrupted"]
+    ok = [r for r in data["results"] if r["status"] == "ok"]
+    assert {r["system"] for r in ok} == {"hf-eager-fp32", "btfast-fp32"}
+    assert all(r["interrupted"] and 1 <= r["repeats"] < 1000000 for r in ok) and data["plan"]["notes"]
+    assert "btfast-fp32" in out
 
 
 def test_main_job_tiny_prints_ratio_and_difference(capsys, tmp_path, monkeypatch) -> None:

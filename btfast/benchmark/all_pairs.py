@@ -169,9 +169,6 @@ def estimate(runner: Runner, spec: AllPairs, model: str) -> float | None:
 def run(runner: Runner, spec: AllPairs, model: str, config: Any, data: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Run the scenario on `model`; returns its entry of the results' `all_pairs` list (status "ok", "skipped" or
     "error", with the reason)."""
-    from transformers import BridgeTowerForImageAndTextRetrieval
-
-    from btfast.testing import build
 
     plan, progress = runner.plan, runner.progress
     device = plan.device
@@ -199,10 +196,8 @@ def run(runner: Runner, spec: AllPairs, model: str, config: Any, data: dict[str,
                 "skipped", f"time budget: {need_s}{max(0.0, left):.0f}s left of --budget {plan.budget_s:.0f}s"
             )
 
-    seed = plan.seed
-
     def fresh() -> torch.nn.Module:
-        return build(BridgeTowerForImageAndTextRetrieval, config, seed=seed)
+        return runner.fresh(model)
 
     loaded: dict[str, Loaded] = {}
     logits: dict[str, torch.Tensor] = {}

@@ -23,15 +23,15 @@ defaults); <dtype> is fp32, bf16 or fp16. A bare hf-eager / hf-compile / btfast 
 hf-eager-fp32 is the accuracy reference (computed untimed when not among the systems).
 
 presets (explicit options override them):
-  (none)      base; hf-eager and btfast in --dtype (default fp32 on CPU, bf16 on CUDA); CPU: batch 4, 3 timed
+  (none)      base; hf-eager and btfast in --dtype (default fp32 on CPU, bf16 on CUDA); CPU: batch 2, 3 timed
               calls; CUDA: batch 64, 20 calls; text 40. Prints the figures; writes files only with --out.
-  --quick     base; all systems; CPU: batch 1,4, text 40, 3 calls, budget 240 s (hf-compile skipped on CPU:
+  --quick     base; all systems; CPU: batch 1,2, text 40, 2 calls, budget 270 s (hf-compile skipped on CPU:
               max-autotune compiles for minutes there); CUDA: batch 1,8,32,128, text 16/40/64.
               Writes bench/results/<date>-<device>-quick.{json,md,png}.
   --preset gpu  base and large; all systems; text 40 at batch 1..256, text 16 / 64 at a few batches, 512
               as a stress case; hf-compile at a few cells only; all pairs 64 x 64 (base, text 40, 64 per call,
               75 s of the budget kept for it); budget 290 s. Writes <date>-<device>-gpu.*
-  --quick also runs all pairs, 2 x 2 on CPU (45 s of its budget kept for it) and 16 x 16 on CUDA (30 s), base.
+  --quick also runs all pairs, 2 x 2 on CPU (150 s of its budget kept for it) and 16 x 16 on CUDA (30 s), base.
 
 all pairs (--all-pairs N,M): N images x M texts, every pair scored by hf-eager-D and btfast-D pair by pair
 (N*M rows through the forward) and btfast-dedup-D (N images and M texts encoded once, then all N*M pairs
@@ -39,8 +39,13 @@ fused); pairs/s, dedup's speed-up over both, and each one's max |ITM logit - hf-
 Skipped, with the reason printed, when the time budget left cannot fit it.
 
 figures: pairs/s (batch / median latency), p50 / p99 latency, first-call time (compile etc.), peak device
-memory, MFU against a GEMM peak measured in the same run (bf16 on CUDA, fp32 on CPU), max error of the
-ITM logits against hf-eager-fp32. Exit status: 0 when something was measured, 1 otherwise, 2 bad arguments.
+memory, MFU against the GEMM peak of the system's dtype measured in the same run (only the dtypes the run
+uses are timed), max error of the ITM logits against hf-eager-fp32.
+
+bf16 / fp16 on a CPU without units for them (torch capability below AVX512, or no avx512_bf16 / amx_bf16 /
+avx512_fp16 / amx_fp16 flag) are emulated, ~20x slower than fp32: systems in such a dtype are skipped, with
+the reason printed, unless asked for by --dtype or --systems (then they run and the report says emulated).
+Exit status: 0 when something was measured, 1 otherwise, 2 bad arguments.
 """
 
 
@@ -214,6 +219,7 @@ def build_plan(args: argparse.Namespace) -> Any:
     """Turn the arguments (and the preset they name) into a runner.Plan; raises ValueError on bad combinations."""
     import torch
 
+    from btfast.benchmark.device import emulated_reason, native
     from btfast.benchmark.runner import Cell, Plan
     from btfast.benchmark.systems import comparison, parse_systems
 
@@ -236,7 +242,7 @@ def build_plan(args: argparse.Namespace) -> Any:
     if preset is None:
         low = args.dtype or ("bf16" if cuda else "fp32")
         systems = parse_systems(args.systems or f"hf-eager-{low},btfast-{low}", low)
-        batches, warmup, repeats = ([64], 3, 20) if cuda else ([4], 1, 3)
+        batches, warmup, repeats = ([64], 3, 20) if cuda else ([2], 1, 3)
         budget, cell_s = None, None
         texts = [16] if models == ["tiny"] else [40]
         label = "default"
@@ -245,8 +251,8 @@ def build_plan(args: argparse.Namespace) -> Any:
         systems = parse_systems(args.systems, low) if args.systems else comparison(low)
         texts = [16] if models == ["tiny"] else [16, 40, 64] if cuda and preset == "quick" else [40]
         if preset == "quick":
-            batches = [1, 8, 32, 128] if cuda else [1, 4]
-            warmup, repeats, budget, cell_s = (3, 10, 240.0, 2.0) if cuda else (1, 3, 240.0, None)
+            batches = [1, 8, 32, 128] if cuda else [1, 2]
+            warmup, repeats, budget, cell_s = (3, 10, 240.0, 2.0) if cuda else (1, 2, 270.0, None)
         else:
             batches = [1, 2, 4, 8, 16, 32, 64, 128, 256]
             warmup, repeats, budget, cell_s = 2, 10, 290.0, 2.0
@@ -260,7 +266,12 @@ def build_plan(args: argparse.Namespace) -> Any:
     if repeats < 1 or warmup < 0:
         raise ValueError("--repeats must be ≥ 1 and --warmup ≥ 0")
 
-    spec = _all_pairs_spec(args, preset, cuda, models, args.text_lengths or texts, batches, low, budget)
+    emulated = {} if cuda else {d: emulated_reason(d) for d in ("bf16", "fp16") if not native(device, d)}
+    asked = {args.dtype} if args.dtype else set()  # a dtype asked for by name runs, emulated or not
+    pairs_dtype = low
+    if low in emulated and low not in asked and not args.systems:
+        pairs_dtype = "fp32"
+    spec = _all_pairs_spec(args, preset, cuda, models, args.text_lengths or texts, batches, pairs_dtype, budget)
     if spec is not None and spec.reserve_s:
         notes.append(
             f"all pairs ({spec.images} x {spec.texts}) runs after every cell; {spec.reserve_s:.0f}s of the "
@@ -297,15 +308,21 @@ def build_plan(args: argparse.Namespace) -> Any:
     skip: dict[str, str] = {}
     explicit = bool(args.systems)
     for s in systems:
-        if s.compiles and not cuda and preset == "quick" and not explicit:
+        if s.dtype_name in emulated and s.dtype_name not in asked and not explicit:
+            skip[s.name] = f"{emulated[s.dtype_name]}; ask for it with --dtype {s.dtype_name} or --systems to run it"
+        elif s.compiles and not cuda and preset == "quick" and not explicit:
             skip[s.name] = (
                 f"torch.compile(mode={args.compile_mode!r}) on CPU autotunes every GEMM with inductor's C++ "
                 "backend on the CPU's cores: a trial on a 2-core CPU took over 2 minutes for the tiny "
                 "model alone, past the --quick budget; ask for it with --systems (and a --budget) to include it"
             )
+    if spec is not None and spec.dtype != low:
+        notes.append(f"all pairs runs in fp32, not {low}: {emulated[low]}")
+    for d in sorted({s.dtype_name for s in systems if s.name not in skip} & set(emulated)):
+        notes.append(f"{d} runs as asked, emulated: {emulated[d]}")
     if not cuda:
         n = torch.get_num_threads()
-        notes.append(f"CPU run: {n} thread{'s' if n != 1 else ''}; MFU is against an fp32 GEMM peak (see above)")
+        notes.append(f"CPU run: {n} thread{'s' if n != 1 else ''}")
     return Plan(
         cells=cells,
         systems=systems,
@@ -350,7 +367,7 @@ def _all_pairs_spec(
             batch = 64
         on = ["base"] if "base" in models else models[:1]
     elif preset == "quick":
-        size, reserve = ((16, 16), 30.0) if cuda else ((2, 2), 45.0)
+        size, reserve = ((16, 16), 30.0) if cuda else ((2, 2), 150.0)
         if args.batch_sizes is None:
             batch = 32 if cuda else max(batches)
         on = ["base"] if "base" in models else models[:1]
@@ -371,9 +388,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     from btfast.benchmark import report
+    from btfast.benchmark.device import device_name
     from btfast.benchmark.progress import Progress
     from btfast.benchmark.runner import Runner
-    from btfast.benchmark.timing import device_name
 
     cells = plan.cells
     texts = sorted({c.text_len for c in cells})
@@ -393,6 +410,10 @@ def run(args: argparse.Namespace) -> int:
             f"{ap.text_len}, {ap.batch} per call, {ap.dtype}: {', '.join(ap.system_names())}",
             flush=True,
         )
+    for note in plan.notes:
+        print(f"  note: {note}", flush=True)
+    for name, why in plan.skip.items():
+        print(f"  skipped: {name}: {why}", flush=True)
     extra = 0 if ap is None else 3 * len(ap.models)
     progress = Progress(total=len(cells) * len(plan.systems) + extra, enabled=not args.no_progress)
     runner = Runner(plan, progress)
@@ -407,16 +428,19 @@ def run(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
         progress.close()
-
-    print(report.summary(results))
-    if plan.preset == "default":
-        _print_main_job(results)
-    preset = plan.preset if plan.preset != "default" else None
-    out = args.out or (DEFAULT_OUT if preset else None)
-    if out:
-        written = report.write_all(results, Path(out), plot=not args.no_plot)
-        for kind, where in written.items():
-            print(f"  {kind}: {where}")
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the report short
+    try:
+        print(report.summary(results))
+        if plan.preset == "default":
+            _print_main_job(results)
+        preset = plan.preset if plan.preset != "default" else None
+        out = args.out or (DEFAULT_OUT if preset else None)
+        if out:
+            written = report.write_all(results, Path(out), plot=not args.no_plot)
+            for kind, where in written.items():
+                print(f"  {kind}: {where}")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     if interrupted:
         return 130
     measured = [r["status"] == "ok" for r in results["results"] + results.get("all_pairs", [])]

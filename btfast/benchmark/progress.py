@@ -35,9 +35,11 @@ class Progress:
             print(message, file=self.stream, flush=True)
 
     def status(self, what: str) -> None:
-        """What runs now (shown on the bar; on a plain stream the cell's result line says it)."""
+        """What runs now: on the bar, or as a line of its own on a plain stream (a log shows every step that starts)."""
         if self.bar is not None:
             self.bar.set_description_str(what, refresh=True)
+        elif self.enabled:
+            print(f"  ... {what}", file=self.stream, flush=True)
 
     def advance(self, result: str) -> None:
         self.done += 1

@@ -60,12 +60,11 @@ def _compact(values: list[int]) -> str:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    env, plan, peak = results["environment"], results["plan"], results["gemm_peak"]
+    env, plan, peaks = results["environment"], results["plan"], results["gemm_peaks"]
     systems = plan["systems"]
     rows = _ok(results)
     speed = _speedups(results)
     commit = (env.get("commit") or "unknown")[:12] + (" (+ uncommitted changes)" if env.get("commit_dirty") else "")
-    peak_tf = peak["flops_per_s"] / 1e12
     lines = [
         f"# btfast benchmark ({plan['preset']}): {env['date'][:10]}, {env['device']}",
         "",
@@ -93,8 +92,10 @@ def markdown(results: dict[str, Any]) -> str:
             if plan.get("interleave")
             else "one system after another, each alone on the device."
         ),
-        f"- MFU = FLOPs per pair (from the config, `btfast/benchmark/flops.py`) × pairs/s ÷ the {peak['dtype']} "
-        f"GEMM peak measured in this run: **{peak_tf:.3g} TFLOP/s** ({peak['note']}).",
+        "- MFU = FLOPs per pair (from the config, `btfast/benchmark/flops.py`) × pairs/s ÷ the GEMM peak of the "
+        "system's dtype measured in this run: "
+        + "; ".join(f"**{p['flops_per_s'] / 1e12:.3g} TFLOP/s** ({p['note']})" for p in peaks.values())
+        + ".",
         "- Max error: largest |ITM logit − reference| over the batch; the reference is hf-eager-fp32 on the same "
         "inputs; rel = ÷ the largest |reference logit|. × HF = pairs/s ÷ hf-eager's in the same dtype.",
         "- Peak memory: "

@@ -35,6 +35,7 @@ import torch
 
 from btfast.benchmark import all_pairs, timing
 from btfast.benchmark.all_pairs import AllPairs
+from btfast.benchmark.device import device_name, device_slug
 from btfast.benchmark.flops import flops_per_pair
 from btfast.benchmark.progress import Progress
 from btfast.benchmark.systems import REFERENCE, Loaded, System, load, parse_system
@@ -83,6 +84,12 @@ class Plan:
     def models(self) -> list[str]:
         return list(dict.fromkeys(c.model for c in self.cells))
 
+    def dtypes(self) -> list[str]:
+        """The dtypes of the systems that run (and of the all-pairs scenario): the only ones the GEMM peak times."""
+        names = [s.dtype_name for s in self.systems if s.name not in self.skip]
+        names += [self.all_pairs.dtype] if self.all_pairs is not None else []
+        return list(dict.fromkeys(names))
+
     @property
     def cells_budget_s(self) -> float | None:
         """The part of --budget the cells share: all of it, less what is kept for the all-pairs scenario."""
@@ -123,9 +130,9 @@ def environment(device: torch.device) -> dict[str, Any]:
         commit, dirty = os.environ["BTFAST_COMMIT"], None
     env: dict[str, Any] = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "device": timing.device_name(device),
+        "device": device_name(device),
         "device_type": device.type,
-        "device_slug": timing.device_slug(device),
+        "device_slug": device_slug(device),
         "torch": torch.__version__,
         "triton": triton_version,
         "transformers": transformers.__version__,
@@ -190,11 +197,27 @@ class Runner:
         self.max_text: dict[str, int] = {}
         self.flops: dict[str, dict[str, Any]] = {}
         self.cell_wall: dict[tuple[Cell, str], float] = {}  # seconds each measured cell took, all calls
-        self.peak: timing.GemmPeak | None = None
+        self.peaks: dict[str, timing.GemmPeak] = {}  # dtype name -> its GEMM peak, for the dtypes this run uses
+        self._templates: dict[str, torch.nn.Module] = {}  # model name -> the built model every system copies
         self.env: dict[str, Any] | None = None
         self.all_pairs_rows: list[dict[str, Any]] = []  # one entry per model of the all-pairs scenario
 
     # -- bookkeeping ----------------------------------------------------------------------------------------------
+
+    def fresh(self, model_name: str) -> torch.nn.Module:
+        """A fresh copy of the model `model_name` with the run's random weights (built once: base takes ~20 s to
+        build on a CPU; a copy takes ~1 s)."""
+        import copy
+
+        from transformers import BridgeTowerForImageAndTextRetrieval
+
+        from btfast.testing import build
+
+        if model_name not in self._templates:
+            self.progress.note(f"building the {model_name} model (random weights, seed {self.plan.seed}) ...")
+            config = model_config(model_name)
+            self._templates[model_name] = build(BridgeTowerForImageAndTextRetrieval, config, seed=self.plan.seed)
+        return copy.deepcopy(self._templates[model_name])
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t_start
@@ -231,9 +254,11 @@ class Runner:
         """Run the plan and return every figure (see `snapshot`); Ctrl-C / SIGTERM leave a partial `snapshot()`."""
         plan = self.plan
         self.env = environment(plan.device)
-        self.progress.note(f"measuring the GEMM peak on {timing.device_name(plan.device)} ...")
-        self.peak = timing.measure_gemm_peak(plan.device)
-        self.progress.note(f"  {self.peak.dtype} GEMM peak: {self.peak.flops_per_s / 1e12:.3g} TFLOP/s")
+        for dtype in plan.dtypes():
+            n, iters = timing.gemm_size(plan.device, dtype)
+            self.progress.note(f"measuring the {dtype} GEMM peak ({5 * iters} {n}x{n} matmuls) ...")
+            self.peaks[dtype] = timing.measure_gemm_peak(plan.device, dtype)
+            self.progress.note(f"  {dtype} GEMM peak: {self.peaks[dtype].flops_per_s / 1e12:.3g} TFLOP/s")
         systems = sorted(plan.systems, key=lambda s: s.name != REFERENCE)  # the reference first, then as given
         runs = [(m, s) for m in plan.models() for s in systems]
         for i, model_name in enumerate(plan.models()):
@@ -308,7 +333,7 @@ class Runner:
                 notes=plan.notes + (["interrupted: the run was stopped before its end"] if interrupted else []),
                 all_pairs=None if plan.all_pairs is None else plan.all_pairs.as_dict(),
             ),
-            gemm_peak=self.peak.as_dict() if self.peak else dict(flops_per_s=float("nan"), dtype="?", note="not run"),
+            gemm_peaks={k: v.as_dict() for k, v in self.peaks.items()},
             flops_per_pair=self.flops,
             systems=self.system_info,
             results=self.rows,
@@ -321,16 +346,13 @@ class Runner:
 
     def _load(self, model_name: str, config: Any, system: System, cells: list[Cell]) -> Loaded | None:
         """A fresh model turned into `system`; None (and every cell recorded as an error) if that fails."""
-        from transformers import BridgeTowerForImageAndTextRetrieval
-
-        from btfast.testing import build
 
         plan = self.plan
         self.progress.note(f"building {system.name} ({model_name}) ...")
         try:
             loaded = load(
                 system,
-                lambda: build(BridgeTowerForImageAndTextRetrieval, config, seed=plan.seed),
+                lambda: self.fresh(model_name),
                 plan.device,
                 plan.compile_mode,
                 plan.compile_backend,
@@ -371,12 +393,12 @@ class Runner:
     def _warmups(self, system: System) -> int:
         return max(self.plan.warmup, 3) if system.compiles else self.plan.warmup  # graph trees record on call 2
 
-    def _record(self, cell: Cell, system: System, t: timing.Timing) -> float:
+    def _record(self, cell: Cell, system: System, t: timing.Timing, interrupted: bool = False) -> float:
         """Add the row of a measured cell; returns its median latency."""
         p50 = t.p50
         pairs_per_s = cell.batch / p50
         fpp = self.flops[f"{cell.model}/{cell.text_len}"]["total"]
-        peak = self.peak.flops_per_s if self.peak else float("nan")
+        peak = self.peaks[system.dtype_name].flops_per_s if system.dtype_name in self.peaks else float("nan")
         self._row(
             cell,
             system,
@@ -395,6 +417,7 @@ class Runner:
             gflop_per_pair=fpp / 1e9,
             mfu=fpp * pairs_per_s / peak,
             latencies_ms=[x * 1e3 for x in t.latencies],
+            interrupted=interrupted,
         )
         label = f"{system.name} {cell.model} L={cell.text_len} B={cell.batch}"
         self.progress.advance(f"{label}: {pairs_per_s:.4g} pairs/s (p50 {duration(p50)})")
@@ -487,7 +510,9 @@ class Runner:
                     continue
                 failures = 0
                 self.cell_wall[(cell, system.name)] = time.perf_counter() - t_cell
-                p50 = self._record(cell, system, t)
+                p50 = self._record(cell, system, t, t.interrupted)
+                if t.interrupted:
+                    raise KeyboardInterrupt
                 per_pair = p50 / cell.batch
                 first_extra = max(0.0, t.first_call_s - p50)
         finally:
@@ -569,7 +594,9 @@ class Runner:
         batches = {id(x): x.prepare(_slice(data[cell.text_len], cell.batch)) for x in runnable}
         first: dict[int, float] = {}
         failed: dict[int, tuple[str, str]] = {}
+        label = f"{cell.model} L={cell.text_len} B={cell.batch}"
         for x in runnable:  # warmups, one system at a time (compiles happen here)
+            self.progress.status(f"{label}: {self._warmups(x.system)} warmup call(s) of {x.system.name}")
             try:
                 with torch.no_grad():
                     t0 = time.perf_counter()
@@ -587,25 +614,36 @@ class Runner:
         lat: dict[int, list[float]] = {id(x): [] for x in live}
         mem: dict[int, int | None] = {id(x): None for x in live}
         spent = 0.0
-        for i in range(plan.repeats):
-            for x in list(live):
-                batch = batches[id(x)]
-                try:
-                    with torch.no_grad():
-                        seconds, added = timing.timed_call(lambda x=x, batch=batch: x.call(batch), plan.device)
-                except Exception as e:
-                    failed[id(x)] = ("oom" if _is_oom(e) else "error", _short(e))
-                    live.remove(x)
-                    continue
-                lat[id(x)].append(seconds)
-                spent += seconds
-                if added is not None:
-                    mem[id(x)] = max(mem[id(x)] or 0, added)
-            if plan.cell_seconds is not None and spent >= plan.cell_seconds * len(runnable) and i + 1 >= 3:
-                break
-            if plan.cells_budget_s is not None and self.elapsed() > plan.cells_budget_s and i + 1 < plan.repeats:
-                self.progress.note(f"budget spent: {cell} keeps {i + 1} timed round(s) of {plan.repeats}")
-                break
+        interrupted = False
+        if live:
+            self.progress.status(f"{label}: up to {plan.repeats} timed round(s) of {len(live)} system(s)")
+        try:
+            for i in range(plan.repeats):
+                for x in list(live):
+                    batch = batches[id(x)]
+                    try:
+                        with torch.no_grad():
+                            seconds, added = timing.timed_call(lambda x=x, batch=batch: x.call(batch), plan.device)
+                    except Exception as e:
+                        failed[id(x)] = ("oom" if _is_oom(e) else "error", _short(e))
+                        live.remove(x)
+                        continue
+                    lat[id(x)].append(seconds)
+                    spent += seconds
+                    if added is not None:
+                        mem[id(x)] = max(mem[id(x)] or 0, added)
+                if i == 0 and plan.repeats > 1:
+                    self.progress.status(f"{label}: first timed round took {duration(spent)}")
+                if plan.cell_seconds is not None and spent >= plan.cell_seconds * len(runnable) and i + 1 >= 3:
+                    break
+                if plan.cells_budget_s is not None and self.elapsed() > plan.cells_budget_s and i + 1 < plan.repeats:
+                    self.progress.note(f"budget spent: {cell} keeps {i + 1} timed round(s) of {plan.repeats}")
+                    break
+        except KeyboardInterrupt:  # keep the calls timed so far, then stop the run
+            interrupted = True
+            for x in live:
+                if not lat[id(x)]:
+                    failed[id(x)] = ("interrupted", "interrupted before a timed call")
         batches.clear()
         if failed and plan.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -623,9 +661,11 @@ class Runner:
                 lat[id(x)], first[id(x)], self._warmups(x.system), peak, kind, len(lat[id(x)]) < plan.repeats
             )
             self.cell_wall[(cell, name)] = first[id(x)] + sum(t.latencies) + t.p50 * (t.warmup - 1)
-            p50 = self._record(cell, x.system, t)
+            p50 = self._record(cell, x.system, t, interrupted)
             per_pair[name] = p50 / cell.batch
             first_extra[name] = max(0.0, t.first_call_s - p50)
+        if interrupted:
+            raise KeyboardInterrupt
 
     def _estimate(self, cell: Cell, per_pair: float | None, first_extra: float, warmup: int) -> float | None:
         """Seconds a cell will take: from this system's last cell (per pair, scaled to this batch), else what the
@@ -646,17 +686,13 @@ class Runner:
         self, model_name: str, config: Any, cells: list[Cell], data: dict[int, dict[str, torch.Tensor]]
     ) -> None:
         """hf-eager-fp32 logits (one untimed call per cell) where no hf-eager-fp32 system ran."""
-        from transformers import BridgeTowerForImageAndTextRetrieval
-
-        from btfast.testing import build
 
         todo = [c for c in cells if c.text_len in data and any(k[0] == c for k in self.logits)]
         if not todo:
             return
         self.progress.note(f"computing the {REFERENCE} reference logits ({model_name}, untimed) ...")
         ref = parse_system(REFERENCE)
-        seed = self.plan.seed
-        loaded = load(ref, lambda: build(BridgeTowerForImageAndTextRetrieval, config, seed=seed), self.plan.device)
+        loaded = load(ref, lambda: self.fresh(model_name), self.plan.device)
         try:
             for cell in todo:
                 try:

@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
+from btfast.benchmark.device import DTYPES
 from btfast.benchmark.timing import trim_heap
 
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 IMPLS = ("hf-eager", "hf-compile", "btfast")
 REFERENCE = "hf-eager-fp32"
 

@@ -9,13 +9,14 @@ capture) and reported apart from the steady-state figures, as gpt-fast does.
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from btfast.benchmark.device import DTYPES, emulated_reason, native
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -112,6 +113,7 @@ class Timing:
     peak_mem: int | None = None
     peak_mem_kind: str = ""
     capped: bool = False  # stopped before `repeats` because the cell's time cap was reached
+    interrupted: bool = False  # Ctrl-C / SIGTERM came during the timed calls: these are the ones done
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -158,56 +160,48 @@ def time_calls(
     mem = PeakMemory(device, memory_baseline)
     mem.reset()
     latencies: list[float] = []
-    capped = False
-    spent = 0.0
-    if device.type == "cuda":
+    capped = interrupted = False
+    try:
         for i in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize(device)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            latencies.append(start.elapsed_time(end) / 1e3)
-            spent += latencies[-1]
-            if max_seconds is not None and spent >= max_seconds and i + 1 >= min_repeats and i + 1 < repeats:
+            latencies.append(timed_call(fn, device, memory=False)[0])
+            if max_seconds is not None and sum(latencies) >= max_seconds and min_repeats <= i + 1 < repeats:
                 capped = True
                 break
-    else:
-        for i in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            latencies.append(time.perf_counter() - t0)
-            spent += latencies[-1]
-            if max_seconds is not None and spent >= max_seconds and i + 1 >= min_repeats and i + 1 < repeats:
-                capped = True
-                break
-    return Timing(latencies, first, warmup, mem.peak(), mem.kind, capped)
+    except KeyboardInterrupt:  # keep what was timed (the caller records it and stops)
+        if not latencies:
+            raise
+        interrupted = True
+    return Timing(latencies, first, warmup, mem.peak(), mem.kind, capped, interrupted)
 
 
-def timed_call(fn: Callable[[], Any], device: torch.device) -> tuple[float, int | None]:
-    """One call timed alone: (seconds, bytes the call added at its peak over what was in use before it).
+def timed_call(fn: Callable[[], Any], device: torch.device, memory: bool = True) -> tuple[float, int | None]:
+    """One call timed alone: (seconds, bytes the call added at its peak over what was in use before it, or None
+    when `memory` is off or unavailable).
 
     CUDA: events after a synchronize, and `max_memory_allocated` - `memory_allocated` before. CPU:
-    `perf_counter`, and the peak resident set size (VmHWM, reset first) - RSS before (None if unavailable).
+    `perf_counter`, and the peak resident set size (VmHWM, reset first) - RSS before.
     """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
+        if memory:
+            torch.cuda.reset_peak_memory_stats(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
         end.record()
         end.synchronize()
-        return start.elapsed_time(end) / 1e3, torch.cuda.max_memory_allocated(device) - before
-    trim_heap()
-    mem = PeakMemory(device, rss_bytes())
-    mem.reset()
+        added = torch.cuda.max_memory_allocated(device) - before if memory else None
+        return start.elapsed_time(end) / 1e3, added
+    mem = None
+    if memory:
+        trim_heap()
+        mem = PeakMemory(device, rss_bytes())
+        mem.reset()
     t0 = time.perf_counter()
     fn()
     seconds = time.perf_counter() - t0
-    return seconds, mem.peak()
+    return seconds, None if mem is None else mem.peak()
 
 
 # -- the GEMM peak ----------------------------------------------------------------------------------------------
@@ -215,7 +209,7 @@ def timed_call(fn: Callable[[], Any], device: torch.device) -> tuple[float, int 
 
 @dataclass
 class GemmPeak:
-    """The best matmul throughput seen in this run: the denominator of MFU."""
+    """The best matmul throughput seen in this run in one dtype: the denominator of that dtype's MFU."""
 
     flops_per_s: float
     dtype: str
@@ -227,24 +221,23 @@ class GemmPeak:
         return dict(flops_per_s=self.flops_per_s, dtype=self.dtype, n=self.n, device=self.device, note=self.note)
 
 
-def measure_gemm_peak(device: torch.device, dtype: torch.dtype | None = None, n: int | None = None) -> GemmPeak:
-    """Square n×n matmuls back to back; the best of 5 rounds. CUDA: bf16, n = 8192; CPU: fp32, n = 2048 (and, for
-    the note only, bf16: a CPU with bf16 units runs it faster, so bf16 systems can pass 100 % MFU there)."""
-    on_cuda = device.type == "cuda"
-    dtype = dtype or (torch.bfloat16 if on_cuda else torch.float32)
-    n = n or (8192 if on_cuda else 2048)
-    iters = 20 if on_cuda else 2
-    best = _gemm_rate(device, dtype, n, iters)
-    name = str(dtype).replace("torch.", "")
-    what = "bf16 GEMM peak" if dtype == torch.bfloat16 else f"{name} GEMM peak"
-    note = f"{what}: best of 5 rounds of {iters} {n}x{n} matmuls (torch.matmul) in this run"
-    if not on_cuda and dtype == torch.float32:
-        bf16 = _gemm_rate(device, torch.bfloat16, n, iters)
-        note += (
-            f"; on CPU MFU is against this fp32 peak (bf16 matmuls here: {bf16 / 1e9:.3g} GFLOP/s, so bf16 "
-            "systems can exceed 100 %; so can fp32 ones when other work slowed this measurement)"
-        )
-    return GemmPeak(best, name, n, device.type, note)
+def gemm_size(device: torch.device, dtype: str) -> tuple[int, int]:
+    """(n, matmuls per round) of the peak measurement: big enough to saturate the device, short on a CPU (an emulated
+    half precision gets n = 256: a 1024² bf16 matmul takes seconds on an AVX2 core)."""
+    if device.type == "cuda":
+        return 8192, 20
+    return (1024, 3) if native(device, dtype) else (256, 3)
+
+
+def measure_gemm_peak(device: torch.device, dtype: str, n: int | None = None) -> GemmPeak:
+    """Square n×n matmuls of `dtype` (fp32, bf16, fp16) back to back; the best of 5 rounds (see `gemm_size`)."""
+    size, iters = gemm_size(device, dtype)
+    n = n or size
+    best = _gemm_rate(device, DTYPES[dtype], n, iters)
+    note = f"{dtype} GEMM peak: best of 5 rounds of {iters} {n}x{n} matmuls (torch.matmul) in this run"
+    if not native(device, dtype):
+        note += f"; {emulated_reason(dtype)}"
+    return GemmPeak(best, dtype, n, device.type, note)
 
 
 def _gemm_rate(device: torch.device, dtype: torch.dtype, n: int, iters: int, rounds: int = 5) -> float:
@@ -273,32 +266,3 @@ def _gemm_rate(device: torch.device, dtype: torch.dtype, n: int, iters: int, rou
                 seconds = time.perf_counter() - t0
             best = max(best, 2 * n**3 * iters / seconds)
     return best
-
-
-# -- device description -----------------------------------------------------------------------------------------
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = "CPU"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    n = torch.get_num_threads()
-    return f"{model} ({n} thread{'s' if n != 1 else ''})"
-
-
-def device_slug(device: torch.device) -> str:
-    """A short file-name tag: 'cpu', or the GPU model ('h100', 'a100', ...) where recognisable."""
-    if device.type != "cuda":
-        return "cpu"
-    name = torch.cuda.get_device_name(device).lower()
-    m = re.search(r"\b([ahlbv]\d{2,3}[a-z]?|gb?\d{3}|rtx ?\d{4}|mi\d{3}x?)\b", name)
-    tag = m.group(1) if m else name
-    return re.sub(r"[^a-z0-9]+", "-", tag).strip("-") or "gpu"
