@@ -1,46 +1,45 @@
 #!/usr/bin/env bash
-# The one script a GPU session runs: versions and nvidia-smi, the tests that exercise CUDA, then the GPU preset of
-# `btfast bench` (base and large, HF eager fp32/bf16, torch.compile max-autotune, btfast fp32/bf16, and all pairs:
-# 64 images x 64 texts at base, pair by pair against btfast's encode-once dedup). Installs
-# nothing; about 8 minutes at most on an H100 (tests <= TEST_TIMEOUT, benchmark <= BENCH_TIMEOUT; the benchmark
-# has its own time budget and, if stopped, still writes what it measured).
+# The device script. A task gets 15 minutes of device time in all (machine start 1-2 min, every call, idle time);
+# one call may run 600 s. Run from the repo root on the device machine (the tree comes without .git: pass the
+# commit in). Installs nothing.
 #
-# From the repo root on the device machine (the tree is copied without .git: pass the commit in):
-#     BTFAST_COMMIT=<output of `git rev-parse HEAD` here> bash bench/gpu.sh
-# Writes under $OUT (6 files, 1 folder deep):
-#     env.txt       date, commit, Python / torch / triton / transformers versions, nvidia-smi, CPU, memory
-#     pytest.log    pytest on CUDA of the tests that exercise it ($CUDA_TESTS: kernels, the Triton engine, the
-#                   kernel race, runtime, half precision, bench/; benchmarks run once, untimed); the rest is
-#                   device-independent and runs on the CPU machine
-#     bench.log     the benchmark's progress lines and summary
-#     results/<date>-<gpu>-gpu.{json,md,png}    every figure; copy these into bench/results/ and commit them,
-#                   and put the .md's pairs/s table (with its date and device) in README.
-# Knobs (environment): PYTHON (a python with torch + CUDA; default: the first of python3 / python that has it),
-# TEST_TIMEOUT (s, default 180), BENCH_TIMEOUT (s, default 300; the benchmark's own budget is BENCH_BUDGET, default
-# 260 s, so it ends and writes before the timeout), BENCH_ARGS (more `btfast bench` options,
-# e.g. "--model base" or "--budget 200"), SKIP_TESTS=1 (benchmark only), KERNEL_BENCH=1 (also run
-# bench/kernels_bench.py: +2 files, results/kernels.json and kernels.log; KERNEL_TIMEOUT, default 90 s).
+#   BTFAST_COMMIT=$(git rev-parse HEAD) bash bench/gpu.sh           first call: the headline (planned device time: 290 s)
+#   BTFAST_COMMIT=$(git rev-parse HEAD) bash bench/gpu.sh sweep     second call, only if time is left (<= 420 s)
+#   bash bench/gpu.sh tests                                         the CUDA tests (<= 300 s)
+#
+# headline: `btfast bench --preset headline`: smoke checks (Triton kernels against torch at the model's shapes,
+#   btfast against HF eager in bf16, a CUDA-graph replay against an eager call; a failure is reported and the
+#   benchmark goes on), then base, bf16, text 40, batch 128 and 1: hf-eager, hf-compile (max-autotune, batch 128),
+#   btfast default / kernels=False / kernels="all", timed rounds interleaved; build time apart; MFU against the
+#   published bf16 peak and a GEMM peak measured in the run; error against hf-eager-fp32; a profiler split of
+#   btfast at batch 128 and the kernel race's verdicts. Stopped at BENCH_TIMEOUT (default 270 s), it still writes
+#   what it measured (SIGTERM), so a machine start, this call and a rerun fit one lease.
+# sweep: `--preset gpu` (base and large, fp32 and bf16, the 16/64/512 sweep, all pairs) and hf-compile at batch 1.
+#
+# Writes under $OUT (headline: 5 files): env.txt, bench.log, <date>-<gpu>-<preset>.{json,md,png}. Copy the JSON,
+# Markdown and PNG into bench/results/ and commit them; the .md's table goes to README.
+# Triton and inductor caches live in .cache/ of this tree (git-ignored): a rerun on a warm machine reuses them.
+# Knobs: PYTHON (a python with torch; default: the first of python3 / python that has it), BENCH_TIMEOUT (s),
+# BENCH_ARGS (more `btfast bench` options; CI's CPU dry run: "--model tiny --device cpu --compile-backend eager").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 OUT=${OUT:?"set OUT to the folder that comes back"}
-mkdir -p "$OUT/results"
-TEST_TIMEOUT=${TEST_TIMEOUT:-180}
-BENCH_TIMEOUT=${BENCH_TIMEOUT:-300}
+MODE=${1:-headline}
+mkdir -p "$OUT" "$ROOT/.cache"
 T0=$(date +%s)
 say() { echo "[gpu.sh +$(( $(date +%s) - T0 ))s] $*"; }
 
-# -- a python with torch (never the CPU-only .venv of the development machine) --------------------------------
 PY=""
 for cand in ${PYTHON:-} python3 python; do
   if command -v "$cand" >/dev/null 2>&1 && "$cand" -c "import torch" >/dev/null 2>&1; then PY=$(command -v "$cand"); break; fi
 done
-if [ -z "$PY" ]; then say "no python with torch found (tried: ${PYTHON:-} python3 python)"; exit 1; fi
+[ -n "$PY" ] || { say "no python with torch found (tried: ${PYTHON:-} python3 python)"; exit 1; }
 
-# -- btfast from this tree, without installing it: kernels/ is the package btfast.kernels (setup.py maps it) --
+# btfast from this tree, uninstalled: kernels/ is the package btfast.kernels (as setup.py maps it)
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 if ! "$PY" -c "import btfast.kernels" >/dev/null 2>&1; then
-  SHIM=$(mktemp -d)
+  SHIM="$ROOT/.cache/shim"; mkdir -p "$SHIM"
   cat > "$SHIM/sitecustomize.py" <<EOF
 # written by bench/gpu.sh: maps btfast.kernels to $ROOT/kernels, as the editable install does
 import importlib.util, sys
@@ -57,75 +56,47 @@ sys.meta_path.insert(0, _BtfastKernels)
 EOF
   export PYTHONPATH="$PYTHONPATH:$SHIM"
 fi
-unset TRITON_INTERPRET  # the kernels run for real on the GPU
+unset TRITON_INTERPRET  # the kernels run for real on a GPU
+export TRITON_CACHE_DIR="$ROOT/.cache/triton" TORCHINDUCTOR_CACHE_DIR="$ROOT/.cache/inductor"
 
-# -- environment ------------------------------------------------------------------------------------------------
 {
-  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "commit: ${BTFAST_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
-  echo "python: $PY"
-  "$PY" - <<'EOF'
-import importlib, platform
-print("python", platform.python_version(), platform.platform())
-for name in ("torch", "triton", "transformers", "btfast", "pytest", "pytest_benchmark", "matplotlib", "tqdm", "numpy"):
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ) mode: $MODE commit: ${BTFAST_COMMIT:-unknown} python: $PY"
+  "$PY" -c "
+import importlib, torch
+for m in ('torch', 'triton', 'transformers', 'matplotlib'):
     try:
-        print(f"{name:18s}", getattr(importlib.import_module(name), "__version__", "?"))
+        print(m, importlib.import_module(m).__version__)
     except Exception as e:
-        print(f"{name:18s} MISSING ({type(e).__name__}: {e})")
-import torch
-print("cuda available", torch.cuda.is_available(), "cuda", torch.version.cuda,
-      "device", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
-try:
-    import btfast.kernels  # noqa: F401
-    print("btfast.kernels importable")
-except Exception as e:
-    print("btfast.kernels NOT importable:", type(e).__name__, e)
-EOF
-  echo "nproc: $(nproc)"; free -g 2>/dev/null | head -2
-  nvidia-smi 2>&1 || echo "nvidia-smi failed"
+        print(m, 'MISSING', type(e).__name__, e)
+print('cuda', torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')"
+  echo "nproc: $(nproc)"
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv 2>&1 || true
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-# -- tests on CUDA ----------------------------------------------------------------------------------------------
-# only those that exercise CUDA (the whole suite does not fit TEST_TIMEOUT), end to end first (if the timeout cuts
-# the run, the kernels' own real-shape tests, slow to autotune, are what is lost); the glob is expanded here
-CUDA_TESTS=()
-for t in tests/test_engine_triton.py tests/test_runtime.py tests/test_kernel_race.py tests/test_half_precision.py tests/test_kernels_*.py bench; do
-  [ -e "$t" ] && CUDA_TESTS+=("$t")
-done
-if [ "${SKIP_TESTS:-0}" != "1" ] && [ ${#CUDA_TESTS[@]} -gt 0 ]; then
-  ADDOPTS=()
-  if ! "$PY" -c "import pytest_benchmark" >/dev/null 2>&1; then
-    # pytest.ini passes --benchmark-disable, which pytest rejects without the plugin; bench/ suites then skip
-    ADDOPTS=(-o "addopts=-p no:cacheprovider")
-    echo "pytest-benchmark missing: running without pytest.ini's addopts" >> "$OUT/pytest.log"
-  fi
-  say "pytest of the CUDA tests (at most ${TEST_TIMEOUT}s): ${CUDA_TESTS[*]} ..."
-  timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -q -rs --durations=15 ${ADDOPTS[@]+"${ADDOPTS[@]}"} \
-    "${CUDA_TESTS[@]}" >> "$OUT/pytest.log" 2>&1
-  rc=$?
-  say "pytest exit status $rc$([ $rc -eq 124 ] && echo ' (timed out)')"
-  tail -n 40 "$OUT/pytest.log"
-fi
+bench() {  # bench TIMEOUT ARGS...: btfast bench with its log in $OUT/bench.log; SIGTERM at TIMEOUT writes what it has
+  local limit=$1; shift
+  say "btfast bench $* (at most ${limit}s) ..."
+  # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
+  BTFAST_COMMIT=${BTFAST_COMMIT:-} timeout -k 20 "$limit" "$PY" -m btfast.cli bench "$@" --out "$OUT" ${BENCH_ARGS:-} \
+    >> "$OUT/bench.log" 2>&1
+  local rc=$?
+  say "bench exit status $rc$([ $rc -eq 124 ] && echo ' (timed out: partial results written)')"
+  tail -n 40 "$OUT/bench.log"
+  return $rc
+}
 
-# -- the GPU preset of the benchmark ----------------------------------------------------------------------------
-say "btfast bench --preset gpu (at most ${BENCH_TIMEOUT}s) ..."
-# shellcheck disable=SC2086  # BENCH_ARGS is a list of options
-# (stdout is a file: progress comes as one line per cell, no bar)
-timeout -k 15 "$BENCH_TIMEOUT" "$PY" -m btfast.cli bench --preset gpu --budget "${BENCH_BUDGET:-260}" --out "$OUT/results" \
-  ${BENCH_ARGS:-} \
-  > "$OUT/bench.log" 2>&1
-rc=$?
-say "bench exit status $rc$([ $rc -eq 124 ] && echo ' (timed out)')"
-tail -n 60 "$OUT/bench.log"
-for md in "$OUT"/results/*.md; do [ -f "$md" ] && sed -n '1,/^## All figures/p' "$md"; done
-
-# -- optional: the kernels' micro-benchmarks (bench/kernels_bench.py), one more JSON ----------------------------
-if [ "${KERNEL_BENCH:-0}" = "1" ] && [ -f bench/kernels_bench.py ]; then
-  say "kernels_bench.py (at most ${KERNEL_TIMEOUT:-90}s) ..."
-  timeout -k 10 "${KERNEL_TIMEOUT:-90}" "$PY" bench/kernels_bench.py --out "$OUT/results/kernels.json" \
-    > "$OUT/kernels.log" 2>&1
-  say "kernels_bench exit status $?"; tail -n 30 "$OUT/kernels.log"
-fi
-ls -la "$OUT" "$OUT/results"
+case "$MODE" in
+  headline) bench "${BENCH_TIMEOUT:-270}" --preset headline ;;
+  sweep)
+    bench "${BENCH_TIMEOUT:-300}" --preset gpu --budget 260
+    bench 120 --systems hf-eager-bf16,hf-compile-bf16 --batch-sizes 1 ;;  # hf-compile at batch 1: <date>-<gpu>-default.*
+  tests)
+    timeout -k 10 "${BENCH_TIMEOUT:-280}" "$PY" -m pytest -q -rs -o "addopts=-p no:cacheprovider" \
+      tests/test_engine_triton.py tests/test_runtime.py tests/test_kernel_race.py tests/test_half_precision.py \
+      tests/test_kernels_*.py > "$OUT/pytest.log" 2>&1
+    say "pytest exit status $?"; tail -n 30 "$OUT/pytest.log" ;;
+  *) say "unknown mode $MODE (headline, sweep or tests)"; exit 2 ;;
+esac
+for md in "$OUT"/*.md; do [ -f "$md" ] && sed -n '1,/^## All figures/p' "$md"; done
 say "done"

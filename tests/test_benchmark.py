@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -525,3 +528,54 @@ def test_cell_estimates() -> None:
     assert runner._estimate(cell, None, 0.0, 1) == 9.0  # the reference
     # own last cell: 0.1 s per pair → 0.8 s per call; 1 warmup + 10 timed calls capped at 2 s (≥ 3 calls) + extra
     assert runner._estimate(cell, 0.1, 0.5, 1) == pytest.approx(0.8 + 2.4 + 0.5)
+
+
+def test_first_contact_script_cpu_dry_run(tmp_path) -> None:
+    """bench/gpu.sh, the first GPU call, on CPU with the tiny model: every headline field is in its JSON, so that
+    call cannot die of a typo; its planned device time (header) fits a 15-minute lease with a machine start and a
+    rerun."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu.sh"
+    planned = re.search(r"planned device time: (\d+) s", script.read_text())
+    assert planned and int(planned.group(1)) <= 300
+    args = "--model tiny --device cpu --compile-backend eager --batch-sizes 1,2 --no-plot"
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, BENCH_ARGS=args)
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) <= 8 and "env.txt" in files and "bench.log" in files
+    (json_file,) = tmp_path.glob("*-cpu-headline.json")
+    data = json.loads(json_file.read_text())
+    assert [c["check"] for c in data["smoke"]] == ["kernels", "engine", "graphs"]
+    assert {c["status"] for c in data["smoke"]} <= {"ok", "skipped"} and data["smoke"][1]["status"] == "ok"
+    names = ["hf-eager-bf16", "hf-compile-bf16", "btfast-bf16", "btfast-torch-bf16", "btfast-triton-bf16"]
+    assert data["plan"]["systems"] == names and data["plan"]["interleave"]
+    ok = {(r["system"], r["batch"]): r for r in data["results"] if r["status"] == "ok"}
+    assert set(ok) == {(n, b) for n in names for b in (1, 2)} - {("hf-compile-bf16", 1)}  # compile: largest batch
+    for r in ok.values():
+        for key in ("pairs_per_s", "p50_ms", "p99_ms", "first_call_s", "mfu", "max_abs_err", "max_rel_err"):
+            assert r[key] is not None and math.isfinite(r[key]), (r["system"], key)
+        assert "mfu_published" in r  # None off a known GPU
+    assert "published_bf16_flops_per_s" in data and data["gemm_peaks"]["bf16"]["flops_per_s"] > 0
+    for name in names:
+        assert data["systems"][name]["build_s"]["tiny"] >= 0
+    for name in names[2:]:
+        race = data["systems"][name]["race"]["tiny"]
+        assert {"note", "laps", "off"} <= set(race)
+    (prof,) = data["profiles"].values()
+    assert prof["cell"]["batch"] == 2 and {"gemm", "idle"} <= set(prof["categories"]) and prof["gemm"]
+    assert sum(c["share"] for c in prof["categories"].values()) == pytest.approx(1.0)
+    md = json_file.with_suffix(".md").read_text()
+    for section in ("## Smoke checks", "## Build time", "## Where the time goes", "## Kernel race"):
+        assert section in md
+
+
+@pytest.mark.parametrize(
+    ("name", "want"),
+    [("aten::addmm", "gemm"), ("sm90_xmma_gemm_bf16bf16_bf16f32", "gemm"), ("_attention_fwd_kernel", "attention"),
+     ("triton_per_fused_add_native_layer_norm_3", "add/layernorm"), ("aten::copy_", "copies"),
+     ("triton_poi_fused_gelu_2", "pointwise"), ("aten::_softmax", "attention")],
+)  # fmt: skip
+def test_profile_categories(name: str, want: str) -> None:
+    from btfast.benchmark.headline import category
+
+    assert category(name) == want

@@ -169,6 +169,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch.compile mode of the hf-compile systems (default: max-autotune)",
     )
     t.add_argument(
+        "--compile-backend",
+        default="inductor",
+        metavar="NAME",
+        help="torch.compile backend of the hf-compile systems (default: inductor; `eager` only traces, as CI's dry "
+        "runs do)",
+    )
+    t.add_argument(
         "--interleave",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -193,10 +200,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--preset",
-        choices=["gpu", "quick"],
+        choices=["headline", "gpu", "quick"],
         default=None,
-        help="gpu: the full GPU sweep (base and large, batch 1..256, text 16/40/64 and 512), about "
-        "5 minutes on an H100; quick: same as --quick",
+        help="headline: the first GPU call (smoke checks; base, bf16, text 40, batch 1 and 128: hf-eager, hf-compile "
+        "at 128, btfast default / kernels=False / kernels='all'; a profile of btfast at 128; the kernel race's "
+        "verdicts), about 4 minutes; gpu: the full GPU sweep (base and large, batch 1..256, text 16/40/64 and 512), "
+        "about 5 minutes on an H100; quick: same as --quick",
     )
     p.add_argument(
         "--out",
@@ -250,7 +259,12 @@ def build_plan(args: argparse.Namespace) -> Any:
         low = args.dtype or "bf16"
         systems = parse_systems(args.systems, low) if args.systems else comparison(low)
         texts = [16] if models == ["tiny"] else [16, 40, 64] if cuda and preset == "quick" else [40]
-        if preset == "quick":
+        if preset == "headline":
+            names = ["hf-eager", "hf-compile", "btfast", "btfast-torch", "btfast-triton"]
+            systems = parse_systems(args.systems or ",".join(names), low)
+            batches = [1, 128]
+            warmup, repeats, budget, cell_s = (3, 20, None, 2.0) if cuda else (1, 3, None, None)
+        elif preset == "quick":
             batches = [1, 8, 32, 128] if cuda else [1, 2]
             warmup, repeats, budget, cell_s = (3, 10, 240.0, 2.0) if cuda else (1, 2, 270.0, None)
         else:
@@ -267,7 +281,7 @@ def build_plan(args: argparse.Namespace) -> Any:
         raise ValueError("--repeats must be ≥ 1 and --warmup ≥ 0")
 
     emulated = {} if cuda else {d: emulated_reason(d) for d in ("bf16", "fp16") if not native(device, d)}
-    asked = {args.dtype} if args.dtype else set()  # a dtype asked for by name runs, emulated or not
+    asked = {args.dtype or low} if args.dtype or preset == "headline" else set()  # asked for by name: runs
     pairs_dtype = low
     if low in emulated and low not in asked and not args.systems:
         pairs_dtype = "fp32"
@@ -295,6 +309,13 @@ def build_plan(args: argparse.Namespace) -> Any:
                     "(minutes each)",
                 )
         notes.append("text 512 is a stress case (the position table's limit), at a few batch sizes")
+    elif preset == "headline":
+        cells = _cells(models, args.text_lengths or texts, batches)
+        top = {c for c in cells if c.batch == max(batches)}
+        for s in systems:
+            if s.compiles:
+                only[s.name] = (top, f"hf-compile runs at batch {max(batches)} in this call (max-autotune compiles "
+                                "every shape anew); batch 1 runs in the second call (bench/gpu.sh sweep)")  # fmt: skip
     elif preset == "quick" and cuda and args.batch_sizes is None and args.text_lengths is None and models != ["tiny"]:
         cells = [Cell(m, 40, b) for m in models for b in batches]
         cells += [Cell(m, t, 32) for m in models for t in (16, 64)]
@@ -310,7 +331,13 @@ def build_plan(args: argparse.Namespace) -> Any:
     for s in systems:
         if s.dtype_name in emulated and s.dtype_name not in asked and not explicit:
             skip[s.name] = f"{emulated[s.dtype_name]}; ask for it with --dtype {s.dtype_name} or --systems to run it"
-        elif s.compiles and not cuda and preset == "quick" and not explicit:
+        elif (
+            s.compiles
+            and not cuda
+            and preset in ("quick", "headline")
+            and not explicit
+            and args.compile_backend == "inductor"
+        ):
             skip[s.name] = (
                 f"torch.compile(mode={args.compile_mode!r}) on CPU autotunes every GEMM with inductor's C++ "
                 "backend on the CPU's cores: a trial on a 2-core CPU took over 2 minutes for the tiny "
@@ -332,7 +359,10 @@ def build_plan(args: argparse.Namespace) -> Any:
         cell_seconds=cell_s,
         budget_s=budget,
         compile_mode=args.compile_mode,
-        interleave=(not cuda) if args.interleave is None else args.interleave,
+        compile_backend=args.compile_backend,
+        interleave=(not cuda or preset == "headline") if args.interleave is None else args.interleave,
+        smoke=low if preset == "headline" else None,
+        profile=next((s.name for s in systems if s.impl == "btfast"), None) if preset == "headline" else None,
         seed=args.seed,
         preset=label,
         skip=skip,
@@ -356,7 +386,7 @@ def _all_pairs_spec(
     from btfast.benchmark.all_pairs import AllPairs
 
     asked = args.all_pairs  # False: not given; None: off; (N, M)
-    if asked is None or (asked is False and preset is None):
+    if asked is None or (asked is False and preset in (None, "headline")):
         return None
     text_len, batch, on = texts[0], max(batches), list(models)
     if preset == "gpu":
@@ -455,7 +485,7 @@ def _print_main_job(results: dict[str, Any]) -> None:
     """The README's main job: for each cell, btfast ÷ HF eager and the ITM logits' max relative difference."""
     rows = [r for r in results["results"] if r["status"] == "ok"]
     for r in rows:
-        if r["impl"] != "btfast":
+        if not r["impl"].startswith("btfast"):
             continue
         hf = next(
             (

@@ -41,6 +41,10 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f}%"
+
+
 def _speedups(results: dict[str, Any]) -> dict[tuple[str, int, int, str], float]:
     """pairs/s of each row ÷ that of hf-eager in the same dtype on the same cell."""
     rows = _ok(results)
@@ -145,8 +149,8 @@ def markdown(results: dict[str, Any]) -> str:
         "## All figures",
         "",
         "| model | text | batch | system | pairs/s | × HF | p50 ms | p99 ms | first call s | peak mem MiB | MFU "
-        "| max abs err | max rel err | runs |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| MFU (published peak) | max abs err | max rel err | runs |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     order = {s: i for i, s in enumerate(systems)}
     for r in sorted(rows, key=lambda r: (r["model"], r["text_len"], r["batch"], order.get(r["system"], 99))):
@@ -156,10 +160,12 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {r['model']} | {r['text_len']} | {r['batch']} | {r['system']} | {_fmt(r['pairs_per_s'])} | "
             f"{'—' if sp is None else f'{sp:.2f}×'} | {_fmt(r['p50_ms'])} | {_fmt(r['p99_ms'])} | "
             f"{_fmt(r['first_call_s'])} | {'—' if mem is None else f'{mem:.0f}'} | {100 * r['mfu']:.1f}% | "
+            f"{_pct(r.get('mfu_published'))} | "
             f"{_fmt(r.get('max_abs_err'), 2)} | {_fmt(r.get('max_rel_err'), 2)} | {r['repeats']} |"
         )
 
     lines += all_pairs.markdown(results.get("all_pairs", []))
+    lines += _headline(results)
 
     skipped: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in results["results"]:
@@ -182,6 +188,45 @@ def markdown(results: dict[str, Any]) -> str:
                 built = info["build_s"].get(model, 0)
                 lines += [f"{name} ({model}, built in {built:.1f} s):", "", "```text", text, "```", ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _headline(results: dict[str, Any]) -> list[str]:
+    """The sections of the headline preset: smoke checks, build times, the profile split, the kernel race."""
+    lines: list[str] = []
+    if results.get("smoke"):
+        lines += ["", "## Smoke checks", ""]
+        lines += [f"- **{c['check']}**: {c['status']} ({c['detail']}; {c['seconds']:.1f} s)" for c in results["smoke"]]
+    systems = results["systems"]
+    if systems:
+        lines += ["", "## Build time (apart from the steady-state figures)", ""]
+        lines += ["| system | model | build s (load, optimize: the kernel race) | first call s per batch |"]
+        lines += ["|---|---|---:|---|"]
+        for name, info in systems.items():
+            for model, built in info["build_s"].items():
+                firsts = [r for r in _ok(results) if (r["system"], r["model"]) == (name, model)]
+                firsts.sort(key=lambda r: r["batch"])
+                first = ", ".join(f"{r['batch']}: {r['first_call_s']:.3g}" for r in firsts)
+                lines.append(f"| {name} | {model} | {built:.3g} | {first or '—'} |")
+    for key, prof in results.get("profiles", {}).items():
+        lines += ["", f"## Where the time goes: {key}, batch {prof['cell']['batch']}", ""]
+        if "error" in prof:
+            lines.append(f"Not profiled: {prof['error']}")
+            continue
+        lines += [f"One call, {prof['wall_ms']:.4g} ms wall; {prof['source']}.", "", "| category | ms | share |"]
+        lines += ["|---|---:|---:|"]
+        lines += [f"| {k} | {v['ms']:.4g} | {_pct(v['share'])} |" for k, v in prof["categories"].items()]
+        lines += ["", "| GEMM (M×N×K or kernel) | ms | calls |", "|---|---:|---:|"]
+        lines += [f"| {g['what']} | {g['ms']:.4g} | {g['calls']} |" for g in prof["gemm"]]
+    for name, info in systems.items():
+        for model, race in info.get("race", {}).items():
+            lines += ["", f"## Kernel race: {name}, {model}", "", race["note"]]
+            if race["laps"]:
+                lines += ["", "| op | Triton ms | torch ms | speed-up | serves |", "|---|---:|---:|---:|---|"]
+                for op, lap in race["laps"].items():
+                    lines.append(f"| {op} | {lap['triton_ms']:.4g} | {lap['torch_ms']:.4g} | {lap['speedup']:.2f}× | "
+                                 f"{'Triton' if lap['serves'] else 'torch'} |")  # fmt: skip
+            lines += [f"- {op} off: {why}" for op, why in race["off"].items()]
+    return lines
 
 
 def write_markdown(results: dict[str, Any], path: Path) -> Path:

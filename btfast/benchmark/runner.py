@@ -33,9 +33,9 @@ from typing import Any
 
 import torch
 
-from btfast.benchmark import all_pairs, timing
+from btfast.benchmark import all_pairs, headline, timing
 from btfast.benchmark.all_pairs import AllPairs
-from btfast.benchmark.device import device_name, device_slug
+from btfast.benchmark.device import device_name, device_slug, published_bf16_flops
 from btfast.benchmark.flops import flops_per_pair
 from btfast.benchmark.progress import Progress
 from btfast.benchmark.systems import REFERENCE, Loaded, System, load, parse_system
@@ -80,6 +80,8 @@ class Plan:
     interleave: bool = False  # all systems loaded at once, calls interleaved (see Runner._run_interleaved)
     notes: list[str] = field(default_factory=list)
     all_pairs: AllPairs | None = None  # the N images × M texts scenario, run after every cell (see all_pairs.py)
+    smoke: str | None = None  # run headline.smoke in this dtype before any timing
+    profile: str | None = None  # the system whose call at its model's largest cell headline.profile splits
 
     def models(self) -> list[str]:
         return list(dict.fromkeys(c.model for c in self.cells))
@@ -201,6 +203,9 @@ class Runner:
         self._templates: dict[str, torch.nn.Module] = {}  # model name -> the built model every system copies
         self.env: dict[str, Any] | None = None
         self.all_pairs_rows: list[dict[str, Any]] = []  # one entry per model of the all-pairs scenario
+        self.smoke: list[dict[str, Any]] = []
+        self.profiles: dict[str, dict[str, Any]] = {}  # "<model>/<system>" -> headline.profile's split
+        self.published = published_bf16_flops(device_name(plan.device)) if plan.device.type == "cuda" else None
 
     # -- bookkeeping ----------------------------------------------------------------------------------------------
 
@@ -247,13 +252,21 @@ class Runner:
         """A system's weight in the budget: 0 if skipped, 2 if it compiles (hf-compile; btfast on CUDA), else 1."""
         if system.name in self.plan.skip:
             return 0
-        compiles = system.compiles or (system.impl == "btfast" and self.plan.device.type == "cuda")
+        compiles = system.compiles or (system.is_btfast and self.plan.device.type == "cuda")
         return 2 if compiles else 1
 
     def run(self) -> dict[str, Any]:
         """Run the plan and return every figure (see `snapshot`); Ctrl-C / SIGTERM leave a partial `snapshot()`."""
         plan = self.plan
         self.env = environment(plan.device)
+        if plan.smoke is not None:
+            model_name = plan.models()[0]
+            cell = next(c for c in plan.cells if c.model == model_name)
+            self.progress.status(f"smoke checks ({model_name}, {plan.smoke}, text {cell.text_len}, batch 2)")
+            inputs = _inputs(model_config(model_name), 2, cell.text_len, plan.seed)
+            self.smoke = headline.smoke(lambda: self.fresh(model_name), inputs, plan.device, plan.smoke)
+            for check in self.smoke:
+                self.progress.note(f"  smoke {check['check']}: {check['status']} ({check['detail']})")
         for dtype in plan.dtypes():
             n, iters = timing.gemm_size(plan.device, dtype)
             self.progress.note(f"measuring the {dtype} GEMM peak ({5 * iters} {n}x{n} matmuls) ...")
@@ -334,6 +347,9 @@ class Runner:
                 all_pairs=None if plan.all_pairs is None else plan.all_pairs.as_dict(),
             ),
             gemm_peaks={k: v.as_dict() for k, v in self.peaks.items()},
+            published_bf16_flops_per_s=self.published,
+            smoke=self.smoke,
+            profiles=self.profiles,
             flops_per_pair=self.flops,
             systems=self.system_info,
             results=self.rows,
@@ -363,9 +379,25 @@ class Runner:
             for cell in cells:
                 self._skip(cell, system, reason, status="error")
             return None
-        info = self.system_info.setdefault(system.name, dict(build_s={}, notes=loaded.notes, explain={}))
+        info = self.system_info.setdefault(system.name, dict(build_s={}, notes=loaded.notes, explain={}, race={}))
         info["build_s"][model_name] = loaded.build_s
+        if system.is_btfast:
+            info["race"][model_name] = headline.verdicts(loaded.module)
         return loaded
+
+    def _profile(self, x: Loaded, cells: list[Cell], data: dict[int, Any]) -> None:
+        """headline.profile of `x`'s call at its largest measured cell (the first text length)."""
+        done = [c for c in cells if (c, x.system.name) in self.logits]
+        if not done:
+            return
+        cell = max(done, key=lambda c: (c.text_len == done[0].text_len, c.batch))
+        key = f"{cell.model}/{x.system.name}"
+        self.progress.status(f"profiling {x.system.name} at {cell.model} L={cell.text_len} B={cell.batch}")
+        try:
+            batch = x.prepare(_slice(data[cell.text_len], cell.batch))
+            self.profiles[key] = dict(cell=vars(cell), **headline.profile(lambda: x.call(batch), self.plan.device))
+        except Exception as e:
+            self.profiles[key] = dict(cell=vars(cell), error=_short(e))
 
     def _close(self, model_name: str, loaded: Loaded) -> None:
         info = self.system_info[loaded.system.name]
@@ -399,6 +431,7 @@ class Runner:
         pairs_per_s = cell.batch / p50
         fpp = self.flops[f"{cell.model}/{cell.text_len}"]["total"]
         peak = self.peaks[system.dtype_name].flops_per_s if system.dtype_name in self.peaks else float("nan")
+        published = self.published if system.dtype_name != "fp32" else None  # a tensor-core figure: half precision
         self._row(
             cell,
             system,
@@ -416,6 +449,7 @@ class Runner:
             peak_mem_kind=t.peak_mem_kind,
             gflop_per_pair=fpp / 1e9,
             mfu=fpp * pairs_per_s / peak,
+            mfu_published=fpp * pairs_per_s / published if published else None,
             latencies_ms=[x * 1e3 for x in t.latencies],
             interrupted=interrupted,
         )
@@ -575,6 +609,8 @@ class Runner:
                 self._interleave_cell(cell, runnable, data, weights, per_pair, first_extra, failures)
         finally:
             for x in active:
+                if x.system.name == plan.profile:
+                    self._profile(x, cells, data)
                 self._close(model_name, x)
 
     def _interleave_cell(

@@ -5,6 +5,8 @@
                         layer compiled on its own where a transformers release cannot be traced whole)
     btfast-<dtype>      btfast.optimize(model, dtype=..., device=...) with its defaults (whatever runtime,
                         compile, CUDA graphs and kernels `optimize` picks; `explain()` says which)
+    btfast-torch-<d>    the same with kernels=False (torch ops only)
+    btfast-triton-<d>   the same with kernels="all" (every Triton kernel, no race)
 
 dtype is fp32, bf16 or fp16. Every system gets a freshly built model with the same seed (so the same
 weights): `optimize` and `.to(dtype)` cast the model in place, so systems never share one.
@@ -22,7 +24,8 @@ import torch
 from btfast.benchmark.device import DTYPES
 from btfast.benchmark.timing import trim_heap
 
-IMPLS = ("hf-eager", "hf-compile", "btfast")
+IMPLS = ("hf-eager", "hf-compile", "btfast", "btfast-torch", "btfast-triton")
+KERNELS = {"btfast": None, "btfast-torch": False, "btfast-triton": "all"}  # btfast impl -> optimize(kernels=...)
 REFERENCE = "hf-eager-fp32"
 
 
@@ -43,11 +46,15 @@ class System:
     def compiles(self) -> bool:
         return self.impl == "hf-compile"
 
+    @property
+    def is_btfast(self) -> bool:
+        return self.impl in KERNELS
+
 
 def parse_system(name: str) -> System:
-    for impl in IMPLS:
-        if name.startswith(impl + "-") and name[len(impl) + 1 :] in DTYPES:
-            return System(impl, name[len(impl) + 1 :])
+    impl, _, dtype = name.rpartition("-")
+    if impl in IMPLS and dtype in DTYPES:
+        return System(impl, dtype)
     names = ", ".join(f"{i}-{d}" for i in IMPLS for d in DTYPES)
     raise ValueError(f"unknown system {name!r}; known: {names} (or hf-eager / hf-compile / btfast / all)")
 
@@ -90,7 +97,7 @@ class Loaded:
 
     def prepare(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {k: v.to(self.device) for k, v in batch.items()}
-        if self.system.impl != "btfast":  # btfast casts pixels itself (inside its timed call, as a user sees it)
+        if not self.system.is_btfast:  # btfast casts pixels itself (inside its timed call, as a user sees it)
             out["pixel_values"] = out["pixel_values"].to(self.system.dtype)
         return out
 
@@ -154,11 +161,11 @@ def load(
     t0 = time.perf_counter()
     model = build_model()
     notes: list[str] = []
-    if system.impl == "btfast":
+    if system.is_btfast:
         import btfast
 
         dtype = None if system.dtype == torch.float32 else system.dtype
-        fast = btfast.optimize(model, dtype=dtype, device=device)
+        fast = btfast.optimize(model, dtype=dtype, device=device, kernels=KERNELS[system.impl])
 
         def call(batch: dict[str, torch.Tensor]) -> torch.Tensor:
             return fast(**batch).logits
