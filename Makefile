@@ -1,7 +1,7 @@
 # Common commands. `make test` is what CI runs (see .ci/run and README).
 PY ?= .venv/bin/python
 
-.PHONY: venv install test lint format bench bench-quick bench-suite test-gpu-versions
+.PHONY: venv install test lint format bench bench-quick test-gpu-versions
 
 venv:
 	test -x $(PY) || python3 -m venv .venv
@@ -25,9 +25,6 @@ bench:
 
 bench-quick:
 	.venv/bin/btfast bench --quick
-
-bench-suite:
-	$(PY) -m pytest bench --benchmark-enable -q
 
 # The suite against the GPU machines' releases (torch 2.11 CUDA build, triton 3.6, transformers 5.17), on the CPU:
 # a CUDA build also runs tests/test_fake_cuda_trace.py (the CUDA path traced on fake tensors). ~3 GB download.

@@ -1,4 +1,4 @@
-"""Root pytest setup for tests/ and bench/: without CUDA, Triton kernels run under the interpreter.
+"""Root pytest setup: without CUDA, Triton kernels run under the interpreter.
 
 Set here, before anything imports triton (``triton.jit`` reads TRITON_INTERPRET when it decorates).
 """

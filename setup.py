@@ -22,7 +22,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "tokenizers", "pyarrow", "ruff", "matplotlib", "ray[data]>=2.9"],
+        "test": ["pytest", "tokenizers", "pyarrow", "ruff", "matplotlib", "ray[data]>=2.9"],
         "parquet": ["pyarrow"],
         "plot": ["matplotlib"],
         "ray": ["ray[data]>=2.9", "pyarrow"],

@@ -579,3 +579,31 @@ def test_profile_categories(name: str, want: str) -> None:
     from btfast.benchmark.headline import category
 
     assert category(name) == want
+
+
+def test_kernels_mode_tiny(tmp_path, capsys) -> None:
+    """--mode kernels: the kernel race's cases at the tiny model's shapes, both sides run (interpreted on CPU)."""
+    argv = ["bench", "--mode", "kernels", "--model", "tiny", "--batch-sizes", "1", "--text-lengths", "8"]
+    assert btfast_cli.main(argv + ["--device", "cpu", "--out", str(tmp_path), "--no-plot", "--no-progress"]) == 0
+    (json_file,) = tmp_path.glob("*-cpu-kernels.json")
+    (entry,) = json.loads(json_file.read_text())["kernels"]
+    assert entry["dtype"] == "fp32" and "batch 1, text 8 tokens" in entry["workload"]
+    assert {c["op"] for c in entry["cases"]} == set(entry["per_forward"]) == {"add_layernorm", "attention", "linear"}
+    for c in entry["cases"]:
+        assert c["calls"] > 0 and c["triton_ms"] > 0 and c["torch_ms"] > 0 and c["max_rel_diff"] < 1e-4, c
+    assert "## Kernels against torch" in json_file.with_suffix(".md").read_text()
+
+
+def test_kernels_mode_needs_cuda_or_the_interpreter(monkeypatch, capsys) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert btfast_cli.main(["bench", "--mode", "kernels", "--model", "tiny", "--device", "cpu"]) == 2
+    assert "needs CUDA" in capsys.readouterr().err
+
+
+def test_all_pairs_mode_runs_only_the_scenario(tmp_path) -> None:
+    argv = ["bench", "--mode", "all-pairs", "--model", "tiny", "--all-pairs", "2,3", "--device", "cpu"]
+    assert btfast_cli.main(argv + ["--repeats", "1", "--out", str(tmp_path), "--no-plot", "--no-progress"]) == 0
+    data = json.loads(next(tmp_path.glob("*-cpu-all-pairs.json")).read_text())
+    (ap,) = data["all_pairs"]
+    assert not data["results"] and ap["status"] == "ok" and ap["pairs"] == 6 and ap["batch"] == 2
+    assert ap["systems"]["btfast-dedup-fp32"]["max_rel_err"] < 1e-5

@@ -20,15 +20,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from btfast.benchmark import timing
+from btfast.benchmark.progress import Progress, duration, short_error
 from btfast.benchmark.systems import REFERENCE, Loaded, System, load, parse_system
-
-if TYPE_CHECKING:
-    from btfast.benchmark.runner import Runner
 
 
 @dataclass
@@ -131,14 +129,23 @@ def scorers(
     return out
 
 
-def estimate(runner: Runner, spec: AllPairs, model: str) -> float | None:
+def estimate(
+    rows: list[dict[str, Any]],
+    builds: dict[str, float],
+    spec: AllPairs,
+    model: str,
+    warmup: int,
+    repeats: int,
+    cell_seconds: float | None,
+) -> float | None:
     """Seconds the scenario will take on `model`, from what the cells measured (seconds per pair of hf-eager-<d>,
     btfast-<d> and, when the dtype is not fp32, hf-eager-fp32 for the reference, at the scenario's text length, the
     batch nearest its own); None when a figure is missing. btfast-dedup is priced as btfast pair by pair (it does
-    less work: the towers run N + M times instead of N·M)."""
+    less work: the towers run N + M times instead of N·M). `rows`: the cells' results; `builds`: seconds each system
+    took to build."""
     rows = [
         r
-        for r in runner.rows
+        for r in rows
         if r["status"] == "ok" and r["model"] == model and r["text_len"] == spec.text_len and r.get("pairs_per_s")
     ]
 
@@ -153,51 +160,49 @@ def estimate(runner: Runner, spec: AllPairs, model: str) -> float | None:
     ref = 0.0 if spec.dtype == "fp32" else per_pair(REFERENCE)
     if hf is None or fast is None or ref is None:
         return None
-    plan = runner.plan
-    calls = plan.warmup + plan.repeats
-    if plan.cell_seconds is not None:  # timed rounds stop once 3 ran and cell_seconds per system passed
+    calls = warmup + repeats
+    if cell_seconds is not None:  # timed rounds stop once 3 ran and cell_seconds per system passed
         per_round = (hf + 2 * fast) * spec.pairs
-        calls = plan.warmup + min(plan.repeats, max(3, int(plan.cell_seconds * 3 / per_round) + 1))
-    builds = sum(
-        v.get("build_s", {}).get(model, 0.0)
-        for k, v in runner.system_info.items()
-        if k in (f"hf-eager-{spec.dtype}", f"btfast-{spec.dtype}", REFERENCE)
-    )
-    return (hf + 2 * fast) * spec.pairs * calls + ref * spec.pairs + builds
+        calls = warmup + min(repeats, max(3, int(cell_seconds * 3 / per_round) + 1))
+    built = sum(builds.get(k, 0.0) for k in (f"hf-eager-{spec.dtype}", f"btfast-{spec.dtype}", REFERENCE))
+    return (hf + 2 * fast) * spec.pairs * calls + ref * spec.pairs + built
 
 
-def run(runner: Runner, spec: AllPairs, model: str, config: Any, data: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Run the scenario on `model`; returns its entry of the results' `all_pairs` list (status "ok", "skipped" or
-    "error", with the reason)."""
+def _entry(spec: AllPairs, model: str, status: str, reason: str | None) -> dict[str, Any]:
+    entry: dict[str, Any] = dict(model=model, **spec.as_dict(), status=status, reason=reason, systems={})
+    for key in ("models", "reserve_s"):
+        entry.pop(key)
+    return entry
 
-    plan, progress = runner.plan, runner.progress
-    device = plan.device
+
+def not_run(spec: AllPairs, model: str, status: str, reason: str, progress: Progress) -> dict[str, Any]:
+    """The entry of a scenario that did not run (or stopped), with the reason, said on the progress display."""
+    for name in spec.system_names():
+        progress.advance(f"{name} all pairs {model} {spec.images}x{spec.texts}: {status} ({reason})")
+    return _entry(spec, model, status, reason)
+
+
+def run(
+    spec: AllPairs,
+    model: str,
+    data: dict[str, torch.Tensor],
+    fresh: Callable[[], torch.nn.Module],
+    device: torch.device,
+    progress: Progress,
+    *,
+    warmup: int = 1,
+    repeats: int = 3,
+    cell_seconds: float | None = None,
+    out_of_time: Callable[[], bool] = lambda: False,
+) -> dict[str, Any]:
+    """Run the scenario on `model` (`data`: its N images and M texts; `fresh()`: a new model with the run's weights);
+    returns its entry of the results' `all_pairs` list (status "ok" or "error", with the reason). Timed rounds stop
+    after 3 once `cell_seconds` per system passed, or once `out_of_time()`."""
     names = spec.system_names()
-    entry: dict[str, Any] = dict(model=model, **spec.as_dict(), status="ok", reason=None, systems={})
-    entry.pop("models")
-    entry.pop("reserve_s")
     label = f"all pairs {model} {spec.images}x{spec.texts}"
 
     def give_up(status: str, reason: str) -> dict[str, Any]:
-        entry.update(status=status, reason=reason)
-        for name in names:
-            if name not in entry["systems"]:
-                progress.advance(f"{name} {label}: {status} ({reason})")
-        return entry
-
-    if spec.text_len > runner.max_text[model]:
-        return give_up("skipped", f"text length {spec.text_len} > {runner.max_text[model]} positions")
-    if plan.budget_s is not None:
-        left = plan.budget_s - runner.elapsed()
-        need = estimate(runner, spec, model)
-        if left <= 0 or (need is not None and need > left):
-            need_s = "" if need is None else f"~{need:.0f}s needed, "
-            return give_up(
-                "skipped", f"time budget: {need_s}{max(0.0, left):.0f}s left of --budget {plan.budget_s:.0f}s"
-            )
-
-    def fresh() -> torch.nn.Module:
-        return runner.fresh(model)
+        return not_run(spec, model, status, reason, progress)
 
     loaded: dict[str, Loaded] = {}
     logits: dict[str, torch.Tensor] = {}
@@ -205,9 +210,9 @@ def run(runner: Runner, spec: AllPairs, model: str, config: Any, data: dict[str,
         for key, system in (("hf", System("hf-eager", spec.dtype)), ("btfast", System("btfast", spec.dtype))):
             progress.note(f"building {system.name} ({model}) for all pairs ...")
             try:
-                loaded[key] = load(system, fresh, device, plan.compile_mode, plan.compile_backend)
+                loaded[key] = load(system, fresh, device)
             except Exception as e:
-                return give_up("error", f"{system.name} could not be built: {_short(e)}")
+                return give_up("error", f"{system.name} could not be built: {short_error(e)}")
         fns = scorers(spec, loaded, data, device)
         first: dict[str, float] = {}
         lat: dict[str, list[float]] = {name: [] for name in names}
@@ -220,7 +225,7 @@ def run(runner: Runner, spec: AllPairs, model: str, config: Any, data: dict[str,
                     out = fns[name]()
                     timing.sync(device)
                     first[name] = time.perf_counter() - t0
-                    for _ in range(plan.warmup - 1):
+                    for _ in range(warmup - 1):
                         out = fns[name]()
                     timing.sync(device)
                     logits[name] = out.detach().float().cpu()
@@ -228,23 +233,23 @@ def run(runner: Runner, spec: AllPairs, model: str, config: Any, data: dict[str,
                 except Exception as e:
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
-                    return give_up("error", f"{name}: {_short(e)}")
+                    return give_up("error", f"{name}: {short_error(e)}")
             spent = 0.0
-            for i in range(plan.repeats):
-                progress.status(f"{label}: timed round {i + 1}/{plan.repeats}")
+            for i in range(repeats):
+                progress.status(f"{label}: timed round {i + 1}/{repeats}")
                 for name in names:
                     try:
                         seconds, _ = timing.timed_call(fns[name], device)
                     except Exception as e:
                         if device.type == "cuda":
                             torch.cuda.empty_cache()
-                        return give_up("error", f"{name}: {_short(e)}")
+                        return give_up("error", f"{name}: {short_error(e)}")
                     lat[name].append(seconds)
                     spent += seconds
-                if plan.cell_seconds is not None and spent >= plan.cell_seconds * len(names) and i + 1 >= 3:
+                if cell_seconds is not None and spent >= cell_seconds * len(names) and i + 1 >= 3:
                     break
-                if plan.budget_s is not None and runner.elapsed() > plan.budget_s and i + 1 < plan.repeats:
-                    progress.note(f"budget spent: {label} keeps {i + 1} timed round(s) of {plan.repeats}")
+                if out_of_time() and i + 1 < repeats:
+                    progress.note(f"budget spent: {label} keeps {i + 1} timed round(s) of {repeats}")
                     break
     finally:
         for x in loaded.values():
@@ -264,11 +269,12 @@ def run(runner: Runner, spec: AllPairs, model: str, config: Any, data: dict[str,
             finally:
                 ref.close()
         except Exception as e:
-            progress.note(f"all-pairs reference failed: {_short(e)}")
+            progress.note(f"all-pairs reference failed: {short_error(e)}")
     ref_logits = logits.get(REFERENCE)
+    entry = _entry(spec, model, "ok", None)
 
     for name in names:
-        t = timing.Timing(lat[name], first[name], plan.warmup)
+        t = timing.Timing(lat[name], first[name], warmup)
         err = rel = None
         if ref_logits is not None:
             err = (logits[name] - ref_logits).abs().max().item()
@@ -283,7 +289,7 @@ def run(runner: Runner, spec: AllPairs, model: str, config: Any, data: dict[str,
             max_abs_err=err,
             max_rel_err=rel,
         )
-        progress.advance(f"{name} {label}: {spec.pairs / t.p50:.4g} pairs/s (p50 {_duration(t.p50)})")
+        progress.advance(f"{name} {label}: {spec.pairs / t.p50:.4g} pairs/s (p50 {duration(t.p50)})")
     rate = {name: entry["systems"][name]["pairs_per_s"] for name in names}
     hf, fast, dedup = names
     entry["speedup_dedup_vs_btfast"] = rate[dedup] / rate[fast]
@@ -291,92 +297,3 @@ def run(runner: Runner, spec: AllPairs, model: str, config: Any, data: dict[str,
     entry["speedup_btfast_vs_hf"] = rate[fast] / rate[hf]
     entry["reference"] = REFERENCE
     return entry
-
-
-def _short(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:300] if text else ''}"
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.3g} s" if seconds >= 1 else f"{seconds * 1e3:.3g} ms"
-
-
-# -- reporting ----------------------------------------------------------------------------------------------------
-
-
-def _fmt(x: float | None, digits: int = 3) -> str:
-    if x is None:
-        return "—"
-    if x == 0:
-        return "0"
-    if abs(x) >= 10 ** (digits + 1) or abs(x) < 10 ** -(digits - 1):
-        return f"{x:.{digits - 1}e}"
-    return f"{x:.{digits}g}"
-
-
-def _what(name: str, e: dict[str, Any]) -> str:
-    if "-dedup-" in name:
-        return f"encode {e['images']} images + {e['texts']} texts once, fuse {e['pairs']} pairs"
-    return f"{e['pairs']} pairs through the forward"
-
-
-def markdown(entries: list[dict[str, Any]]) -> list[str]:
-    """The Markdown section(s) "All pairs: N images × M texts", one per entry."""
-    lines: list[str] = []
-    for e in entries:
-        lines += [
-            "",
-            f"## All pairs: {e['images']} images × {e['texts']} texts",
-            "",
-            f"{e['model']}, text {e['text_len']} tokens, {e['dtype']}, {e['batch']} rows per call: every image scored "
-            f"against every text ({e['pairs']} pairs). Pair by pair: the {e['pairs']} rows through the forward; dedup: "
-            "each image and text through its tower once, then the fusion of every pair (`encode_image`, "
-            "`encode_text`, `itm_logits` over gathered rows). pairs/s = pairs ÷ the median time to score them all; "
-            "max abs err = largest |ITM logit − hf-eager-fp32| over all pairs.",
-            "",
-        ]
-        if e["status"] != "ok":
-            lines.append(f"Not measured ({e['status']}): {e['reason']}")
-            continue
-        lines += [
-            "| system | what | pairs/s | p50 s | first call s | calls | max abs err | max rel err |",
-            "|---|---|---:|---:|---:|---:|---:|---:|",
-        ]
-        for name, s in e["systems"].items():
-            lines.append(
-                f"| {name} | {_what(name, e)} | {_fmt(s['pairs_per_s'])} | {_fmt(s['p50_s'])} | "
-                f"{_fmt(s['first_call_s'])} | {s['repeats']} | {_fmt(s['max_abs_err'], 2)} | "
-                f"{_fmt(s['max_rel_err'], 2)} |"
-            )
-        lines += [
-            "",
-            f"dedup ÷ btfast pair by pair: **{e['speedup_dedup_vs_btfast']:.2f}×**; dedup ÷ HF eager pair by pair: "
-            f"**{e['speedup_dedup_vs_hf']:.2f}×** (btfast ÷ HF, both pair by pair: {e['speedup_btfast_vs_hf']:.2f}×).",
-        ]
-    return lines
-
-
-def summary(entries: list[dict[str, Any]]) -> list[str]:
-    """Console lines: per system pairs/s and error; the two speed-ups."""
-    lines: list[str] = []
-    for e in entries:
-        head = (
-            f"  all pairs, {e['model']}: {e['images']} images × {e['texts']} texts = {e['pairs']} pairs, text "
-            f"{e['text_len']}, {e['batch']} per call, {e['dtype']}"
-        )
-        if e["status"] != "ok":
-            lines.append(f"{head}: not measured ({e['status']}: {e['reason']})")
-            continue
-        lines.append(head)
-        for name, s in e["systems"].items():
-            err = "n/a" if s["max_abs_err"] is None else f"{s['max_abs_err']:.1e}"
-            lines.append(
-                f"    {name:<20} {s['pairs_per_s']:10.4g} pairs/s  (p50 {_duration(s['p50_s'])}, {s['repeats']} calls)"
-                f"  max |ITM logit - hf-eager-fp32| {err}"
-            )
-        lines.append(
-            f"    dedup {e['speedup_dedup_vs_btfast']:.2f}× btfast pair by pair, {e['speedup_dedup_vs_hf']:.2f}× "
-            "HF eager pair by pair"
-        )
-    return lines

@@ -81,6 +81,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     g = parser.add_argument_group("what to run")
     g.add_argument(
+        "--mode",
+        choices=["e2e", "kernels", "all-pairs"],
+        default="e2e",
+        help="e2e: systems on (model, text, batch) cells (default); kernels: each Triton kernel against its torch "
+        "path at the model's shapes, the kernel race's cases (--model, first --batch-sizes (32), first "
+        "--text-lengths (40), --dtype; needs CUDA or TRITON_INTERPRET=1); all-pairs: only the all-pairs scenario",
+    )
+    g.add_argument(
         "--model",
         type=_models,
         default=None,
@@ -247,6 +255,8 @@ def build_plan(args: argparse.Namespace) -> Any:
         torch.set_num_threads(args.threads)
     models = args.model or (["base", "large"] if preset == "gpu" else ["base"])
     notes: list[str] = []
+    if args.mode != "e2e":
+        return _mode_plan(args, device, models)
 
     if preset is None:
         low = args.dtype or ("bf16" if cuda else "fp32")
@@ -372,6 +382,30 @@ def build_plan(args: argparse.Namespace) -> Any:
     )
 
 
+def _mode_plan(args: argparse.Namespace, device: Any, models: list[str]) -> Any:
+    """The plan of --mode kernels or --mode all-pairs: no cells, only that measurement."""
+    import os
+
+    from btfast.benchmark.all_pairs import AllPairs
+    from btfast.benchmark.runner import Plan
+
+    cuda = device.type == "cuda"
+    low = args.dtype or ("bf16" if cuda else "fp32")
+    batch = (args.batch_sizes or [32 if cuda else 2])[0]
+    text_len = (args.text_lengths or [16 if models == ["tiny"] else 40])[0]
+    plan = Plan(cells=[], systems=[], device=device, warmup=args.warmup or 1, repeats=args.repeats or 3,
+                seed=args.seed, preset=args.mode)  # fmt: skip
+    if args.mode == "kernels":
+        if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("--mode kernels times the Triton kernels: it needs CUDA (or TRITON_INTERPRET=1 to check "
+                             "the plumbing on CPU)")  # fmt: skip
+        plan.kernels = (models[0], batch, text_len, low)
+    else:
+        images, texts = args.all_pairs or ((16, 16) if cuda else (2, 2))
+        plan.all_pairs = AllPairs(images, texts, text_len, batch, low, models)
+    return plan
+
+
 def _all_pairs_spec(
     args: argparse.Namespace,
     preset: str | None,
@@ -425,14 +459,18 @@ def run(args: argparse.Namespace) -> int:
     cells = plan.cells
     texts = sorted({c.text_len for c in cells})
     batches = sorted({c.batch for c in cells})
-    print(
-        f"btfast bench ({plan.preset}): {', '.join(plan.models())} architecture(s), random weights, on "
-        f"{device_name(plan.device)}\n  systems: {', '.join(s.name for s in plan.systems)}\n"
-        f"  {len(cells)} cell(s): text {','.join(map(str, texts))} x batch {','.join(map(str, batches))}; "
-        f"{plan.warmup} warmup + up to {plan.repeats} timed call(s) per cell"
-        + (f"; budget {plan.budget_s:.0f} s" if plan.budget_s else ""),
-        flush=True,
-    )
+    print(f"btfast bench ({plan.preset}) on {device_name(plan.device)}", flush=True)
+    if plan.kernels is not None:
+        print(f"  kernels against torch at {plan.kernels[0]}'s shapes, batch {plan.kernels[1]}, text "
+              f"{plan.kernels[2]}, {plan.kernels[3]}", flush=True)  # fmt: skip
+    if cells:
+        print(
+            f"  {', '.join(plan.models())} architecture(s), random weights; systems: "
+            f"{', '.join(s.name for s in plan.systems)}\n  {len(cells)} cell(s): text {','.join(map(str, texts))} x "
+            f"batch {','.join(map(str, batches))}; {plan.warmup} warmup + up to {plan.repeats} timed call(s) per cell"
+            + (f"; budget {plan.budget_s:.0f} s" if plan.budget_s else ""),
+            flush=True,
+        )
     ap = plan.all_pairs
     if ap is not None:
         print(
@@ -474,7 +512,7 @@ def run(args: argparse.Namespace) -> int:
     if interrupted:
         return 130
     measured = [r["status"] == "ok" for r in results["results"] + results.get("all_pairs", [])]
-    return 0 if any(measured) else 1
+    return 0 if any(measured) or results["kernels"] else 1
 
 
 def _interrupt(signum: int, frame: Any) -> None:

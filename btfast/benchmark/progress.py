@@ -46,7 +46,8 @@ class Progress:
         if not self.enabled:
             return
         width = len(str(self.total))
-        line = f"[{self.done:>{width}}/{self.total} {time.perf_counter() - self.t0:6.0f}s] {result}"
+        done = f"{self.done:>{width}}/{self.total}" if self.total else str(self.done)
+        line = f"[{done} {time.perf_counter() - self.t0:6.0f}s] {result}"
         if self.bar is not None:
             self.bar.write(line, file=self.stream)
             self.bar.update(1)
@@ -56,3 +57,13 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def duration(seconds: float) -> str:
+    return f"{seconds:.3g} s" if seconds >= 1 else f"{seconds * 1e3:.3g} ms"
+
+
+def short_error(e: BaseException) -> str:
+    """An exception in one line: its type and the first line of its message."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300] if text else ''}"

@@ -33,11 +33,11 @@ from typing import Any
 
 import torch
 
-from btfast.benchmark import all_pairs, headline, timing
+from btfast.benchmark import all_pairs, headline, kernels, timing
 from btfast.benchmark.all_pairs import AllPairs
 from btfast.benchmark.device import device_name, device_slug, published_bf16_flops
 from btfast.benchmark.flops import flops_per_pair
-from btfast.benchmark.progress import Progress
+from btfast.benchmark.progress import Progress, duration, short_error
 from btfast.benchmark.systems import REFERENCE, Loaded, System, load, parse_system
 
 MODELS = ("tiny", "base", "large")
@@ -82,6 +82,7 @@ class Plan:
     all_pairs: AllPairs | None = None  # the N images × M texts scenario, run after every cell (see all_pairs.py)
     smoke: str | None = None  # run headline.smoke in this dtype before any timing
     profile: str | None = None  # the system whose call at its model's largest cell headline.profile splits
+    kernels: tuple[str, int, int, str] | None = None  # --mode kernels: (model, batch, text length, dtype)
 
     def models(self) -> list[str]:
         return list(dict.fromkeys(c.model for c in self.cells))
@@ -179,15 +180,6 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
-def duration(seconds: float) -> str:
-    return f"{seconds:.3g} s" if seconds >= 1 else f"{seconds * 1e3:.3g} ms"
-
-
-def _short(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:300] if text else ''}"
-
-
 class Runner:
     def __init__(self, plan: Plan, progress: Progress | None = None) -> None:
         self.plan = plan
@@ -204,6 +196,7 @@ class Runner:
         self.env: dict[str, Any] | None = None
         self.all_pairs_rows: list[dict[str, Any]] = []  # one entry per model of the all-pairs scenario
         self.smoke: list[dict[str, Any]] = []
+        self.kernels: list[dict[str, Any]] = []
         self.profiles: dict[str, dict[str, Any]] = {}  # "<model>/<system>" -> headline.profile's split
         self.published = published_bf16_flops(device_name(plan.device)) if plan.device.type == "cuda" else None
 
@@ -259,6 +252,9 @@ class Runner:
         """Run the plan and return every figure (see `snapshot`); Ctrl-C / SIGTERM leave a partial `snapshot()`."""
         plan = self.plan
         self.env = environment(plan.device)
+        if plan.kernels is not None:
+            name, batch, text_len, dtype = plan.kernels
+            self.kernels.append(kernels.run(model_config(name), batch, text_len, dtype, plan.device, self.progress))
         if plan.smoke is not None:
             model_name = plan.models()[0]
             cell = next(c for c in plan.cells if c.model == model_name)
@@ -318,7 +314,26 @@ class Runner:
                     input_ids=x["input_ids"][: spec.texts],
                     attention_mask=x["attention_mask"][: spec.texts],
                 )
-            self.all_pairs_rows.append(all_pairs.run(self, spec, model_name, config, data))
+            self.all_pairs_rows.append(self._all_pairs_one(spec, model_name, data))
+
+    def _all_pairs_one(self, spec: AllPairs, model_name: str, data: dict[str, torch.Tensor]) -> dict[str, Any]:
+        plan = self.plan
+        if spec.text_len > self.max_text[model_name]:
+            why = f"text length {spec.text_len} > {self.max_text[model_name]} positions"
+            return all_pairs.not_run(spec, model_name, "skipped", why, self.progress)
+        if plan.budget_s is not None:
+            left = plan.budget_s - self.elapsed()
+            builds = {k: v["build_s"].get(model_name, 0.0) for k, v in self.system_info.items()}
+            need = all_pairs.estimate(self.rows, builds, spec, model_name, plan.warmup, plan.repeats, plan.cell_seconds)
+            if left <= 0 or (need is not None and need > left):
+                need_s = "" if need is None else f"~{need:.0f}s needed, "
+                why = f"time budget: {need_s}{max(0.0, left):.0f}s left of --budget {plan.budget_s:.0f}s"
+                return all_pairs.not_run(spec, model_name, "skipped", why, self.progress)
+        return all_pairs.run(
+            spec, model_name, data, lambda: self.fresh(model_name), plan.device, self.progress,
+            warmup=plan.warmup, repeats=plan.repeats, cell_seconds=plan.cell_seconds,
+            out_of_time=lambda: plan.budget_s is not None and self.elapsed() > plan.budget_s,
+        )  # fmt: skip
 
     def snapshot(self, interrupted: bool = False) -> dict[str, Any]:
         """Every figure so far: environment, plan, GEMM peak, FLOPs per pair, systems' explain(), one row per cell."""
@@ -349,6 +364,7 @@ class Runner:
             gemm_peaks={k: v.as_dict() for k, v in self.peaks.items()},
             published_bf16_flops_per_s=self.published,
             smoke=self.smoke,
+            kernels=self.kernels,
             profiles=self.profiles,
             flops_per_pair=self.flops,
             systems=self.system_info,
@@ -374,7 +390,7 @@ class Runner:
                 plan.compile_backend,
             )
         except Exception as e:  # report it, run the other systems
-            reason = f"could not be built: {_short(e)}"
+            reason = f"could not be built: {short_error(e)}"
             self.progress.note(f"{system.name}: {reason}")
             for cell in cells:
                 self._skip(cell, system, reason, status="error")
@@ -397,14 +413,14 @@ class Runner:
             batch = x.prepare(_slice(data[cell.text_len], cell.batch))
             self.profiles[key] = dict(cell=vars(cell), **headline.profile(lambda: x.call(batch), self.plan.device))
         except Exception as e:
-            self.profiles[key] = dict(cell=vars(cell), error=_short(e))
+            self.profiles[key] = dict(cell=vars(cell), error=short_error(e))
 
     def _close(self, model_name: str, loaded: Loaded) -> None:
         info = self.system_info[loaded.system.name]
         try:
             info["explain"][model_name] = loaded.explain()
         except Exception as e:
-            info["explain"][model_name] = f"explain() failed: {_short(e)}"
+            info["explain"][model_name] = f"explain() failed: {short_error(e)}"
         loaded.close()
 
     def _not_runnable(self, cell: Cell, system: System) -> str | None:
@@ -532,7 +548,7 @@ class Runner:
                             on_warm=self._keep(cell, system),
                         )
                 except Exception as e:
-                    failure: tuple[str, str] | None = ("oom" if _is_oom(e) else "error", _short(e))
+                    failure: tuple[str, str] | None = ("oom" if _is_oom(e) else "error", short_error(e))
                 else:
                     failure = None
                 del batch
@@ -645,7 +661,7 @@ class Runner:
                     self._keep(cell, x.system)(out)
                     del out
             except Exception as e:
-                failed[id(x)] = ("oom" if _is_oom(e) else "error", _short(e))
+                failed[id(x)] = ("oom" if _is_oom(e) else "error", short_error(e))
         live = [x for x in runnable if id(x) not in failed]
         lat: dict[int, list[float]] = {id(x): [] for x in live}
         mem: dict[int, int | None] = {id(x): None for x in live}
@@ -661,7 +677,7 @@ class Runner:
                         with torch.no_grad():
                             seconds, added = timing.timed_call(lambda x=x, batch=batch: x.call(batch), plan.device)
                     except Exception as e:
-                        failed[id(x)] = ("oom" if _is_oom(e) else "error", _short(e))
+                        failed[id(x)] = ("oom" if _is_oom(e) else "error", short_error(e))
                         live.remove(x)
                         continue
                     lat[id(x)].append(seconds)
@@ -736,7 +752,7 @@ class Runner:
                         out = loaded.call(loaded.prepare(_slice(data[cell.text_len], cell.batch)))
                     self.logits[(cell, REFERENCE)] = out.float().cpu()
                 except Exception as e:
-                    self.progress.note(f"reference failed at {cell}: {_short(e)}")
+                    self.progress.note(f"reference failed at {cell}: {short_error(e)}")
                     if self.plan.device.type == "cuda":
                         torch.cuda.empty_cache()
         finally:
