@@ -68,20 +68,10 @@ def test_percentiles() -> None:
         timing.percentile([], 50)
 
 
-def test_time_calls_counts_warmup_and_repeats() -> None:
-    calls: list[int] = []
-    kept: list[int] = []
-
-    def fn() -> int:
-        calls.append(1)
-        return len(calls)
-
-    t = timing.time_calls(fn, torch.device("cpu"), warmup=2, repeats=4, on_warm=kept.append)
-    assert len(calls) == 6 and len(t.latencies) == 4 and kept == [2]
-    assert t.first_call_s >= 0 and t.p50 <= t.p99 and not t.capped
-    # a time cap stops after min_repeats calls
-    capped = timing.time_calls(fn, torch.device("cpu"), warmup=1, repeats=50, max_seconds=0.0, min_repeats=3)
-    assert len(capped.latencies) == 3 and capped.capped
+def test_timed_call_on_cpu() -> None:
+    seconds, added = timing.timed_call(lambda: torch.ones(4 << 20), torch.device("cpu"))  # 16 MiB
+    assert seconds > 0 and (added is None or added >= 0)
+    assert timing.timed_call(lambda: None, torch.device("cpu"), memory=False)[1] is None
 
 
 def test_peak_memory_and_gemm_peak_on_cpu() -> None:
@@ -260,7 +250,7 @@ def test_help_explains_every_option(capsys) -> None:
     for option in (
         "--model", "--systems", "--batch-sizes", "--text-lengths", "--dtype", "--device", "--repeats", "--quick",
         "--preset", "--out", "--no-plot", "--warmup", "--budget", "--cell-seconds", "--compile-mode", "--threads",
-        "--interleave", "--all-pairs",
+        "--compile-backend", "--all-pairs", "--mode",
     ):  # fmt: skip
         assert option in out, option
     assert "base|large|tiny" in out and "max-autotune" in out and "hf-eager-fp32" in out
@@ -274,7 +264,7 @@ def _plan(*argv: str) -> Plan:
 def test_plans_on_cpu() -> None:
     main = _plan("--device", "cpu")
     assert main.preset == "default" and [s.name for s in main.systems] == ["hf-eager-fp32", "btfast-fp32"]
-    assert main.cells == [Cell("base", 40, 2)] and main.budget_s is None and main.interleave
+    assert main.cells == [Cell("base", 40, 2)] and main.budget_s is None
     assert main.dtypes() == ["fp32"]  # the only GEMM peak this run times
     quick = _plan("--quick", "--device", "cpu")
     if device.native("cpu", "bf16"):
@@ -351,7 +341,6 @@ def test_quick_tiny_end_to_end(tmp_path, capsys, asked: bool) -> None:
     files = sorted(p.name for p in tmp_path.iterdir())
     assert [f.rsplit(".", 1)[1] for f in files] == ["json", "md", "png"] and files[0].endswith("-cpu-quick.json")
     data = json.loads((tmp_path / files[0]).read_text())
-    assert data["plan"]["interleave"]  # the CPU default
     env = data["environment"]
     for key in ("device", "torch", "triton", "transformers", "commit", "date"):
         assert key in env
@@ -412,7 +401,7 @@ def test_ctrl_c_writes_what_was_measured(tmp_path) -> None:
 
 def test_main_job_tiny_prints_ratio_and_difference(capsys, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)  # no preset: nothing may be written
-    argv = ["bench", "--model", "tiny", "--device", "cpu", "--no-progress", "--repeats", "2", "--no-interleave"]
+    argv = ["bench", "--model", "tiny", "--device", "cpu", "--no-progress", "--repeats", "2"]
     assert btfast_cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "btfast-fp32" in out and "hf-eager-fp32" in out
@@ -493,8 +482,7 @@ def test_all_pairs_skipped_when_the_budget_is_spent() -> None:
     assert "Not measured (skipped): time budget" in report.markdown(results)
 
 
-@pytest.mark.parametrize("interleave", [False, True])
-def test_budget_skips_with_reason_and_reference_is_computed(interleave: bool) -> None:
+def test_budget_skips_with_reason_and_reference_is_computed() -> None:
     plan = Plan(
         cells=[Cell("tiny", 8, 1), Cell("tiny", 8, 2), Cell("tiny", 60, 1)],
         systems=systems.parse_systems("btfast-bf16", "bf16"),
@@ -502,13 +490,12 @@ def test_budget_skips_with_reason_and_reference_is_computed(interleave: bool) ->
         repeats=2,
         budget_s=0.0,
         preset="test",
-        interleave=interleave,
     )
     results = run_plan(plan, Progress(total=0, enabled=False))
     by = {(r["text_len"], r["batch"]): r for r in results["results"]}
-    # the largest batch first; a system's first cell always runs (nothing to estimate it from); interleaved, a
-    # spent budget also stops the timed rounds after the first
-    assert by[(8, 2)]["status"] == "ok" and by[(8, 2)]["repeats"] == (1 if interleave else 2)
+    # the largest batch first; a system's first cell always runs (nothing to estimate it from); a spent budget
+    # also stops the timed rounds after the first
+    assert by[(8, 2)]["status"] == "ok" and by[(8, 2)]["repeats"] == 1
     assert by[(8, 1)]["status"] == "skipped" and "time budget" in by[(8, 1)]["reason"]
     assert by[(60, 1)]["status"] == "skipped" and "positions" in by[(60, 1)]["reason"]
     # no hf-eager-fp32 system: the reference was computed apart, so the error is known
@@ -548,7 +535,7 @@ def test_first_contact_script_cpu_dry_run(tmp_path) -> None:
     assert [c["check"] for c in data["smoke"]] == ["kernels", "engine", "graphs"]
     assert {c["status"] for c in data["smoke"]} <= {"ok", "skipped"} and data["smoke"][1]["status"] == "ok"
     names = ["hf-eager-bf16", "hf-compile-bf16", "btfast-bf16", "btfast-torch-bf16", "btfast-triton-bf16"]
-    assert data["plan"]["systems"] == names and data["plan"]["interleave"]
+    assert data["plan"]["systems"] == names
     ok = {(r["system"], r["batch"]): r for r in data["results"] if r["status"] == "ok"}
     assert set(ok) == {(n, b) for n in names for b in (1, 2)} - {("hf-compile-bf16", 1)}  # compile: largest batch
     for r in ok.values():

@@ -184,14 +184,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "runs do)",
     )
     t.add_argument(
-        "--interleave",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="load all systems together and interleave their timed calls round by round, so load from "
-        "other work on the machine hits every system alike; --no-interleave runs one system after "
-        "another, each alone (default: interleave on CPU, not on CUDA)",
-    )
-    t.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -370,7 +362,6 @@ def build_plan(args: argparse.Namespace) -> Any:
         budget_s=budget,
         compile_mode=args.compile_mode,
         compile_backend=args.compile_backend,
-        interleave=(not cuda or preset == "headline") if args.interleave is None else args.interleave,
         smoke=low if preset == "headline" else None,
         profile=next((s.name for s in systems if s.impl == "btfast"), None) if preset == "headline" else None,
         seed=args.seed,

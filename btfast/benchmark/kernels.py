@@ -3,7 +3,7 @@
 The cases are the kernel race's (`btfast.kernel_race.cases`: every call shape one forward makes, and how often),
 timed the race's way on CUDA (`kernel_race.cuda_timer`: CUDA events around CUDA-graph replays), so these figures
 are the ones `optimize()` decides on, case by case. Off CUDA the kernels run only under TRITON_INTERPRET=1 (a
-plumbing check: interpreted times mean nothing) and are timed once each with `timing.time_calls`.
+plumbing check: interpreted times mean nothing), each timed once after an untimed call (`timing.timed_call`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from btfast.benchmark.progress import Progress
 
 
 def _cpu_timer(fn: Callable[[], object]) -> float:
-    return timing.time_calls(fn, torch.device("cpu"), warmup=1, repeats=1).p50 * 1e3
+    fn()
+    return timing.timed_call(fn, torch.device("cpu"), memory=False)[0] * 1e3
 
 
 def run(config: Any, batch: int, text_len: int, dtype: str, device: torch.device, progress: Progress) -> dict:

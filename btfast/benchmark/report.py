@@ -89,31 +89,19 @@ def markdown(results: dict[str, Any]) -> str:
         + ", each timed alone ("
         + ("CUDA events after a synchronize" if env["device_type"] == "cuda" else "`time.perf_counter`")
         + "). pairs/s = batch ÷ median latency; p50 / p99 over the timed calls (few calls: p99 ≈ the slowest).",
-        "- Order: "
-        + (
-            "all systems loaded together, their timed calls interleaved round by round (one call of each system "
-            "per round), so every system sees the same machine load."
-            if plan.get("interleave")
-            else "one system after another, each alone on the device."
-        ),
+        "- Order: all systems loaded together, their timed calls interleaved round by round (one call of each "
+        "system per round), so every system sees the same machine load. Build time (model copy, optimize() with its "
+        "kernel race) is reported apart and not counted by --budget.",
         "- MFU = FLOPs per pair (from the config, `btfast/benchmark/flops.py`) × pairs/s ÷ the GEMM peak of the "
         "system's dtype measured in this run: "
         + "; ".join(f"**{p['flops_per_s'] / 1e12:.3g} TFLOP/s** ({p['note']})" for p in peaks.values())
         + ".",
         "- Max error: largest |ITM logit − reference| over the batch; the reference is hf-eager-fp32 on the same "
         "inputs; rel = ÷ the largest |reference logit|. × HF = pairs/s ÷ hf-eager's in the same dtype.",
-        "- Peak memory: "
-        + (
-            "the system's weights (parameters and buffers) + the most memory one timed call added over what was in "
-            "use before it ("
-            + ("`torch.cuda.max_memory_allocated`" if env["device_type"] == "cuda" else "peak RSS, VmHWM")
-            + ")."
-            if plan.get("interleave")
-            else "`torch.cuda.max_memory_allocated` over the timed calls (weights + activations + graph pools)."
-            if env["device_type"] == "cuda"
-            else "process peak RSS over the timed calls less the RSS before the system's model was built "
-            "(its weights + working memory)."
-        ),
+        "- Peak memory: the system's weights (parameters and buffers) + the most memory one timed call added over "
+        "what was in use before it ("
+        + ("`torch.cuda.max_memory_allocated`" if env["device_type"] == "cuda" else "peak RSS, VmHWM")
+        + ").",
     ]
     if plan.get("notes"):
         lines += [f"- {n}" for n in plan["notes"]]

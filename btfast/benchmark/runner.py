@@ -1,22 +1,22 @@
 """Run a benchmark plan: every system on every cell (model, text length, batch size), on the same inputs.
 
-Two ways to run (`Plan.interleave`): one system after another (the default on CUDA), or all systems loaded
-together with their timed calls interleaved round by round (the default on CPU: see `_run_interleaved`).
+All systems of a model are loaded together and, per cell, their timed calls interleaved round by round
+(`_run_interleaved`): load from other work on the machine then hits every system alike.
 
 Inputs: per model and text length, one batch of the largest size is drawn once (`btfast.testing.random_inputs`,
 fixed seed, texts of exactly that length, random pixels); a cell of batch B uses its first B rows, so every
-system and batch size sees the same pairs. Each system gets a freshly built model (same seed, same
-weights); run one after another, only one model occupies the device at a time. Each cell: warmup calls (the
-first one timed apart: compile, autotune, graph capture), then timed calls; the last warmup call's ITM
-logits are kept and compared, at the end, with those of hf-eager-fp32 (the reference) on the same inputs.
+system and batch size sees the same pairs. Each system gets a fresh copy of one built model (same weights).
+Each cell: warmup calls (the first one timed apart: compile, autotune, graph capture), then timed calls; the last
+warmup call's ITM logits are kept and compared, at the end, with those of hf-eager-fp32 (the reference) on the
+same inputs.
 
-A time budget is shared out between systems as they start: each gets its part of what is left (systems that
-compile, hf-compile and btfast on CUDA, count twice) plus a quarter of what the systems after it would get. A
-cell whose estimated time (from the system's previous cell, else from what the reference took on that cell)
-would overrun its system's share is skipped, and the reason is printed and recorded, never silent. Text
-lengths run in plan order (the main sweep first), the largest batch first. An out-of-memory cell is recorded
-as such and the run goes on. The all-pairs scenario (`Plan.all_pairs`, see all_pairs.py) runs after every cell;
-the cells share the budget less the part kept for it, and it gets what is left then.
+--budget bounds the time spent measuring; building models (optimize() with its kernel race included) is
+reported apart and never counted. A cell whose estimated time (from the system's previous cell, else from what
+the reference took on that cell) would overrun what is left is skipped for the costliest systems until the
+others fit, with the reason printed and recorded, never silent. Text lengths run in plan order (the main sweep
+first), the largest batch first. An out-of-memory cell is recorded as such and the run goes on. The all-pairs
+scenario (`Plan.all_pairs`, see all_pairs.py) runs after every cell; the cells share the budget less the part
+kept for it, and it gets what is left then.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ from btfast.benchmark.progress import Progress, duration, short_error
 from btfast.benchmark.systems import REFERENCE, Loaded, System, load, parse_system
 
 MODELS = ("tiny", "base", "large")
-FIRST_COMPILE_S = 60.0  # an hf-compile system starts only with this much of its budget share left
 
 
 def model_config(name: str) -> Any:
@@ -77,7 +76,6 @@ class Plan:
     skip: dict[str, str] = field(default_factory=dict)  # system name -> why it is not run at all
     only: dict[str, tuple[set[Cell], str]] = field(default_factory=dict)
     reference: bool = True  # compute hf-eager-fp32 logits (untimed) where no hf-eager-fp32 system runs
-    interleave: bool = False  # all systems loaded at once, calls interleaved (see Runner._run_interleaved)
     notes: list[str] = field(default_factory=list)
     all_pairs: AllPairs | None = None  # the N images × M texts scenario, run after every cell (see all_pairs.py)
     smoke: str | None = None  # run headline.smoke in this dtype before any timing
@@ -188,6 +186,7 @@ class Runner:
         self.logits: dict[tuple[Cell, str], torch.Tensor] = {}
         self.system_info: dict[str, dict[str, Any]] = {}
         self.t_start = time.perf_counter()
+        self.build_s = 0.0  # seconds spent building models (see `elapsed`)
         self.max_text: dict[str, int] = {}
         self.flops: dict[str, dict[str, Any]] = {}
         self.cell_wall: dict[tuple[Cell, str], float] = {}  # seconds each measured cell took, all calls
@@ -218,7 +217,9 @@ class Runner:
         return copy.deepcopy(self._templates[model_name])
 
     def elapsed(self) -> float:
-        return time.perf_counter() - self.t_start
+        """Seconds since the start, less the time spent building models: the clock --budget runs on, so no system's
+        build (an optimize() with a slow kernel race, say) is ever charged to any system's cells."""
+        return time.perf_counter() - self.t_start - self.build_s
 
     def _row(self, cell: Cell, system: System, status: str, reason: str | None = None, **kw: Any) -> dict[str, Any]:
         row = dict(
@@ -241,13 +242,6 @@ class Runner:
 
     # -- the run -------------------------------------------------------------------------------------------------
 
-    def _weight(self, system: System) -> int:
-        """A system's weight in the budget: 0 if skipped, 2 if it compiles (hf-compile; btfast on CUDA), else 1."""
-        if system.name in self.plan.skip:
-            return 0
-        compiles = system.compiles or (system.is_btfast and self.plan.device.type == "cuda")
-        return 2 if compiles else 1
-
     def run(self) -> dict[str, Any]:
         """Run the plan and return every figure (see `snapshot`); Ctrl-C / SIGTERM leave a partial `snapshot()`."""
         plan = self.plan
@@ -269,8 +263,7 @@ class Runner:
             self.peaks[dtype] = timing.measure_gemm_peak(plan.device, dtype)
             self.progress.note(f"  {dtype} GEMM peak: {self.peaks[dtype].flops_per_s / 1e12:.3g} TFLOP/s")
         systems = sorted(plan.systems, key=lambda s: s.name != REFERENCE)  # the reference first, then as given
-        runs = [(m, s) for m in plan.models() for s in systems]
-        for i, model_name in enumerate(plan.models()):
+        for model_name in plan.models():
             config = model_config(model_name)
             self.max_text[model_name] = config.text_config.max_position_embeddings - config.text_config.pad_token_id - 1
             cells = [c for c in plan.cells if c.model == model_name]
@@ -282,17 +275,7 @@ class Runner:
                 for length in lengths
                 if length <= self.max_text[model_name]
             }
-            if plan.interleave:
-                self._run_interleaved(model_name, config, systems, cells, data)
-            for j, system in enumerate([] if plan.interleave else systems):
-                share = None
-                if plan.cells_budget_s is not None:
-                    # its weighted part of what is left, plus a quarter of what the systems after it would get
-                    weights = [self._weight(s) for _, s in runs[i * len(systems) + j :]]
-                    left = max(0.0, plan.cells_budget_s - self.elapsed())
-                    fair = left * self._weight(system) / max(1, sum(weights))
-                    share = fair + 0.25 * (left - fair)
-                self._run_system(model_name, config, system, cells, data, share)
+            self._run_interleaved(model_name, config, systems, cells, data)
             if plan.reference and not any(s.name == REFERENCE for s in systems):
                 self._reference(model_name, config, cells, data)
         if plan.all_pairs is not None:
@@ -353,7 +336,6 @@ class Runner:
                 cell_seconds=plan.cell_seconds,
                 budget_s=plan.budget_s,
                 compile_mode=plan.compile_mode,
-                interleave=plan.interleave,
                 seed=plan.seed,
                 inputs="btfast.testing.random_inputs: texts of exactly text_len tokens, random pixels; random weights",
                 skipped_systems=plan.skip,
@@ -370,7 +352,8 @@ class Runner:
             systems=self.system_info,
             results=self.rows,
             all_pairs=self.all_pairs_rows,
-            wall_s=self.elapsed(),
+            wall_s=time.perf_counter() - self.t_start,
+            build_s=self.build_s,
             interrupted=interrupted,
         )
 
@@ -395,6 +378,7 @@ class Runner:
             for cell in cells:
                 self._skip(cell, system, reason, status="error")
             return None
+        self.build_s += loaded.build_s
         info = self.system_info.setdefault(system.name, dict(build_s={}, notes=loaded.notes, explain={}, race={}))
         info["build_s"][model_name] = loaded.build_s
         if system.is_btfast:
@@ -479,95 +463,6 @@ class Runner:
 
         return keep
 
-    # -- one system after another --------------------------------------------------------------------------------
-
-    def _run_system(
-        self,
-        model_name: str,
-        config: Any,
-        system: System,
-        cells: list[Cell],
-        data: dict[int, dict[str, torch.Tensor]],
-        share: float | None,
-    ) -> None:
-        plan = self.plan
-        if system.name in plan.skip:
-            self.progress.note(f"skipping {system.name} on {model_name}: {plan.skip[system.name]}")
-            for cell in cells:
-                self._skip(cell, system, plan.skip[system.name])
-            return
-        deadline = None if share is None else self.elapsed() + share
-        baseline = timing.rss_bytes() if plan.device.type == "cpu" else None
-        loaded = self._load(model_name, config, system, cells)
-        if loaded is None:
-            return
-        per_pair: float | None = None  # seconds per pair seen in this system's last cell, for the estimates
-        first_extra = 0.0  # what the last cell's first call cost beyond a steady call (compile, capture)
-        failures = 0
-        warmup = self._warmups(system)
-        try:
-            for cell in self._ordered(cells):
-                why = self._not_runnable(cell, system)
-                if why is not None:
-                    self._skip(cell, system, why)
-                    continue
-                if failures >= 2:
-                    self._skip(cell, system, "two cells failed before: system abandoned", status="error")
-                    continue
-                estimate = self._estimate(cell, per_pair, first_extra, warmup)
-                if deadline is not None and estimate is None and system.compiles:
-                    left = deadline - self.elapsed()
-                    if left < FIRST_COMPILE_S:
-                        self._skip(
-                            cell,
-                            system,
-                            f"time budget: {max(0.0, left):.0f}s left of this system's share of "
-                            f"{plan.budget_text()}, under the {FIRST_COMPILE_S:.0f}s a first compile is given",
-                        )
-                        continue
-                if deadline is not None and estimate is not None and self.elapsed() + estimate > deadline:
-                    self._skip(
-                        cell,
-                        system,
-                        f"time budget: ~{estimate:.0f}s needed, {max(0.0, deadline - self.elapsed()):.0f}s left "
-                        f"of this system's share of {plan.budget_text()}",
-                    )
-                    continue
-                self.progress.status(f"{system.name} {model_name} L={cell.text_len} B={cell.batch}")
-                batch = loaded.prepare(_slice(data[cell.text_len], cell.batch))
-                t_cell = time.perf_counter()
-                try:
-                    with torch.no_grad():
-                        t = timing.time_calls(
-                            lambda batch=batch: loaded.call(batch),
-                            plan.device,
-                            warmup=warmup,
-                            repeats=plan.repeats,
-                            max_seconds=plan.cell_seconds,
-                            memory_baseline=baseline,
-                            on_warm=self._keep(cell, system),
-                        )
-                except Exception as e:
-                    failure: tuple[str, str] | None = ("oom" if _is_oom(e) else "error", short_error(e))
-                else:
-                    failure = None
-                del batch
-                if failure is not None:  # outside the except block: its traceback no longer holds tensors
-                    if failure[0] == "oom" and plan.device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    failures += failure[0] == "error"
-                    self._skip(cell, system, failure[1], status=failure[0])
-                    continue
-                failures = 0
-                self.cell_wall[(cell, system.name)] = time.perf_counter() - t_cell
-                p50 = self._record(cell, system, t, t.interrupted)
-                if t.interrupted:
-                    raise KeyboardInterrupt
-                per_pair = p50 / cell.batch
-                first_extra = max(0.0, t.first_call_s - p50)
-        finally:
-            self._close(model_name, loaded)
-
     # -- all systems at once, their calls interleaved ----------------------------------------------------------------
 
     def _run_interleaved(
@@ -614,13 +509,15 @@ class Runner:
                     )
                     for x in runnable
                 ]
-                if plan.cells_budget_s is not None and all(e is not None for e in estimates):
-                    need = sum(e for e in estimates if e is not None)
+                if plan.cells_budget_s is not None:  # drop the costliest systems until the rest fit what is left
                     left = plan.cells_budget_s - self.elapsed()
-                    if need > left:
-                        reason = f"time budget: ~{need:.0f}s needed, {max(0.0, left):.0f}s left of {plan.budget_text()}"
-                        for x in runnable:
-                            self._skip(cell, x.system, reason)
+                    priced = sorted(zip(estimates, runnable, strict=True), key=lambda p: -(p[0] or 0.0))
+                    while priced and sum(e or 0.0 for e, _ in priced) > left and priced[0][0] is not None:
+                        need, x = priced.pop(0)
+                        self._skip(cell, x.system, f"time budget: ~{need:.0f}s needed, {max(0.0, left):.0f}s left of "
+                                   f"{plan.budget_text()}")  # fmt: skip
+                    runnable = [x for x in runnable if any(x is y for _, y in priced)]
+                    if not runnable:
                         continue
                 self._interleave_cell(cell, runnable, data, weights, per_pair, first_extra, failures)
         finally:

@@ -2,8 +2,8 @@
 
 On CUDA every call is timed with a pair of CUDA events recorded around it, after a synchronize, so a figure is
 the device time of that one call, launch gaps included (what a caller waits for). On CPU `time.perf_counter`
-brackets each call. The first warmup call is timed on its own (it pays for compilation, autotuning and graph
-capture) and reported apart from the steady-state figures, as gpt-fast does.
+brackets each call. The runner times the first warmup call on its own (it pays for compilation, autotuning and graph
+capture) and reports it apart from the steady-state figures, as gpt-fast does.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -113,8 +113,6 @@ class Timing:
     peak_mem: int | None = None
     peak_mem_kind: str = ""
     capped: bool = False  # stopped before `repeats` because the cell's time cap was reached
-    interrupted: bool = False  # Ctrl-C / SIGTERM came during the timed calls: these are the ones done
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def p50(self) -> float:
@@ -123,55 +121,6 @@ class Timing:
     @property
     def p99(self) -> float:
         return percentile(self.latencies, 99.0)
-
-
-def time_calls(
-    fn: Callable[[], Any],
-    device: torch.device,
-    *,
-    warmup: int = 1,
-    repeats: int = 5,
-    max_seconds: float | None = None,
-    min_repeats: int = 3,
-    memory_baseline: int | None = None,
-    on_warm: Callable[[Any], None] | None = None,
-) -> Timing:
-    """Call `fn` `warmup` times untimed (the first one's wall time is kept), then time up to `repeats` calls.
-
-    Timed calls stop early once `max_seconds` of them have passed and at least `min_repeats` ran.
-    `on_warm(output)` receives the last warmup call's output (outside any timed region), e.g. to keep it
-    for an accuracy check. Peak memory covers the timed calls only (steady state).
-    """
-    warmup = max(1, warmup)
-    sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    sync(device)
-    first = time.perf_counter() - t0
-    for _ in range(warmup - 1):
-        out = fn()
-    sync(device)
-    if on_warm is not None:
-        on_warm(out)
-    del out
-
-    if device.type != "cuda":
-        trim_heap()
-    mem = PeakMemory(device, memory_baseline)
-    mem.reset()
-    latencies: list[float] = []
-    capped = interrupted = False
-    try:
-        for i in range(repeats):
-            latencies.append(timed_call(fn, device, memory=False)[0])
-            if max_seconds is not None and sum(latencies) >= max_seconds and min_repeats <= i + 1 < repeats:
-                capped = True
-                break
-    except KeyboardInterrupt:  # keep what was timed (the caller records it and stops)
-        if not latencies:
-            raise
-        interrupted = True
-    return Timing(latencies, first, warmup, mem.peak(), mem.kind, capped, interrupted)
 
 
 def timed_call(fn: Callable[[], Any], device: torch.device, memory: bool = True) -> tuple[float, int | None]:
