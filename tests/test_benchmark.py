@@ -323,6 +323,8 @@ def test_all_pairs_plans() -> None:
 def test_bad_combinations_exit_2(capsys) -> None:
     assert btfast_cli.main(["bench", "--quick", "--preset", "gpu", "--device", "cpu"]) == 2
     assert "pick one" in capsys.readouterr().err
+    assert btfast_cli.main(["bench", "--mode", "kernels", "--quick", "--device", "cpu"]) == 2
+    assert "runs alone" in capsys.readouterr().err
 
 
 # -- tiny runs end to end ---------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ DEFAULT_OUT = "bench/results"
 EPILOG = """\
 systems (--systems, comma list): hf-eager-<dtype> (transformers, eager attention), hf-compile-<dtype>
 (torch.compile(hf_model, mode=max-autotune, dynamic=False)), btfast-<dtype> (btfast.optimize with its
-defaults); <dtype> is fp32, bf16 or fp16. A bare hf-eager / hf-compile / btfast means <dtype> = --dtype;
+defaults), btfast-torch-<dtype> (kernels=False), btfast-triton-<dtype> (kernels="all"); <dtype> is fp32, bf16 or
+fp16. A bare hf-eager / hf-compile / btfast means <dtype> = --dtype;
 `all` = hf-eager-fp32, hf-eager-D, btfast-fp32, btfast-D, hf-compile-D (D = --dtype).
 hf-eager-fp32 is the accuracy reference (computed untimed when not among the systems).
 
@@ -28,6 +29,9 @@ presets (explicit options override them):
   --quick     base; all systems; CPU: batch 1,2, text 40, 2 calls, budget 270 s (hf-compile skipped on CPU:
               max-autotune compiles for minutes there); CUDA: batch 1,8,32,128, text 16/40/64.
               Writes bench/results/<date>-<device>-quick.{json,md,png}.
+  --preset headline  the first GPU call (bench/gpu.sh): smoke checks, then base, --dtype (bf16), text 40, batch
+              128 and 1: hf-eager, hf-compile (batch 128 only), btfast, btfast-torch, btfast-triton; a profiler
+              split of btfast at batch 128; each btfast system's kernel race. Writes <date>-<device>-headline.*
   --preset gpu  base and large; all systems; text 40 at batch 1..256, text 16 / 64 at a few batches, 512
               as a stress case; hf-compile at a few cells only; all pairs 64 x 64 (base, text 40, 64 per call,
               75 s of the budget kept for it); budget 290 s. Writes <date>-<device>-gpu.*
@@ -248,6 +252,8 @@ def build_plan(args: argparse.Namespace) -> Any:
     models = args.model or (["base", "large"] if preset == "gpu" else ["base"])
     notes: list[str] = []
     if args.mode != "e2e":
+        if preset is not None:
+            raise ValueError(f"--mode {args.mode} runs alone: drop --quick / --preset")
         return _mode_plan(args, device, models)
 
     if preset is None:
@@ -343,7 +349,7 @@ def build_plan(args: argparse.Namespace) -> Any:
             skip[s.name] = (
                 f"torch.compile(mode={args.compile_mode!r}) on CPU autotunes every GEMM with inductor's C++ "
                 "backend on the CPU's cores: a trial on a 2-core CPU took over 2 minutes for the tiny "
-                "model alone, past the --quick budget; ask for it with --systems (and a --budget) to include it"
+                "model alone, past this preset's time; ask for it with --systems (and a --budget) to include it"
             )
     if spec is not None and spec.dtype != low:
         notes.append(f"all pairs runs in fp32, not {low}: {emulated[low]}")
