@@ -335,7 +335,7 @@ def test_quick_tiny_end_to_end(tmp_path, capsys, asked: bool) -> None:
     """--quick on the tiny model; bf16 runs where the CPU has bf16 units or where asked for (then it says emulated),
     else it is skipped with the reason printed and no bf16 is timed at all (not even the GEMM peak)."""
     argv = ["bench", "--model", "tiny", "--quick", "--device", "cpu", "--out", str(tmp_path), "--repeats", "2"]
-    rc = btfast_cli.main(argv + (["--dtype", "bf16"] if asked else []))
+    rc = btfast_cli.main(argv + (["--dtype", "bf16", "--all-pairs", "off"] if asked else []))  # pairs: below
     assert rc == 0
     out = capsys.readouterr()
     assert "skipping hf-compile-bf16" in out.err  # never silently
@@ -365,6 +365,9 @@ def test_quick_tiny_end_to_end(tmp_path, capsys, asked: bool) -> None:
     skipped = [r for r in data["results"] if r["system"] == "hf-compile-bf16"]
     assert skipped and all(r["status"] == "skipped" and r["reason"] for r in skipped)
     assert "btfast:" in data["systems"]["btfast-fp32"]["explain"]["tiny"]
+    if asked:
+        assert not data["all_pairs"]
+        return
     # --quick also scores all pairs (2 x 2 on CPU), in the comparison's low dtype where it runs
     (ap,) = data["all_pairs"]
     low = "bf16" if bf16 else "fp32"
