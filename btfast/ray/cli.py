@@ -206,7 +206,7 @@ def ray_job(cfg: JobConfig, *, address: str | None = None, gpus_per_worker: floa
                 desc=f"score {cfg.head} (ray)" if score else "embed (ray)",
                 unit="pair" if score else "item",
                 progress=cfg.progress,
-                kill_after=cfg.kill_after,
+                interrupt=cfg.interrupt,
             )
     finally:
         cluster.close()

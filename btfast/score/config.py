@@ -11,6 +11,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,7 @@ class JobConfig:
     top_k: int = 16  # retrieve
     rerank: bool = True  # retrieve: re-rank the ITC candidates by ITM
     chunk_queries: int = 1024  # retrieve: queries per chunk
-    kill_after: int | None = None  # test hook: SIGKILL this process once this many chunks are durable
+    interrupt: tuple[int, int] | None = None  # test hook (chunks, signal): see `interrupt_from_env`
 
     @property
     def input(self) -> str | None:
@@ -268,7 +269,7 @@ def from_args(command: str, args: argparse.Namespace) -> JobConfig:
         top_k=getattr(args, "top_k", 16),
         rerank=not getattr(args, "no_rerank", False),
         chunk_queries=getattr(args, "chunk_queries", 1024),
-        kill_after=kill_after_from_env(),
+        interrupt=interrupt_from_env(),
     )
 
 
@@ -279,11 +280,15 @@ def output_format_or_none(path: str) -> str | None:
         return None
 
 
-KILL_AFTER_ENV = "BTFAST_TEST_KILL_AFTER_CHUNKS"
+INTERRUPT_ENV = "BTFAST_TEST_INTERRUPT"
 
 
-def kill_after_from_env() -> int | None:
-    """The test-only interruption hook: with BTFAST_TEST_KILL_AFTER_CHUNKS=N the job SIGKILLs itself once N chunks
-    are durable, so a kill -9 test interrupts at a known point on any machine."""
-    v = os.environ.get(KILL_AFTER_ENV)
-    return int(v) if v else None
+def interrupt_from_env() -> tuple[int, int] | None:
+    """The test-only interruption hook, read from the command's environment: BTFAST_TEST_INTERRUPT=N:KILL makes the
+    job SIGKILL itself once N chunks of this run are durable; N:STOP makes it SIGSTOP itself there, for the test to
+    `kill -9` it from outside. A kill -9 test then interrupts at a known point on any machine, however fast."""
+    v = os.environ.get(INTERRUPT_ENV)
+    if not v:
+        return None
+    n, _, name = v.partition(":")
+    return int(n), int(getattr(signal, f"SIG{name or 'KILL'}"))

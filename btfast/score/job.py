@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
 from collections import deque
@@ -122,12 +121,13 @@ def run_chunks(
     desc: str = "btfast",
     unit: str = "pair",
     progress: bool = True,
-    kill_after: int | None = None,
+    interrupt: tuple[int, int] | None = None,
 ) -> Summary:
     """The one driver loop: run every chunk of this shard that the sink has not recorded, write each as it
     completes, then mark the job finished.
 
-    `kill_after` (tests only): SIGKILL this process once that many chunks of this run are durable."""
+    `interrupt` (tests only, `JobConfig.interrupt`): (n, signal) sends this process the signal once n chunks of this
+    run are durable."""
     from tqdm import tqdm
 
     summary = Summary(out=str(sink.out), resumed_rows=sink.rows_done)
@@ -160,8 +160,8 @@ def run_chunks(
             for index, outs in executor.run(todo()):
                 rec = sink.write(index, outs)
                 written += 1
-                if kill_after is not None and written >= kill_after:
-                    os.kill(os.getpid(), signal.SIGKILL)
+                if interrupt is not None and written == interrupt[0]:
+                    os.kill(os.getpid(), interrupt[1])
                 summary.new_rows += rec["rows"]
                 errors += rec["errors"]
                 bar.update(rec["rows"])
@@ -225,7 +225,7 @@ def score_job(cfg: JobConfig) -> Summary:
                 total_rows=total,
                 desc=f"score {cfg.head}",
                 progress=cfg.progress,
-                kill_after=cfg.kill_after,
+                interrupt=cfg.interrupt,
             )
         summary.stats = dict(ctx.stats)
         return summary
@@ -281,7 +281,7 @@ def embed_job(cfg: JobConfig) -> Summary:
                 desc="embed",
                 unit="item",
                 progress=cfg.progress,
-                kill_after=cfg.kill_after,
+                interrupt=cfg.interrupt,
             )
         summary.stats = dict(ctx.stats)
         return summary

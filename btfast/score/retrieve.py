@@ -357,7 +357,7 @@ def retrieve_job(cfg: JobConfig) -> RetrieveSummary:
             desc="retrieve",
             unit="query",
             progress=cfg.progress and ranker is not None,
-            kill_after=cfg.kill_after,
+            interrupt=cfg.interrupt,
         )
     finally:
         if ranker is not None:
