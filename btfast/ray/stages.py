@@ -266,9 +266,8 @@ class ModelWorker:
 
     def __call__(self, t: Any) -> Any:
         import pyarrow as pa
-        import torch
 
-        from btfast.score.engine import embed_chunk, score_chunk
+        from btfast.score.engine import compute_chunk
         from btfast.score.rows import Row
 
         canvases = self._canvases(t)
@@ -284,14 +283,7 @@ class ModelWorker:
             )
             for rec in t.select(["row", "id", "kind", "image", "text", "_error", "_key"]).to_pylist()
         ]
-        with torch.inference_mode():
-            if self.mode == "embed":
-                outs = embed_chunk(self.ctx, rows, canvases)
-            else:
-                outs = score_chunk(self.ctx, rows, canvases)
-        id_type = "string" if self.mode == "embed" else self.id_type
-        for o in outs:
-            o["id"] = id_value(o["id"], id_type)
+        outs = compute_chunk(self.ctx, self.mode, "string" if self.mode == "embed" else self.id_type, rows, canvases)
         table = pa.Table.from_pylist(outs, schema=self.schema)
         for name in self.keep:
             table = table.append_column(name, t.column(name))

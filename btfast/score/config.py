@@ -78,6 +78,16 @@ class JobConfig:
     def input(self) -> str | None:
         return self.pairs if self.command == "score" else self.images
 
+    def id_type(self, parquet: bool = True) -> str:
+        """How output ids are typed (`btfast.score.schema`): 'keep' (JSONL score output), 'int' or 'string'."""
+        if self.command != "score":
+            return "string"
+        if not parquet:
+            return "keep"
+        from btfast.score.schema import id_type_of
+
+        return id_type_of(self.pairs, self.columns.id)
+
     def replace(self, **changes: Any) -> JobConfig:
         return dataclasses.replace(self, **changes)
 

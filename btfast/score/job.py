@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from btfast.score.config import Columns, JobConfig
 from btfast.score.plan import Chunk, Limits, parse_shard
-from btfast.score.schema import embed_schema, id_type_of, id_value, score_schema
+from btfast.score.schema import embed_schema, score_schema
 from btfast.score.sink import ChunkSink, Sink, output_format
 
 EXIT_OK = 0
@@ -176,54 +176,42 @@ def run_chunks(
     return summary
 
 
-def score_job(cfg: JobConfig) -> Summary:
-    """Run the `btfast score` job `cfg` (see `score`)."""
-    import torch
-
+def local_job(cfg: JobConfig) -> Summary:
+    """Run the `btfast score` or `btfast embed` job `cfg`: this process computes, worker processes decode images."""
     from btfast.preprocess import TextPreprocessor
-    from btfast.score.engine import Context, load_head, resolve_device, resolve_dtype, score_chunk
+    from btfast.score.engine import Context, compute_chunk, load_head, resolve_device, resolve_dtype
     from btfast.score.loader import ImageLoader, default_workers
-    from btfast.score.source import PairsSource
+    from btfast.score.source import ListSource, PairsSource
 
-    if cfg.head not in ("itm", "itc"):
-        raise ValueError(f"head must be itm or itc, got {cfg.head}")
-    source = PairsSource(cfg)
+    embed = cfg.command == "embed"
+    source = ListSource(cfg) if embed else PairsSource(cfg)
     source.check()  # a missing column or a wrong image root: fatal, before the model loads
     dev = resolve_device(cfg.device)
     dt = resolve_dtype(cfg.dtype, dev)
     batch_size = cfg.batch_size or default_batch_size(dev.type)
-    workers = default_workers() if cfg.workers is None else cfg.workers
-    header = cfg.header(dtype=str(dt), batch_size=batch_size)
+    parquet = output_format(cfg.out) == "parquet"
+    id_type = cfg.id_type(parquet)
+    schema = output_schema(cfg, id_type) if parquet else None
+    sink = ChunkSink(cfg.out, cfg.header(dtype=str(dt), batch_size=batch_size), overwrite=cfg.overwrite, schema=schema)
     images = cfg.image_preprocessor()
-    texts = TextPreprocessor.from_pretrained(cfg.model)
-    id_type = id_type_of(cfg.pairs, cfg.columns.id) if output_format(cfg.out) == "parquet" else "keep"
-    schema = score_schema(cfg.head, id_type, cfg.with_text) if id_type != "keep" else None
-    sink = ChunkSink(cfg.out, header, overwrite=cfg.overwrite, schema=schema)
     loader = None
     try:
         if sink.finished:
             return run_chunks([], sink, LocalExecutor(None, lambda c, x: []), shard=cfg.shard, progress=False)
-        loader = ImageLoader(images, workers)  # workers start while the model loads
+        loader = ImageLoader(images, default_workers() if cfg.workers is None else cfg.workers)  # start meanwhile
         net = load_head(cfg.model, cfg.head, dev, dt, engine=cfg.engine)
+        texts = TextPreprocessor.from_pretrained(cfg.model)
         ctx = Context(net, cfg.head, images, texts, batch_size=batch_size, dedup=cfg.dedup, with_text=cfg.with_text)
-        total = source.total() or 0
-        total = -(-total // cfg.shard[1]) if cfg.shard[1] > 1 else total
-
-        def compute(c: Chunk, canvases: dict[str, Any]) -> list[dict[str, Any]]:
-            with torch.inference_mode():
-                outs = score_chunk(ctx, c.rows, canvases)
-            for o in outs:
-                o["id"] = id_value(o["id"], id_type)
-            return outs
-
+        total = source.total()
         with loader:
             summary = run_chunks(
                 source.chunks(),
                 sink,
-                LocalExecutor(loader, compute),
+                LocalExecutor(loader, lambda c, canvases: compute_chunk(ctx, cfg.command, id_type, c.rows, canvases)),
                 shard=cfg.shard,
-                total_rows=total,
-                desc=f"score {cfg.head}",
+                total_rows=None if total is None else -(-total // cfg.shard[1]),
+                desc="embed" if embed else f"score {cfg.head}",
+                unit="item" if embed else "pair",
                 progress=cfg.progress,
                 interrupt=cfg.interrupt,
             )
@@ -235,60 +223,11 @@ def score_job(cfg: JobConfig) -> Summary:
         sink.close()
 
 
-def embed_job(cfg: JobConfig) -> Summary:
-    """Run the `btfast embed` job `cfg` (see `embed`)."""
-    import torch
-
-    from btfast.preprocess import TextPreprocessor
-    from btfast.score.engine import Context, embed_chunk, load_head, resolve_device, resolve_dtype
-    from btfast.score.loader import ImageLoader, default_workers
-    from btfast.score.source import ListSource
-
-    if cfg.images is None and cfg.texts is None:
-        raise ValueError("give images, texts or both")
-    source = ListSource(cfg)
-    source.check()
-    dev = resolve_device(cfg.device)
-    dt = resolve_dtype(cfg.dtype, dev)
-    batch_size = cfg.batch_size or default_batch_size(dev.type)
-    workers = default_workers() if cfg.workers is None else cfg.workers
-    header = cfg.header(dtype=str(dt), batch_size=batch_size)
-    ipre = cfg.image_preprocessor()
-    tpre = TextPreprocessor.from_pretrained(cfg.model)
-    schema = embed_schema() if output_format(cfg.out) == "parquet" else None
-    sink = ChunkSink(cfg.out, header, overwrite=cfg.overwrite, schema=schema)
-    loader = None
-    try:
-        if sink.finished:
-            return run_chunks([], sink, LocalExecutor(None, lambda c, x: []), shard=cfg.shard, progress=False)
-        loader = ImageLoader(ipre, workers)
-        net = load_head(cfg.model, "itc", dev, dt)
-        ctx = Context(net, "itc", ipre, tpre, batch_size=batch_size)
-
-        def compute(c: Chunk, canvases: dict[str, Any]) -> list[dict[str, Any]]:
-            with torch.inference_mode():
-                outs = embed_chunk(ctx, c.rows, canvases)
-            for o in outs:
-                o["id"] = id_value(o["id"], "string")
-            return outs
-
-        with loader:
-            summary = run_chunks(
-                source.chunks(),
-                sink,
-                LocalExecutor(loader, compute),
-                shard=cfg.shard,
-                desc="embed",
-                unit="item",
-                progress=cfg.progress,
-                interrupt=cfg.interrupt,
-            )
-        summary.stats = dict(ctx.stats)
-        return summary
-    finally:
-        if loader is not None:
-            loader.close()
-        sink.close()
+def output_schema(cfg: JobConfig, id_type: str) -> Any:
+    """The Arrow schema of the job's output rows."""
+    if cfg.command == "embed":
+        return embed_schema()
+    return score_schema(cfg.head, id_type, cfg.with_text)
 
 
 def default_batch_size(device_type: str) -> int:
@@ -328,7 +267,7 @@ def score(
         raise FileNotFoundError(f"pairs file not found: {pairs}")
     cfg = _config("score", shard, limits, model=model, pairs=pairs, out=out, columns=Columns(*fields), **options)
     output_format(cfg.out)
-    return score_job(cfg)
+    return local_job(cfg)
 
 
 def embed(
@@ -344,4 +283,4 @@ def embed(
     `score`; `options` as there."""
     cfg = _config("embed", shard, limits, model=model, out=out, head="itc", **options)
     output_format(cfg.out)
-    return embed_job(cfg)
+    return local_job(cfg)
