@@ -11,7 +11,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 from btfast.score.config import Columns, JobConfig
@@ -236,10 +235,13 @@ def default_batch_size(device_type: str) -> int:
 
 
 def _config(command: str, shard: str | None, limits: Limits | None, **kw: Any) -> JobConfig:
+    """The checked job of a Python API call (`score`, `embed`, `retrieve`): paths as strings, defaults filled."""
     kw = {k: (None if v is None else os.fspath(v)) if k in PATHS else v for k, v in kw.items()}
     if kw.get("max_pixels") is None:
         kw.pop("max_pixels", None)
-    return JobConfig(command=command, shard=parse_shard(shard), limits=limits or Limits(), **kw)
+    cfg = JobConfig(command=command, shard=parse_shard(shard), limits=limits or Limits(), **kw)
+    cfg.check()
+    return cfg
 
 
 PATHS = ("model", "itc_model", "out", "pairs", "images", "texts", "image_root")
@@ -263,11 +265,9 @@ def score(
     `options`: the other fields of `JobConfig` (head, image_root, device, dtype, batch_size, workers, overwrite,
     dedup, exact, max_pixels, exif_orientation, with_text, progress, engine).
     """
-    if not Path(pairs).is_file():
-        raise FileNotFoundError(f"pairs file not found: {pairs}")
-    cfg = _config("score", shard, limits, model=model, pairs=pairs, out=out, columns=Columns(*fields), **options)
-    output_format(cfg.out)
-    return local_job(cfg)
+    return local_job(
+        _config("score", shard, limits, model=model, pairs=pairs, out=out, columns=Columns(*fields), **options)
+    )
 
 
 def embed(
@@ -281,6 +281,4 @@ def embed(
     """Normalised ITC embeddings of every image and/or text (`images=`, `texts=`), one output row each (`kind` =
     image / text). Images first (rows 0..), then texts (their own row numbers). Resumable and shardable like
     `score`; `options` as there."""
-    cfg = _config("embed", shard, limits, model=model, out=out, head="itc", **options)
-    output_format(cfg.out)
-    return local_job(cfg)
+    return local_job(_config("embed", shard, limits, model=model, out=out, head="itc", **options))

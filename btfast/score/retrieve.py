@@ -284,15 +284,6 @@ def retrieve_job(cfg: JobConfig) -> Summary:
     from btfast.score.rows import read_images, read_texts
 
     t0 = time.perf_counter()
-    if cfg.top_k < 1:
-        raise ValueError("--top-k must be >= 1")
-    if cfg.chunk_queries < 1:
-        raise ValueError("--chunk-queries must be >= 1")
-    output_format(cfg.out)
-    if cfg.model is None and cfg.itc_model is None:
-        raise ValueError("give --model (ITM) and/or --itc-model")
-    if cfg.rerank and cfg.model is None:
-        raise ValueError("re-ranking needs --model (an ITM folder); or pass --no-rerank")
     shard_i, shard_n = cfg.shard
     dev = resolve_device(cfg.device)
     dt = resolve_dtype(cfg.dtype, dev)
