@@ -12,19 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures_saved_model import sentences, write_bad_images, write_images, write_jsonl
-from jobs import kill_after_chunks
+from jobs import (
+    kill_after_chunks,
+    one_torch_thread,  # noqa: F401  (autouse: one torch thread)
+)
 from PIL import Image
 
 from btfast.cli import main
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models on a shared 2-core machine: OpenMP with 2 threads waits on busy cores (100x slower here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def read_out(path: Path) -> list[dict]:

@@ -17,7 +17,7 @@ import torch
 
 from btfast.preprocess import ImagePreprocessor, TextPreprocessor, TokenizedText
 from btfast.score.rows import ImageResolver, Row, parse_record
-from btfast.score.schema import id_value, score_columns
+from btfast.score.schema import EMBED, id_value, score_columns
 
 HEADS = ("itm", "itc")
 HEAD_CLASS = {"itm": "BridgeTowerForImageAndTextRetrieval", "itc": "BridgeTowerForContrastiveLearning"}
@@ -284,17 +284,8 @@ def embed_chunk(ctx: Context, rows: Sequence[Row], canvases: dict[str, np.ndarra
     outs: list[dict[str, Any]] = []
     img_rows, txt_rows = [], []
     for r in rows:
-        o = {
-            "kind": "text" if r.kind == "text" else "image",
-            "row": r.row,
-            "id": r.id,
-            "image": r.image_name,
-            "text": r.text,
-            "status": None,
-            "error": None,
-            "text_truncated": None,
-            "embedding": None,
-        }
+        o = dict.fromkeys(EMBED)
+        o.update(kind="text" if r.kind == "text" else "image", row=r.row, id=r.id, image=r.image_name, text=r.text)
         if r.error is None and r.image_key is not None:
             c = canvases.get(r.image_key)
             if c is None or isinstance(c, str):
