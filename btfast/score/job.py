@@ -84,11 +84,8 @@ def stream(
             c = next(it, None)
             if c is None:
                 return
-            first: dict[str, Any] = {}
-            for r in c.rows:
-                if r.error is None and r.image_key is not None and r.image_key not in first:
-                    first[r.image_key] = r.image
-            pending.append((c, loader.submit(list(first), list(first.values()))))
+            images = c.images
+            pending.append((c, loader.submit(list(images), list(images.values()))))
 
     fill()
     while pending:

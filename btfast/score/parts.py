@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from btfast.score.sink import ResumeError, same_job
+from btfast.score.sink import ResumeError, fsync_dir, same_job, write_parquet_atomic
 
 JOB_FILE = "_btfast_job.json"
 SUCCESS_FILE = "_SUCCESS"
@@ -42,19 +42,6 @@ def part_name(k: int) -> str:
     return f"part-{k:08d}.parquet"
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
@@ -62,7 +49,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _ours(name: str) -> bool:
@@ -161,7 +148,6 @@ class PartStore:
     def write(self, k: int, table: Any) -> dict[str, int]:
         """Write part k (a pyarrow Table) atomically; its row and error counts go into the file's metadata."""
         import pyarrow.compute as pc
-        import pyarrow.parquet as pq
 
         errors = table.num_rows - int(pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0)
         info = {"part": k, "rows": table.num_rows, "errors": errors}
@@ -169,12 +155,7 @@ class PartStore:
         meta[META_KEY] = json.dumps(info).encode()
         table = table.replace_schema_metadata(meta)
         final = self.path(k)
-        tmp = final.with_name(f".{final.name}.tmp")
-        pq.write_table(table, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        _fsync_dir(self.folder)
+        write_parquet_atomic(table, final, final.with_name(f".{final.name}.tmp"))
         self.done[k] = {"rows": info["rows"], "errors": errors}
         return self.done[k]
 
