@@ -1,7 +1,8 @@
 """One frozen job configuration: built from the command line (or the Python API) and checked before torch is
 imported, passed unchanged to the executors and their workers; the resume header is derived from it here only.
 
-Nothing here imports torch, transformers or pyarrow: a bad argument is refused in a fraction of a second.
+Nothing here imports torch, transformers or pyarrow (Pillow and numpy, through btfast.preprocess, are quick): a bad
+argument is refused in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from btfast.preprocess import DEFAULT_MAX_PIXELS
 from btfast.score.plan import Limits, parse_shard
 from btfast.score.rows import IMAGE_SUFFIXES, input_format
 from btfast.score.sink import output_format
 
-DEFAULT_MAX_PIXELS = 2 * 89_478_485  # PIL's decompression-bomb error threshold (as btfast.preprocess)
 PYARROW_HINT = "pip install pyarrow"
 
 
@@ -46,7 +47,7 @@ class JobConfig:
     """
 
     command: str  # "score", "embed" or "retrieve"
-    model: str  # the model folder (score / embed; retrieve: the ITM folder, or None with --no-rerank)
+    model: str | None  # the model folder (score / embed; retrieve: the ITM folder, or None with --no-rerank)
     out: str
     head: str = "itm"
     pairs: str | None = None  # score
@@ -74,10 +75,6 @@ class JobConfig:
     rerank: bool = True  # retrieve: re-rank the ITC candidates by ITM
     chunk_queries: int = 1024  # retrieve: queries per chunk
     interrupt: tuple[int, int] | None = None  # test hook (chunks, signal): see `interrupt_from_env`
-
-    @property
-    def input(self) -> str | None:
-        return self.pairs if self.command == "score" else self.images
 
     def id_type(self, parquet: bool = True) -> str:
         """How output ids are typed (`btfast.score.schema`): 'keep' (JSONL score output), 'int' or 'string'."""
