@@ -20,12 +20,13 @@ setup(
         "pillow>=10",
         "numpy",
         "tqdm",
+        "pyarrow",  # Parquet is a main input and output format of btfast score / embed / retrieve
     ],
     extras_require={
-        "test": ["pytest", "tokenizers", "pyarrow", "ruff", "matplotlib", "ray[data]>=2.9"],
-        "parquet": ["pyarrow"],
+        "test": ["pytest", "tokenizers", "ruff", "matplotlib", "ray[data]>=2.9"],
+        "parquet": [],  # kept so that `pip install 'btfast[parquet]'` still works: pyarrow is in the base install
         "plot": ["matplotlib"],
-        "ray": ["ray[data]>=2.9", "pyarrow"],
+        "ray": ["ray[data]>=2.9"],
     },
     entry_points={"console_scripts": ["btfast=btfast.cli:main"]},
 )

@@ -10,20 +10,15 @@ import numpy as np
 import pytest
 import torch
 from fixtures_saved_model import sentences, write_images, write_jsonl
-from jobs import kill_after_chunks
+from jobs import (
+    kill_after_chunks,
+    one_torch_thread,  # noqa: F401  (autouse: one torch thread)
+)
 from PIL import Image
 
 from btfast.cli import main
 from btfast.score import retrieve as retrieve_module
 from btfast.score.retrieve import GALLERY_SUFFIX
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def run(cmd: str, *argv) -> int:
@@ -287,8 +282,8 @@ def test_retrieve_kill_9_and_resume(saved_models, gallery, tmp_path, capsys, mon
         *map(str, retrieve_args(saved_models, gallery, texts, "--chunk-queries", 2)),
     ]
     out = tmp_path / "killed.jsonl"
-    done_before = kill_after_chunks(args, out)
-    assert 3 <= done_before < (240 + 8) // 2
+    done_before = kill_after_chunks(args, out, chunks=3, how="STOP")
+    assert done_before == 3
     cache = Path(str(out) + GALLERY_SUFFIX)
     assert cache.exists()  # the gallery's ITC embeddings, kept for the rerun
     embedded = []
@@ -372,3 +367,13 @@ def test_retrieve_rerun_with_other_settings_is_refused(saved_models, gallery, tm
     assert out.read_bytes() == before
     assert run("retrieve", *args, "--top-k", 2, "--out", out, "--overwrite") == 3
     assert all(len(r["results"]) == 2 for r in read(out) if r["status"] == "ok")
+
+
+def test_retrieve_missing_column_is_fatal_and_the_flag_picks_another(saved_models, gallery, tmp_path, capsys):
+    texts = write_jsonl(tmp_path / "caps.jsonl", [{"caption": t} for t in gallery["texts"]])
+    args = retrieve_args(saved_models, gallery, texts, "--no-rerank")
+    assert run("retrieve", *args, "--out", tmp_path / "a.jsonl") == 1
+    err = capsys.readouterr().err
+    assert "no column 'text'" in err and "--text-column" in err, err
+    assert run("retrieve", *args, "--text-column", "caption", "--out", tmp_path / "b.jsonl") == 3  # broken.jpg
+    assert len(read(tmp_path / "b.jsonl")) == len(gallery["texts"]) + len(gallery["images"])

@@ -25,90 +25,18 @@ from typing import Any
 
 import numpy as np
 
+from btfast.score.config import Columns, JobConfig
+from btfast.score.schema import DECODED, ROWS, arrow_schema, arrow_type, embed_schema, id_value, score_schema
+
 log = logging.getLogger("btfast")
-
-# Columns between the stages (names starting with "_" never reach the output).
-ROW_COLUMNS = ("row", "id", "kind", "image", "text", "_error", "_key", "_path", "_bytes")
-DECODED_COLUMNS = (
-    "row",
-    "id",
-    "kind",
-    "image",
-    "text",
-    "_error",
-    "_key",
-    "_path",
-    "_bytes",
-    "_canvas",
-    "_h",
-    "_w",
-    "_decode_error",
-)
-
-
-# ---- schemas -----------------------------------------------------------------------------------------------------
-
-
-def score_schema(head: str, id_type: str) -> Any:
-    """The output schema of `btfast score` with Parquet output (same names, same types)."""
-    import pyarrow as pa
-
-    f32 = pa.float32()
-    cols = [
-        ("row", pa.int64()),
-        ("id", pa.int64() if id_type == "int" else pa.string()),
-        ("image", pa.string()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("text_truncated", pa.bool_()),
-    ]
-    cols += [("itm_logit", f32), ("itm_prob", f32)] if head == "itm" else [("itc_cosine", f32), ("itc_logit", f32)]
-    return pa.schema(cols)
-
-
-def embed_schema() -> Any:
-    """The output schema of `btfast embed` with Parquet output."""
-    import pyarrow as pa
-
-    return pa.schema(
-        [
-            ("kind", pa.string()),
-            ("row", pa.int64()),
-            ("id", pa.string()),
-            ("image", pa.string()),
-            ("text", pa.string()),
-            ("status", pa.string()),
-            ("error", pa.string()),
-            ("text_truncated", pa.bool_()),
-            ("embedding", pa.list_(pa.float32())),
-        ]
-    )
 
 
 def rows_schema(id_type: str, keep: Sequence[tuple[str, Any]] = ()) -> Any:
-    """Schema of prepared input rows (what the CLI's driver builds from `read_pairs` / `read_images` / ...)."""
+    """Schema of prepared input rows (what the CLI's driver builds from the source's rows)."""
     import pyarrow as pa
 
-    cols = [
-        ("row", pa.int64()),
-        ("id", pa.int64() if id_type == "int" else pa.string()),
-        ("kind", pa.string()),
-        ("image", pa.string()),
-        ("text", pa.string()),
-        ("_error", pa.string()),
-        ("_key", pa.string()),
-        ("_path", pa.string()),
-        ("_bytes", pa.binary()),
-    ]
-    return pa.schema(cols + list(keep))
-
-
-def id_value(v: Any, id_type: str) -> Any:
-    if v is None:
-        return None
-    if id_type == "int":
-        return int(v)
-    return v if isinstance(v, str) else str(v)
+    base = arrow_schema(ROWS, id_type)
+    return pa.schema([*base, *[pa.field(n, t) for n, t in keep]])
 
 
 def row_record(r: Any, id_type: str, **extra: Any) -> dict[str, Any]:
@@ -131,40 +59,23 @@ def row_record(r: Any, id_type: str, **extra: Any) -> dict[str, Any]:
 # ---- stage 1: decode (CPU tasks) ---------------------------------------------------------------------------------
 
 
-def load_image(pre: Any, source: Any) -> np.ndarray | str:
-    """A uint8 canvas, or the reason the image cannot be used (the messages of `btfast score`'s workers)."""
-    from btfast.preprocess import ImageError
-
-    try:
-        return pre.load(source)
-    except ImageError as e:
-        return str(e)
-    except Exception as e:  # a decoder bug must cost one row, never the run
-        return f"cannot read image: {type(e).__name__}: {e}"
-
-
 def _parse(
     records: list[dict[str, Any]],
     kind: str,
-    fields: tuple[str, str, str],
+    columns: Columns,
     image_root: str | None,
     base: str | None,
     id_type: str,
 ) -> list[dict[str, Any]]:
     """User records (an `image` path or bytes, a `text`, optionally `id` and `row`) → prepared records."""
-    from btfast.score.rows import ImageResolver, Row, _id_of, _set_image, _set_text
+    from btfast.score.rows import ImageResolver, parse_record
 
     resolver = ImageResolver(image_root, base or os.getcwd())
-    image_field, text_field, id_field = fields
     out = []
     for rec in records:
         row = rec.get("row")
         row = int(row) if isinstance(row, (int, np.integer)) else None
-        r = Row(row=row, id=_id_of(rec, id_field, row), kind=kind)
-        if kind in ("pair", "image"):
-            r.error = _set_image(r, rec, image_field, resolver)
-        if kind in ("pair", "text") and r.error is None:
-            r.error = _set_text(r, rec, text_field)
+        r = parse_record(rec, row, resolver, kind, columns.image, columns.text, columns.id)
         out.append(row_record(r, id_type))
     return out
 
@@ -175,7 +86,7 @@ def decode_batch(
     pre: Any,
     kind: str = "pair",
     prepared: bool = False,
-    fields: tuple[str, str, str] = ("image", "text", "id"),
+    columns: Columns | None = None,
     image_root: str | None = None,
     base: str | None = None,
     id_type: str = "string",
@@ -185,20 +96,20 @@ def decode_batch(
     import pyarrow as pa
 
     if prepared:
-        recs = batch.select(list(ROW_COLUMNS)).to_pylist()
+        recs = batch.select(list(ROWS)).to_pylist()
     else:
-        recs = _parse(batch.to_pylist(), kind, fields, image_root, base, id_type)
+        recs = _parse(batch.to_pylist(), kind, columns or Columns(), image_root, base, id_type)
     canvases: dict[str, np.ndarray | str] = {}
-    cols: dict[str, list[Any]] = {c: [] for c in DECODED_COLUMNS}
+    cols: dict[str, list[Any]] = {c: [] for c in DECODED}
     for rec in recs:
         key = rec["_key"]
         first = False
         if key is not None and key not in canvases:
-            canvases[key] = load_image(pre, rec["_path"] if rec["_path"] is not None else rec["_bytes"])
+            canvases[key] = pre.load_or_reason(rec["_path"] if rec["_path"] is not None else rec["_bytes"])
             first = True
         c = canvases.get(key) if key is not None else None
         canvas = c if isinstance(c, np.ndarray) else None
-        for name in ROW_COLUMNS:
+        for name in ROWS:
             cols[name].append(rec[name])
         shipped = first and canvas is not None
         cols["_canvas"].append(canvas.tobytes() if shipped else None)
@@ -207,15 +118,7 @@ def decode_batch(
         cols["_decode_error"].append(c if isinstance(c, str) else None)
         if shipped or isinstance(c, str):  # the source is needed only by rows without a canvas
             cols["_path"][-1] = cols["_bytes"][-1] = None
-    types = {
-        "row": pa.int64(),
-        "id": pa.int64() if id_type == "int" else pa.string(),
-        "_bytes": pa.binary(),
-        "_canvas": pa.large_binary(),  # 64-bit offsets: a block of large canvases may pass 2 GiB
-        "_h": pa.int32(),
-        "_w": pa.int32(),
-    }
-    arrays = {c: pa.array(v, type=types.get(c, pa.string())) for c, v in cols.items()}
+    arrays = {c: pa.array(v, type=arrow_type(c, id_type)) for c, v in cols.items()}
     for name in keep:
         arrays[name] = batch.column(name)
     return pa.table(arrays)
@@ -236,19 +139,15 @@ class ModelWorker:
 
     def __init__(
         self,
-        model_dir: str,
-        head: str,
+        cfg: JobConfig,
         mode: str,
         device: str,
         dtype: str,
         batch_size: int,
-        pre: Any,
         id_type: str = "string",
         keep: Sequence[str] = (),
         threads: int = 1,
         warmup: bool = True,
-        dedup: bool = True,
-        engine: str = "btfast",
         cache_bytes: int = 256 << 20,
     ) -> None:
         import torch
@@ -260,13 +159,20 @@ class ModelWorker:
             torch.set_num_threads(int(threads))
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
-        net = load_head(model_dir, head, dev, dt, engine=engine)
+        head = "itc" if mode == "embed" else cfg.head
+        net = load_head(cfg.model, head, dev, dt, engine=cfg.engine)
         self.mode, self.id_type, self.keep = mode, id_type, tuple(keep)
-        self.pre = pre
+        self.pre = cfg.image_preprocessor()
         self.ctx = Context(
-            net, head, pre, TextPreprocessor.from_pretrained(model_dir), batch_size=batch_size, dedup=dedup
+            net,
+            head,
+            self.pre,
+            TextPreprocessor.from_pretrained(cfg.model),
+            batch_size=batch_size,
+            dedup=cfg.dedup,
+            with_text=cfg.with_text,
         )
-        self.schema = embed_schema() if mode == "embed" else score_schema(head, id_type)
+        self.schema = embed_schema() if mode == "embed" else score_schema(head, id_type, cfg.with_text)
         self.cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self.cache_bytes, self.cached = cache_bytes, 0
         self.redecoded = 0
@@ -298,7 +204,7 @@ class ModelWorker:
             for i in missing:
                 k = keys[i]
                 if k not in out:
-                    out[k] = load_image(self.pre, paths[i] if paths[i] is not None else blobs[i])
+                    out[k] = self.pre.load_or_reason(paths[i] if paths[i] is not None else blobs[i])
                     self.redecoded += 1
                     if isinstance(out[k], np.ndarray):
                         self._remember(k, out[k])
@@ -316,9 +222,8 @@ class ModelWorker:
 
     def __call__(self, t: Any) -> Any:
         import pyarrow as pa
-        import torch
 
-        from btfast.score.engine import embed_chunk, score_chunk
+        from btfast.score.engine import compute_chunk
         from btfast.score.rows import Row
 
         canvases = self._canvases(t)
@@ -334,14 +239,7 @@ class ModelWorker:
             )
             for rec in t.select(["row", "id", "kind", "image", "text", "_error", "_key"]).to_pylist()
         ]
-        with torch.inference_mode():
-            if self.mode == "embed":
-                outs = embed_chunk(self.ctx, rows, canvases)
-            else:
-                outs = score_chunk(self.ctx, rows, canvases)
-        id_type = "string" if self.mode == "embed" else self.id_type
-        for o in outs:
-            o["id"] = id_value(o["id"], id_type)
+        outs = compute_chunk(self.ctx, self.mode, "string" if self.mode == "embed" else self.id_type, rows, canvases)
         table = pa.Table.from_pylist(outs, schema=self.schema)
         for name in self.keep:
             table = table.append_column(name, t.column(name))
@@ -416,10 +314,12 @@ def place(
 
 
 def default_batch_size(device: str, batch_size: int | None) -> int:
-    """Pairs / images / texts per model call: 64 on CUDA, 16 on CPU, rounded up to a runtime bucket."""
+    """Pairs / images / texts per model call (`btfast.score.job.default_batch_size`), rounded up to a runtime
+    bucket."""
     from btfast.runtime import Buckets
+    from btfast.score.job import default_batch_size as default
 
-    b = batch_size or (64 if device == "cuda" else 16)
+    b = batch_size or default(device)
     if b < 1:
         raise ValueError(f"--batch-size must be >= 1, got {b}")
     steps = Buckets()

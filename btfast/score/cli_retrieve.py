@@ -6,9 +6,9 @@ Resumable and shardable over the queries, like `btfast score`.
 from __future__ import annotations
 
 import argparse
-import sys
 
-from btfast.score.cli_common import add_resume, add_runtime, fail, known_errors, set_threads
+from btfast.score import cli_common
+from btfast.score.cli_common import add_columns, add_inputs, add_resume, add_runtime
 
 EPILOG = """\
 models: BridgeTower's ITC and ITM heads are different checkpoints (BridgeTowerForContrastiveLearning,
@@ -48,18 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="ITC folder (BridgeTowerForContrastiveLearning) that picks the candidates (default: --model)",
     )
-    g.add_argument(
-        "--images",
-        required=True,
-        metavar="DIR_OR_FILE",
-        help="a folder (every image below it, sorted) or a list: .txt / .jsonl / .csv / .parquet",
-    )
-    g.add_argument(
-        "--texts",
-        required=True,
-        metavar="FILE",
-        help=".txt (a text a line) or .jsonl / .csv / .parquet with a text column",
-    )
+    add_inputs(g, required=True)
+    add_columns(g)
     g.add_argument("--out", required=True, metavar="FILE", help="output file: .jsonl or .parquet")
     g.add_argument(
         "--top-k",
@@ -69,12 +59,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="ITC candidates per query, all re-ranked by ITM (the paper used 128 or 256; default: 16)",
     )
     g.add_argument("--no-rerank", action="store_true", help="ITC ranking only (no ITM model needed)")
-    g.add_argument(
-        "--image-root",
-        default=None,
-        metavar="DIR",
-        help="paths in an image list are relative to DIR and may not leave it (default: the list's folder)",
-    )
     add_runtime(parser)
     g2 = add_resume(parser, "the queries")
     g2.add_argument(
@@ -98,36 +82,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        set_threads(args)
-        from btfast.score.plan import Limits
-        from btfast.score.retrieve import retrieve
+    from btfast.score.retrieve import retrieve_job
 
-        summary = retrieve(
-            args.model,
-            args.images,
-            args.texts,
-            args.out,
-            itc_model=args.itc_model,
-            top_k=args.top_k,
-            rerank=not args.no_rerank,
-            image_root=args.image_root,
-            device=args.device,
-            dtype=args.dtype,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            shard=args.shard,
-            overwrite=args.overwrite,
-            chunk_queries=args.chunk_queries,
-            limits=Limits(images=args.chunk_images, texts=args.chunk_texts),
-            exact=args.exact,
-            max_pixels=args.max_pixels,
-            progress=not args.no_progress,
-        )
-    except KeyboardInterrupt:
-        print("btfast retrieve: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-    except known_errors() as e:
-        return fail("retrieve", e)
-    print(f"btfast retrieve: {summary.line()}", file=sys.stderr)
-    return summary.exit_code
+    return cli_common.run(args, "retrieve", retrieve_job, "queries")

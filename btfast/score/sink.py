@@ -20,7 +20,7 @@ import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 PROGRESS_SUFFIX = ".btfast-progress"
 PARTS_SUFFIX = ".btfast-parts"
@@ -28,6 +28,17 @@ PARTS_SUFFIX = ".btfast-parts"
 
 class ResumeError(RuntimeError):
     """The existing output belongs to a different job, or is damaged."""
+
+
+def same_job(old: dict[str, Any], new: dict[str, Any], out: Any) -> None:
+    """ResumeError unless output `out`, written under header `old`, belongs to the job of header `new`."""
+    new = json.loads(json.dumps(new))
+    if old != new:
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise ResumeError(
+            f"{out} was written by a different job (differs in: {', '.join(diff)}); "
+            "rerun with the same settings to resume, or pass --overwrite"
+        )
 
 
 def output_format(path: str | os.PathLike) -> str:
@@ -61,6 +72,59 @@ def dumps(row: dict[str, Any]) -> str:
 def _fsync(f: Any) -> None:
     f.flush()
     os.fsync(f.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in folder `path` durable (where the platform has directory fds)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_parquet_atomic(table: Any, path: Path, tmp: Path) -> None:
+    """Write `table` to `tmp`, make it durable, then rename it to `path`: present means complete."""
+    import pyarrow.parquet as pq
+
+    pq.write_table(table, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+class Sink(Protocol):
+    """Where a job's output goes, chunk by chunk, so that it survives `kill -9`.
+
+    `write(index, rows)` makes chunk `index` durable atomically (all its rows or none) and returns its record
+    (`rows`, `errors`); `done` maps every durable chunk to its record, read back on open: a rerun skips them;
+    `finish(indices)` marks the job complete (a completion marker) once every chunk of `indices` is durable;
+    `finished` says a previous run completed it. Opening output written by a different job (another header) is
+    refused with ResumeError. Implementations: `ChunkSink` (one JSONL or Parquet file),
+    `btfast.score.parts.PartStore` (a folder of Parquet parts); an fsspec location is one more.
+    """
+
+    out: Any
+    done: dict[int, dict[str, Any]]
+    finished: bool
+
+    def write(self, index: int, rows: Any) -> dict[str, Any]: ...
+
+    def finish(self, indices: Sequence[int]) -> None: ...
+
+    def close(self) -> None: ...
+
+    @property
+    def rows_done(self) -> int: ...
+
+    @property
+    def errors_done(self) -> int: ...
 
 
 class ChunkSink:
@@ -165,13 +229,7 @@ class ChunkSink:
                 _fsync(f)
         if not records or "header" not in records[0]:
             raise ResumeError(f"{self.progress_path}: no header; pass --overwrite")
-        old = records[0]["header"]
-        if old != json.loads(json.dumps(self.header)):
-            diff = sorted(k for k in set(old) | set(self.header) if old.get(k) != self.header.get(k))
-            raise ResumeError(
-                f"{self.out} was written by a different job (differs in: {', '.join(diff)}); "
-                "rerun with the same settings to resume, or pass --overwrite"
-            )
+        same_job(records[0]["header"], self.header, self.out)
         return records[1:]
 
     def _part_record(self, k: int) -> dict[str, Any]:
@@ -185,7 +243,10 @@ class ChunkSink:
         return self.parts / f"chunk-{k:08d}.parquet"
 
     # ---- write ---------------------------------------------------------------------------------------------
-    def write(self, chunk: int, rows: Sequence[dict[str, Any]], **extra: Any) -> None:
+    def write(self, chunk: int, rows: Any, **extra: Any) -> dict[str, Any]:
+        """Write chunk `chunk`'s rows (dicts, or a pyarrow Table) and record it; returns the record."""
+        if hasattr(rows, "to_pylist"):
+            rows = rows.to_pylist()
         errors = sum(r.get("status") != "ok" for r in rows)
         rec: dict[str, Any] = {"chunk": chunk, "rows": len(rows), "errors": errors, **extra}
         if self.fmt == "jsonl":
@@ -196,17 +257,13 @@ class ChunkSink:
             rec["end"] = self._offset
         else:
             import pyarrow as pa
-            import pyarrow.parquet as pq
 
             table = pa.Table.from_pylist(list(rows), schema=self.schema)
-            tmp = self._part(chunk).with_suffix(".tmp")
-            pq.write_table(table, tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, self._part(chunk))
+            write_parquet_atomic(table, self._part(chunk), self._part(chunk).with_suffix(".tmp"))
         self._progress.write(json.dumps(rec) + "\n")
         _fsync(self._progress)
         self.done[chunk] = rec
+        return rec
 
     def finish(self, all_chunks: Sequence[int]) -> None:
         """Mark the job complete (Parquet: join the parts into OUT). Call once every chunk is done."""

@@ -1,4 +1,4 @@
-"""Resumable folder output for `--ray` runs: deterministic parts, each written atomically, finished parts skipped.
+"""Resumable folder output (`--ray` runs): deterministic parts, each written atomically, finished parts skipped.
 
 The driver cuts the input into parts with the same planner as the single-process scorer (`btfast.score.plan`),
 so a part's rows depend only on the input and the chunk limits: every run, resumed or not, cuts the same parts.
@@ -24,12 +24,11 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from btfast.score.sink import ResumeError
+from btfast.score.sink import ResumeError, fsync_dir, same_job, write_parquet_atomic
 
 JOB_FILE = "_btfast_job.json"
 SUCCESS_FILE = "_SUCCESS"
@@ -43,19 +42,6 @@ def part_name(k: int) -> str:
     return f"part-{k:08d}.parquet"
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
@@ -63,7 +49,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _ours(name: str) -> bool:
@@ -79,7 +65,7 @@ class PartStore:
     """The output folder of one job: which parts are done (with their row / error counts), writing new ones."""
 
     def __init__(self, folder: str | os.PathLike, header: dict[str, Any], overwrite: bool = False) -> None:
-        self.folder = Path(folder)
+        self.folder = self.out = Path(folder)
         self.header = json.loads(json.dumps(header))
         self.done: dict[int, dict[str, int]] = {}
         self.finished = False
@@ -123,12 +109,7 @@ class PartStore:
                 old = record["header"]
             except (ValueError, KeyError, TypeError):
                 raise ResumeError(f"{job}: damaged; pass --overwrite to start again") from None
-            if old != self.header:
-                diff = sorted(k for k in set(old) | set(self.header) if old.get(k) != self.header.get(k))
-                raise ResumeError(
-                    f"{self.folder} was written by a different job (differs in: {', '.join(diff)}); "
-                    "rerun with the same settings to resume, or pass --overwrite"
-                )
+            same_job(old, self.header, self.folder)
             self.finished = bool(record.get("finished"))
         else:  # a fresh job (or --overwrite): clear what an earlier job left, then record the header
             for n in names:
@@ -164,10 +145,9 @@ class PartStore:
     def path(self, k: int) -> Path:
         return self.folder / part_name(k)
 
-    def write(self, k: int, table: Any) -> None:
+    def write(self, k: int, table: Any) -> dict[str, int]:
         """Write part k (a pyarrow Table) atomically; its row and error counts go into the file's metadata."""
         import pyarrow.compute as pc
-        import pyarrow.parquet as pq
 
         errors = table.num_rows - int(pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0)
         info = {"part": k, "rows": table.num_rows, "errors": errors}
@@ -175,13 +155,9 @@ class PartStore:
         meta[META_KEY] = json.dumps(info).encode()
         table = table.replace_schema_metadata(meta)
         final = self.path(k)
-        tmp = final.with_name(f".{final.name}.tmp")
-        pq.write_table(table, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        _fsync_dir(self.folder)
+        write_parquet_atomic(table, final, final.with_name(f".{final.name}.tmp"))
         self.done[k] = {"rows": info["rows"], "errors": errors}
+        return self.done[k]
 
     def discard(self, k: int) -> None:
         """Forget part k (its file does not match the plan): it will be computed again."""
@@ -225,51 +201,3 @@ class PartStore:
     @property
     def errors_done(self) -> int:
         return sum(v["errors"] for v in self.done.values())
-
-
-class Assembler:
-    """Gathers output batches (any order, any split) into whole parts; a row seen twice is kept once.
-
-    `expected` maps each part still to do to its number of rows. `add(table)` returns the parts it completed,
-    each as a table sorted by `row`, without the `part` column.
-    """
-
-    def __init__(self, expected: dict[int, int]) -> None:
-        self.expected = dict(expected)
-        self.pieces: dict[int, list[Any]] = defaultdict(list)
-        self.seen: dict[int, set[int]] = defaultdict(set)
-        self.duplicates = 0
-
-    @property
-    def pending(self) -> int:
-        return len(self.expected)
-
-    def add(self, table: Any) -> Iterator[tuple[int, Any]]:
-        import numpy as np
-        import pyarrow as pa
-
-        if table.num_rows == 0:
-            return
-        parts = table.column("part").to_numpy(zero_copy_only=False)
-        rows = table.column("row").to_numpy(zero_copy_only=False)
-        for k in np.unique(parts).tolist():
-            if k not in self.expected:  # a part already written (a retried task's output): drop it
-                self.duplicates += int((parts == k).sum())
-                continue
-            idx = np.flatnonzero(parts == k)
-            seen = self.seen[k]
-            keep = []
-            for i in idx.tolist():
-                r = int(rows[i])
-                if r in seen:
-                    self.duplicates += 1
-                else:
-                    seen.add(r)
-                    keep.append(i)
-            if keep:
-                self.pieces[k].append(table.take(pa.array(keep, type=pa.int64())))
-            if len(seen) >= self.expected[k]:
-                whole = pa.concat_tables(self.pieces.pop(k))
-                whole = whole.take(np.argsort(whole.column("row").to_numpy(zero_copy_only=False), kind="stable"))
-                del self.expected[k], self.seen[k]
-                yield k, whole.drop_columns(["part"])

@@ -1,0 +1,283 @@
+"""One frozen job configuration: built from the command line (or the Python API) and checked before torch is
+imported, passed unchanged to the executors and their workers; the resume header is derived from it here only.
+
+Nothing here imports torch, transformers or pyarrow (Pillow and numpy, through btfast.preprocess, are quick): a bad
+argument is refused in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import importlib.util
+import json
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from btfast.preprocess import DEFAULT_MAX_PIXELS
+from btfast.score.plan import Limits, parse_shard
+from btfast.score.rows import IMAGE_SUFFIXES, input_format
+from btfast.score.sink import output_format
+
+PYARROW_HINT = "pip install pyarrow"
+
+
+class UsageError(ValueError):
+    """A bad argument: the command exits with status 2 before anything heavy is imported or loaded."""
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which input columns hold the image, the text and the row id (--image-column / --text-column / --id-column)."""
+
+    image: str = "image"
+    text: str = "text"
+    id: str = "id"
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """Everything a scoring / embedding job is: what it reads, how it computes, where it writes.
+
+    `header()` is the part that decides the output's numbers and rows: a rerun resumes only when it is equal.
+    """
+
+    command: str  # "score", "embed" or "retrieve"
+    model: str | None  # the model folder (score / embed; retrieve: the ITM folder, or None with --no-rerank)
+    out: str
+    head: str = "itm"
+    pairs: str | None = None  # score
+    images: str | None = None  # embed / retrieve
+    texts: str | None = None  # embed / retrieve
+    image_root: str | None = None
+    columns: Columns = field(default_factory=Columns)
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int | None = None
+    workers: int | None = None
+    threads: int | None = None
+    shard: tuple[int, int] = (0, 1)
+    overwrite: bool = False
+    limits: Limits = field(default_factory=Limits)
+    exact: bool = True
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    exif_orientation: bool = True
+    dedup: bool = True
+    engine: str = "btfast"
+    with_text: bool = False
+    progress: bool = True
+    itc_model: str | None = None  # retrieve: the ITC folder (default: model)
+    top_k: int = 16  # retrieve
+    rerank: bool = True  # retrieve: re-rank the ITC candidates by ITM
+    chunk_queries: int = 1024  # retrieve: queries per chunk
+    interrupt: tuple[int, int] | None = None  # test hook (chunks, signal): see `interrupt_from_env`
+
+    def id_type(self, parquet: bool = True) -> str:
+        """How output ids are typed (`btfast.score.schema`): 'keep' (JSONL score output), 'int' or 'string'."""
+        if self.command != "score":
+            return "string"
+        if not parquet:
+            return "keep"
+        from btfast.score.schema import id_type_of
+
+        return id_type_of(self.pairs, self.columns.id)
+
+    def check(self, ray: bool = False) -> None:
+        """UsageError for an argument that cannot work, found without importing anything heavy."""
+        fmt = output_format_or_none(self.out)
+        if ray and fmt == "jsonl":
+            raise UsageError(f"--out {self.out}: with --ray the output is a folder of Parquet files; name a folder")
+        if not ray and fmt is None:
+            raise UsageError(f"--out {self.out}: output must be .jsonl or .parquet")
+        for flag, v in (("batch-size", self.batch_size), ("top-k", self.top_k), ("chunk-queries", self.chunk_queries)):
+            if v is not None and v < 1:
+                raise UsageError(f"--{flag} must be >= 1, got {v}")
+        if self.max_pixels < 1 or (self.workers is not None and self.workers < 0):
+            raise UsageError(f"want --max-pixels >= 1 and --workers >= 0, got {self.max_pixels}, {self.workers}")
+        if self.image_root is not None and not Path(self.image_root).is_dir():
+            raise UsageError(f"--image-root {self.image_root}: no such folder")
+        if self.head not in ("itm", "itc"):
+            raise UsageError(f"head must be itm or itc, got {self.head}")
+        if self.command == "score":
+            _input_file(self.pairs, "--pairs")
+        elif self.images is None and self.texts is None:
+            raise UsageError("give --images, --texts or both")
+        _input_file(self.images, "--images", may_be_dir=True)
+        _input_file(self.texts, "--texts")
+        if self.command == "retrieve":
+            if self.model is None and self.itc_model is None:
+                raise UsageError("give --model (ITM) and/or --itc-model")
+            if self.rerank and self.model is None:
+                raise UsageError("re-ranking needs --model (an ITM folder); or pass --no-rerank")
+            check_model_folder(self.itc_model, "--itc-model")
+        check_model_folder(self.model)
+        check_parquet(self.pairs, self.images, self.texts, None if ray else self.out)
+
+    def replace(self, **changes: Any) -> JobConfig:
+        return dataclasses.replace(self, **changes)
+
+    def header(self, **resolved: Any) -> dict[str, Any]:
+        """The resume header: the job's identity (`resolved`: what the executor decided, e.g. dtype, batch size)."""
+
+        def absolute(p: str | None) -> str | None:
+            return None if p is None else os.path.abspath(p)
+
+        h: dict[str, Any] = {"command": self.command}
+        if self.command == "score":
+            h.update(head=self.head, model=absolute(self.model), pairs=absolute(self.pairs))
+            h.update(fields=list(dataclasses.astuple(self.columns)), dedup=self.dedup, engine=self.engine)
+            h.update(with_text=self.with_text)
+        elif self.command == "embed":
+            h.update(model=absolute(self.model), images=absolute(self.images), texts=absolute(self.texts))
+        else:
+            h.update(itm_model=absolute(self.model) if self.rerank else None)
+            h.update(itc_model=absolute(self.itc_model or self.model))
+            h.update(images=absolute(self.images), texts=absolute(self.texts))
+            h.update(top_k=self.top_k, chunk_queries=self.chunk_queries)
+        h.update(
+            image_root=absolute(self.image_root),
+            shard=f"{self.shard[0]}/{self.shard[1]}",
+            limits=dataclasses.asdict(self.limits),
+            exact=self.exact,
+            max_pixels=self.max_pixels,
+            exif_orientation=self.exif_orientation,
+            **resolved,
+        )
+        return json.loads(json.dumps(h))
+
+    def image_preprocessor(self, folder: str | os.PathLike | None = None) -> Any:
+        """The image preprocessor of `folder` (default: the model) with this job's decoding options."""
+        from btfast.preprocess import ImagePreprocessor
+
+        return ImagePreprocessor.from_pretrained(
+            folder or self.model,
+            exact=self.exact,
+            max_pixels=self.max_pixels,
+            exif_orientation=self.exif_orientation,
+        )
+
+
+# ---- checks (no heavy imports) -----------------------------------------------------------------------------------
+
+
+def check_model_folder(folder: str | os.PathLike | None, flag: str = "--model") -> None:
+    """Refuse a model folder that cannot serve, saying what is actually wrong with it."""
+    if folder is None:
+        return
+    p = Path(folder)
+    if not p.exists():
+        raise UsageError(f"{flag} {folder}: no such folder")
+    if not p.is_dir():
+        raise UsageError(f"{flag} {folder}: a file, not a model folder (give the folder save_pretrained wrote)")
+    cfg = p / "config.json"
+    if not cfg.is_file():
+        raise UsageError(f"{flag} {folder}: not a model folder (no config.json; give the folder save_pretrained wrote)")
+    try:
+        model_type = json.loads(cfg.read_text(encoding="utf-8")).get("model_type")
+    except (ValueError, OSError, AttributeError) as e:
+        raise UsageError(f"{flag} {folder}: config.json is not readable JSON ({e})") from None
+    if model_type != "bridgetower":
+        raise UsageError(f"{flag} {folder}: a {model_type or 'unknown'} model, not BridgeTower (model_type)")
+    if not ((p / "preprocessor_config.json").is_file() or (p / "processor_config.json").is_file()):
+        raise UsageError(
+            f"{flag} {folder}: a BridgeTower model without its processor (no preprocessor_config.json); save it "
+            "next to the weights: BridgeTowerProcessor.from_pretrained(checkpoint).save_pretrained(folder)"
+        )
+
+
+def check_parquet(*paths: str | None) -> None:
+    """Parquet input or output needs pyarrow: say how to install it now, not after the model has loaded."""
+    for p in paths:
+        if p is None or Path(p).is_dir():
+            continue
+        try:
+            fmt = input_format(p)
+        except ValueError:
+            continue
+        if fmt == "parquet" and importlib.util.find_spec("pyarrow") is None:
+            raise UsageError(f"{p}: Parquet needs pyarrow, which is not installed: {PYARROW_HINT}")
+
+
+def _input_file(path: str | None, flag: str, *, may_be_dir: bool = False) -> None:
+    if path is None:
+        return
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"{flag} {path}: no such file")
+    if p.is_dir():
+        if may_be_dir:
+            return
+        raise UsageError(f"{flag} {path}: a folder, not a file")
+    if may_be_dir and p.suffix.lower() in IMAGE_SUFFIXES:
+        return
+    try:
+        input_format(p)
+    except ValueError as e:
+        raise UsageError(f"{flag} {e}") from None
+
+
+def from_args(command: str, args: argparse.Namespace) -> JobConfig:
+    """The checked job of a parsed `btfast score|embed|retrieve` command line; UsageError on a bad argument."""
+    get = functools.partial(getattr, args)
+    engine = get("engine", "btfast")
+    try:
+        cfg = JobConfig(
+            command=command,
+            model=args.model,
+            out=args.out,
+            head={"score": get("head", "itm"), "embed": "itc"}.get(command, "itm"),
+            pairs=get("pairs", None),
+            images=get("images", None),
+            texts=get("texts", None),
+            image_root=args.image_root,
+            columns=Columns(get("image_field", "image"), get("text_field", "text"), get("id_field", "id")),
+            device=args.device,
+            dtype=args.dtype,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            threads=args.threads,
+            shard=parse_shard(args.shard),
+            overwrite=args.overwrite,
+            limits=Limits(rows=get("chunk_rows", Limits.rows), images=args.chunk_images, texts=args.chunk_texts),
+            exact=args.exact,
+            max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+            exif_orientation=args.exif_orientation,
+            dedup=not (get("no_dedup", False) or engine == "hf"),
+            engine=engine,
+            with_text=get("with_text", False),
+            progress=not args.no_progress,
+            itc_model=get("itc_model", None),
+            top_k=get("top_k", 16),
+            rerank=not get("no_rerank", False),
+            chunk_queries=get("chunk_queries", 1024),
+            interrupt=interrupt_from_env(),
+        )
+    except ValueError as e:  # --shard, chunk limits
+        raise UsageError(str(e)) from None
+    cfg.check(ray=get("ray", False))
+    return cfg
+
+
+def output_format_or_none(path: str) -> str | None:
+    try:
+        return output_format(path)
+    except ValueError:
+        return None
+
+
+INTERRUPT_ENV = "BTFAST_TEST_INTERRUPT"
+
+
+def interrupt_from_env() -> tuple[int, int] | None:
+    """The test-only interruption hook, read from the command's environment: BTFAST_TEST_INTERRUPT=N:KILL makes the
+    job SIGKILL itself once N chunks of this run are durable; N:STOP makes it SIGSTOP itself there, for the test to
+    `kill -9` it from outside. A kill -9 test then interrupts at a known point on any machine, however fast."""
+    v = os.environ.get(INTERRUPT_ENV)
+    if not v:
+        return None
+    n, _, name = v.partition(":")
+    return int(n), int(getattr(signal, f"SIG{name or 'KILL'}"))
