@@ -20,12 +20,26 @@ setup(
         "pillow>=10",
         "numpy",
         "tqdm",
+        "fsspec>=2023.1",  # inputs and outputs as URLs (s3://, gs://, memory://, file://); backends are extras
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "tokenizers", "pyarrow", "ruff", "matplotlib", "ray[data]>=2.9"],
+        "test": [
+            "pytest",
+            "pytest-benchmark",
+            "tokenizers",
+            "pyarrow",
+            "ruff",
+            "matplotlib",
+            "ray[data]>=2.9",
+            "fsspec>=2023.1",
+            "s3fs",
+            "moto[server]",
+            "webdataset",
+        ],
         "parquet": ["pyarrow"],
         "plot": ["matplotlib"],
         "ray": ["ray[data]>=2.9", "pyarrow"],
+        "s3": ["s3fs"],
     },
     entry_points={"console_scripts": ["btfast=btfast.cli:main"]},
 )
