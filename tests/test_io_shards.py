@@ -268,3 +268,63 @@ def test_missing_shard_on_s3_is_an_error_of_that_shard(s3_bucket):
         except FileNotFoundError:
             got.append(fs.basename(name))
     assert got == [1, 1, "00002.tar"]
+
+
+@pytest.mark.parametrize("kind", ["path", "file-url", "memory"])
+def test_write_atomic_replaces_whole(kind, tmp_path, request):
+    root = _collection(kind, tmp_path, request)
+    target = fs.join(root, "sub/part-00001.jsonl")
+    fs.write_atomic(target, b"first\n")
+    fs.write_atomic(target, b"second\n")
+    assert fs.read_bytes(target) == b"second\n"
+    assert [fs.basename(n) for n in fs.listdir(fs.parent(target))] == ["part-00001.jsonl"]  # no temporary left
+
+
+def test_write_atomic_on_s3(s3_bucket):
+    fs.write_atomic(f"{s3_bucket}/out/x.parquet", b"abc")
+    assert fs.read_bytes(f"{s3_bucket}/out/x.parquet") == b"abc"
+    assert fs.listdir(f"{s3_bucket}/out") == [f"{s3_bucket}/out/x.parquet"]
+
+
+# ---- shards as input rows ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kinds", [("pair",), ("image",), ("text",), ("image", "text")])
+def test_shard_source_rows(tmp_path, kinds):
+    from btfast.io.webdataset import ShardSource
+
+    written = write_collection(str(tmp_path / "c"), shards=3, per_shard=4)
+    bad = tar_bytes([{"__key__": "noimage", "txt": "t"}, {"__key__": "notext", "jpg": written[0]["jpg"]}])
+    (tmp_path / "c" / "00003.tar").write_bytes(bad)
+    full = _full_tar(3)
+    (tmp_path / "c" / "00004.tar").write_bytes(full[: full.index(bytes([1]) * 701) + 100])  # s1's image is cut
+    src = ShardSource(str(tmp_path / "c"), kinds=kinds)
+    got = list(src.read(lambda k: k != 1))
+    assert [s.index for s in got] == [0, 2, 3, 4]
+    assert [s.truncated is not None for s in got] == [False, False, False, True]
+    rows = [r for s in got[:2] for r in s.rows]
+    mine = [w for w in written if w["shard"] != 1]
+    assert [(r.id, r.kind) for r in rows] == [(w["key"], k) for w in mine for k in kinds]
+    assert all(r.error is None for r in rows)
+    for r in rows:
+        assert (r.image is not None) == (r.kind != "text") and (r.text is not None) == (r.kind != "image")
+    keys = {r.image_key for r in rows if r.image_key}
+    assert len(keys) == (5 if "text" not in kinds or len(kinds) > 1 else 0)  # five distinct images, deduplicated
+    errors = {(r.id, r.kind): r.error for r in got[2].rows}
+    expect = {"pair": ("no jpg", "no txt"), "image": ("no jpg", None), "text": (None, "no txt")}
+    for kind in kinds:
+        for key, want in zip(("noimage", "notext"), expect[kind]):
+            assert (want in errors[(key, kind)]) if want else errors[(key, kind)] is None
+    cut = got[3].rows
+    assert [(r.id, r.error) for r in cut[: len(kinds)]] == [("s0", None)] * len(kinds)
+    assert [r.id for r in cut[len(kinds) :]] == ["s1"] * len(kinds)
+    assert all(r.error.startswith("sample: cut where the shard is truncated") for r in cut[len(kinds) :])
+
+
+def test_shard_source_unreadable_shard(tmp_path):
+    from btfast.io.webdataset import ShardSource
+
+    write_collection(str(tmp_path), shards=1, per_shard=2)
+    (tmp_path / "00001.tar").write_bytes(b"not a tar at all" * 100)
+    got = list(ShardSource(str(tmp_path / "{00000..00002}.tar")).read())
+    assert [(s.index, len(s.rows)) for s in got] == [(0, 2), (1, 0), (2, 0)]
+    assert got[0].error is None
+    assert "ReadError" in got[1].error and "FileNotFoundError" in got[2].error

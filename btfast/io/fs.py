@@ -146,3 +146,39 @@ def _unstrip(original: str, fs: Any, name: str) -> str:
     if urlsplit(original).scheme == "file":
         return name  # a local path: plain, as every other local path
     return fs.unstrip_protocol(name)
+
+
+_ATOMIC_PUT = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory"}  # one PUT: the whole object or none
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` so that a reader (or a rerun after kill -9) sees the whole file or no file, never a part.
+
+    Local files: a hidden temporary name in the same folder, fsynced, renamed over `path`, folder fsynced.
+    Object stores: one PUT (atomic by the store). Other fsspec backends: a temporary name, then a move.
+    """
+    s = os.fspath(path)
+    if is_url(s) and urlsplit(s).scheme == "file":
+        s = urlsplit(s).path
+    if not is_url(s):
+        folder, name = os.path.split(os.path.abspath(s))
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, s)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return
+    fs, p = filesystem(s)
+    if urlsplit(s).scheme in _ATOMIC_PUT:
+        fs.pipe_file(p, data)
+        return
+    tmp = f"{fs._parent(p)}/.{basename(p)}.tmp-{os.getpid()}"
+    fs.pipe_file(tmp, data)
+    fs.mv(tmp, p)
