@@ -14,7 +14,9 @@ exact mode), as `btfast score` does per image:
     s3, read-ahead     the next shard's GET runs in a thread while this shard decodes (btfast.io.prefetch)
 
 Figures: images/s per wall second and per CPU second of this process (the second is steadier on a shared
-machine; for s3 it leaves out the server's own CPU). Best of `--repeats` passes after a warm-up pass.
+machine; for s3 it leaves out the server's own CPU), and the share of the wall time the decoding loop waited for
+a shard's bytes (what read-ahead is for: near 0 means the decoder never starves). Best of `--repeats` passes
+after a warm-up pass.
 """
 
 from __future__ import annotations
@@ -45,16 +47,17 @@ def _serve(queue: mp.Queue) -> None:
         time.sleep(3600)
 
 
-def _timed(fn: Callable[[], int], repeats: int) -> dict[str, float]:
+def _timed(fn: Callable[[], tuple[int, float]], repeats: int) -> dict[str, float]:
     fn()  # warm-up: page cache, server, imports
-    wall = cpu = float("inf")
+    wall = cpu = waited = float("inf")
     n = 0
     for _ in range(repeats):
         t0, c0 = time.perf_counter(), time.process_time()
-        n = fn()
+        n, w = fn()
         wall = min(wall, time.perf_counter() - t0)
         cpu = min(cpu, time.process_time() - c0)
-    return {"images": n, "wall_img_s": n / wall, "cpu_img_s": n / cpu}
+        waited = min(waited, w)
+    return {"images": n, "wall_img_s": n / wall, "cpu_img_s": n / cpu, "waited_share": waited / wall}
 
 
 def main(argv: Iterable[str] | None = None) -> dict:
@@ -103,27 +106,32 @@ def main(argv: Iterable[str] | None = None) -> dict:
         "systems": {},
     }
 
-    def folder() -> int:
+    def folder() -> tuple[int, float]:
         for f in files:
             pre.load(f)
-        return len(files)
+        return len(files), 0.0  # file reads are inside decoding
 
-    def tar(names: list[str], depth: int | None) -> Callable[[], int]:
-        def run() -> int:
-            n = 0
+    def tar(names: list[str], depth: int | None) -> Callable[[], tuple[int, float]]:
+        """Decode every image of `names`; also returns the seconds spent waiting for shard bytes."""
+
+        def run() -> tuple[int, float]:
+            n, waited = 0, 0.0
             if depth is None:
-                fetched = ((name, fs.read_bytes(name)) for name in names)
+                fetched = ((name, lambda name=name: fs.read_bytes(name)) for name in names)
             else:
-                fetched = ((name, fut.result()) for name, fut in read_ahead(names, fs.read_bytes, depth=depth))
-            for _, data in fetched:
+                fetched = ((name, fut.result) for name, fut in read_ahead(names, fs.read_bytes, depth=depth))
+            for _, get in fetched:
+                t0 = time.perf_counter()
+                data = get()
+                waited += time.perf_counter() - t0
                 for sample in read_shard(data).samples:
                     pre.load(sample.image)
                     n += 1
-            return n
+            return n, waited
 
         return run
 
-    systems: dict[str, Callable[[], int]] = {
+    systems: dict[str, Callable[[], tuple[int, float]]] = {
         "folder": folder,
         "tar": tar(shards, None),
         "tar, read-ahead": tar(shards, 1),
@@ -155,7 +163,11 @@ def main(argv: Iterable[str] | None = None) -> dict:
             r = _timed(fn, args.repeats)
             assert r["images"] == args.images, (name, r)
             res["systems"][name] = r
-            print(f"  {name:>18}: {r['wall_img_s']:7.1f} img/s wall, {r['cpu_img_s']:7.1f} img/s per CPU s", flush=True)
+            print(
+                f"  {name:>18}: {r['wall_img_s']:7.1f} img/s wall, {r['cpu_img_s']:7.1f} img/s per CPU s, "
+                f"{100 * r['waited_share']:4.1f} % of the time waiting for shard bytes",
+                flush=True,
+            )
     finally:
         if server is not None:
             server.terminate()
