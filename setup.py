@@ -20,6 +20,7 @@ setup(
         "pillow>=10",
         "numpy",
         "tqdm",
+        "pyarrow",  # Parquet is a main input and output format of btfast score / embed / retrieve
         "fsspec>=2023.1",  # inputs and outputs as URLs (s3://, gs://, memory://, file://); backends are extras
     ],
     extras_require={
@@ -27,7 +28,6 @@ setup(
             "pytest",
             "pytest-benchmark",
             "tokenizers",
-            "pyarrow",
             "ruff",
             "matplotlib",
             "ray[data]>=2.9",
@@ -36,9 +36,9 @@ setup(
             "moto[server]",
             "webdataset",
         ],
-        "parquet": ["pyarrow"],
+        "parquet": [],  # kept so that `pip install 'btfast[parquet]'` still works: pyarrow is in the base install
         "plot": ["matplotlib"],
-        "ray": ["ray[data]>=2.9", "pyarrow"],
+        "ray": ["ray[data]>=2.9"],
         "s3": ["s3fs"],
     },
     entry_points={"console_scripts": ["btfast=btfast.cli:main"]},

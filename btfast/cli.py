@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    # --ray: the same job on Ray Data (score, embed)
+    module = importlib.import_module("btfast.ray.cli" if getattr(args, "ray", False) else SUBCOMMANDS[args.command][0])
     return int(module.run(args) or 0)
 
 

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 log = logging.getLogger("btfast")
 
@@ -170,6 +170,22 @@ def resize_output_size(height: int, width: int, cfg: ImageConfig) -> tuple[int, 
     return max(div, new_h // div * div), max(div, new_w // div * div)
 
 
+ORIENTATION = 0x0112  # the EXIF orientation tag
+
+
+def _open_by_extension(source: Any) -> Image.Image:
+    """`Image.open` trying the format the path's extension names first, then every format."""
+    if isinstance(source, (str, os.PathLike)):
+        Image.init()
+        fmt = Image.registered_extensions().get(os.path.splitext(os.fspath(source))[1].lower())
+        if fmt is not None:
+            try:
+                return Image.open(source, formats=[fmt])
+            except Image.UnidentifiedImageError:
+                pass  # named wrongly (a PNG called .jpg): probe
+    return Image.open(source)
+
+
 def has_alpha(img: Image.Image) -> bool:
     return "A" in img.getbands() or img.info.get("transparency") is not None
 
@@ -201,10 +217,12 @@ def transparency_on_white() -> bool:
 
 def to_rgb(img: Image.Image, on_white: bool = True) -> Image.Image:
     """RGB as HF's `convert_to_rgb`: transparency composited on white (or, `on_white=False`, the alpha band dropped
-    as transformers 5.17 and older do), every other mode converted by PIL."""
-    if img.mode == "RGB":
+    as transformers 5.17 and older do), every other mode converted by PIL. An RGB image with a transparent colour
+    (a PNG `tRNS` chunk: `info["transparency"]`) is composited too, as HF does."""
+    alpha = has_alpha(img)
+    if img.mode == "RGB" and not (alpha and on_white):
         return img
-    if has_alpha(img) and on_white:
+    if alpha and on_white:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
@@ -233,12 +251,16 @@ class ImagePreprocessor:
     `exact`: True (default) gives HF's tensors bit for bit; False lets libjpeg decode large JPEGs at 1/2, 1/4
     or 1/8 scale (still ≥ 2× the resize target) and resizes straight to the crop when downscaling.
     `max_pixels`: larger images are refused (checked on the header, before decoding).
+    `exif_orientation`: True (default) turns a photo opened from a path or bytes upright by its EXIF orientation
+    tag, as transformers' `load_image` (what its pipelines use for a path) does; False keeps the stored pixels.
+    A PIL image passed in is used as given, as `BridgeTowerProcessor` does.
     """
 
     config: ImageConfig = field(default_factory=ImageConfig)
     exact: bool = True
     max_pixels: int = DEFAULT_MAX_PIXELS
     alpha_on_white: bool | None = None  # None: as the installed transformers does (transparency_on_white())
+    exif_orientation: bool = True
 
     def __post_init__(self) -> None:
         if self.alpha_on_white is None:
@@ -251,7 +273,7 @@ class ImagePreprocessor:
         return cls(ImageConfig.from_pretrained(folder), **kwargs)
 
     def __getstate__(self) -> dict[str, Any]:  # picklable for worker processes (no torch tensors)
-        return {k: getattr(self, k) for k in ("config", "exact", "max_pixels", "alpha_on_white")}
+        return {k: getattr(self, k) for k in ("config", "exact", "max_pixels", "alpha_on_white", "exif_orientation")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         for k, v in state.items():
@@ -271,15 +293,18 @@ class ImagePreprocessor:
         return resize_output_size(height, width, self.config)
 
     def open(self, source: str | os.PathLike | bytes | bytearray | memoryview | Any) -> Image.Image:
-        """A decoded PIL image from a path, bytes or a binary file object; ImageError with the reason if not."""
+        """A decoded PIL image from a path, bytes or a binary file object; ImageError with the reason if not.
+
+        A path is opened as the format its extension names first, then by probing every format: which plugin
+        claims a file when probing depends on the plugins loaded so far (a long-lived worker has seen other
+        formats and may take a valid .ico for TGA).
+        """
         try:
             if isinstance(source, (bytes, bytearray, memoryview)):
-                fp: Any = io.BytesIO(bytes(source))
-            else:
-                fp = source
+                source = io.BytesIO(bytes(source))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                img = Image.open(fp)
+                img = _open_by_extension(source)
                 w, h = img.size
                 if w <= 0 or h <= 0:
                     raise ImageError(f"image has no pixels ({w}x{h})")
@@ -290,6 +315,8 @@ class ImagePreprocessor:
                     # libjpeg picks the largest 1/2^k reduction that keeps the image >= the requested size.
                     img.draft(img.mode, (2 * tw, 2 * th))
                 img.load()
+                if self.exif_orientation and img.getexif().get(ORIENTATION, 1) != 1:
+                    img = ImageOps.exif_transpose(img)
             return img
         except ImageError:
             raise
@@ -301,6 +328,8 @@ class ImagePreprocessor:
             raise ImageError(f"image too large: {e}") from None
         except Image.UnidentifiedImageError:
             raise ImageError("not an image, or a format Pillow cannot read") from None
+        except NotImplementedError as e:  # a plugin that knows the format but not this variant (e.g. DDS pixels)
+            raise ImageError(f"unsupported image variant: {e or 'not implemented by Pillow'}") from None
         except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, MemoryError) as e:
             msg = str(e) or type(e).__name__
             if "truncated" in msg:
@@ -354,8 +383,18 @@ class ImagePreprocessor:
             return self.canvas(img)
         except ImageError:
             raise
-        except (OSError, ValueError, MemoryError) as e:
+        except (OSError, ValueError, MemoryError, NotImplementedError) as e:
             raise ImageError(f"cannot convert image: {e}") from None
+
+    def load_or_reason(self, source: Any) -> np.ndarray | str:
+        """`load(source)`, or the reason the image cannot be used: the one loader every job uses, so a bad image
+        costs one row, never the run (a decoder bug included)."""
+        try:
+            return self.load(source)
+        except ImageError as e:
+            return str(e)
+        except Exception as e:
+            return f"cannot read image: {type(e).__name__}: {e}"
 
     # ---- normalise (the device-side or batch half) -------------------------------------------------------
     def normalize(self, canvases: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:

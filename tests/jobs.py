@@ -1,4 +1,9 @@
-"""A btfast CLI job run in a child process and killed with SIGKILL once it has written some chunks."""
+"""A btfast CLI job run in a child process and interrupted with SIGKILL at a known point.
+
+The child interrupts itself through the test-only hook `BTFAST_TEST_INTERRUPT=N:SIGNAL` (see
+`btfast.score.config.interrupt_from_env`) once N chunks are durable: `KILL` makes it SIGKILL itself; `STOP` makes
+it stop itself, and the test then sends the real `kill -9` from outside. Neither races the clock.
+"""
 
 from __future__ import annotations
 
@@ -6,35 +11,43 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
 
+from btfast.score.config import INTERRUPT_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def kill_after_chunks(args: list[str], out: Path, chunks: int = 3, timeout_s: float = 120) -> int:
-    """Run `btfast <args> --out out`, SIGKILL it once its progress file records `chunks` chunks, and return how
-    many chunks it recorded (the job must not have finished)."""
-    progress = Path(str(out) + ".btfast-progress")
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "btfast.cli", *args, "--out", str(out)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if progress.exists() and progress.read_text().count('"chunk"') >= chunks:
-            break
-        if proc.poll() is not None:
-            pytest.fail(f"{args[0]} exited before it could be killed: {proc.stderr.read().decode()[-2000:]}")
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    text = progress.read_text()
+def interrupted(argv: list[str], chunks: int, how: str = "KILL", timeout_s: float = 600) -> None:
+    """Run `argv` (a command line) until it has made `chunks` chunks durable, then see it die of SIGKILL: by its
+    own hand (`how="KILL"`), or stopped there and killed from here (`how="STOP"`)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **{INTERRUPT_ENV: f"{chunks}:{how}"})
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    watchdog = threading.Timer(timeout_s, proc.kill)
+    watchdog.start()
+    try:
+        if how == "STOP":
+            _, status = os.waitpid(proc.pid, os.WUNTRACED)  # until it stops itself (or ends)
+            if not os.WIFSTOPPED(status):
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                pytest.fail(
+                    f"the job ended ({proc.returncode}) before it stopped: {proc.stderr.read().decode()[-3000:]}"
+                )
+            os.kill(proc.pid, signal.SIGKILL)  # kill -9 of a real, stopped process
+        proc.wait()
+    finally:
+        watchdog.cancel()
+    if proc.returncode != -signal.SIGKILL:
+        pytest.fail(f"the job exited with {proc.returncode}, not SIGKILL: {proc.stderr.read().decode()[-3000:]}")
+
+
+def kill_after_chunks(args: list[str], out: Path, chunks: int = 3, how: str = "KILL") -> int:
+    """Run `btfast <args> --out out`, SIGKILLed once its progress file records `chunks` chunks; returns the number
+    of chunks recorded (exactly `chunks`: the hook fires after the record is durable)."""
+    interrupted([sys.executable, "-m", "btfast.cli", *args, "--out", str(out)], chunks, how)
+    text = Path(str(out) + ".btfast-progress").read_text()
     assert '"finished"' not in text
     return text.count('"chunk"')

@@ -249,3 +249,88 @@ def test_transparency_follows_the_installed_transformers():
     np.testing.assert_array_equal(mine([clear], return_tensors="np")["pixel_values"], hf)
     copy = pickle.loads(pickle.dumps(ImagePreprocessor(alpha_on_white=not mine.alpha_on_white)))
     assert copy.alpha_on_white is not mine.alpha_on_white  # worker processes keep the parent's choice
+
+
+# ---- real-world files: transparency, EXIF orientation, format probing, plugin errors ---------------------------
+
+
+def _hf_pixels(im: Image.Image, size: int = 64) -> np.ndarray:
+    return _hf(size)(im, return_tensors="np")["pixel_values"]
+
+
+def _ours(size: int = 64, **kw) -> ImagePreprocessor:
+    return ImagePreprocessor(ImageConfig.from_processor(_hf(size)), exact=True, **kw)
+
+
+def test_rgb_png_with_a_transparent_colour_is_composited_like_hf(tmp_path):
+    rng = np.random.default_rng(5)
+    arr = rng.integers(0, 4, (50, 70, 3), dtype=np.uint8) * 60  # few colours: (0, 0, 0) is common
+    path = tmp_path / "trns.png"
+    Image.fromarray(arr).save(path, transparency=(0, 0, 0))
+    opened = Image.open(path)
+    assert opened.mode == "RGB" and opened.info.get("transparency") == (0, 0, 0)
+    ref = _hf_pixels(Image.open(path))
+    mine = _ours()
+    np.testing.assert_array_equal(mine(path)["pixel_values"], ref)
+    np.testing.assert_array_equal(mine(Image.open(path))["pixel_values"], ref)
+    if transparency_on_white():  # the transparent colour became white: not the stored black
+        plain = _hf_pixels(Image.fromarray(arr))
+        assert not np.array_equal(ref, plain)
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_exif_orientation_applied_by_default_as_load_image_and_kept_raw_on_request(tmp_path, orientation):
+    from transformers.image_utils import load_image
+
+    path = tmp_path / f"phone{orientation}.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    photo(90, 40, orientation).save(path, quality=92, exif=exif)
+    upright = _ours()(path)["pixel_values"]
+    np.testing.assert_array_equal(upright, _hf_pixels(load_image(str(path))))  # transformers' path loader
+    raw = _ours(exif_orientation=False)(path)["pixel_values"]
+    np.testing.assert_array_equal(raw, _hf_pixels(Image.open(path)))  # the stored pixels
+    assert np.array_equal(upright, raw) == (orientation == 1)
+    data = path.read_bytes()  # bytes (a Parquet column) are turned upright too
+    np.testing.assert_array_equal(_ours()(data)["pixel_values"], upright)
+
+
+def test_a_path_opens_as_its_extensions_format_first(tmp_path, monkeypatch):
+    """A long-lived worker's probe order may let TGA claim a valid .ico; the extension's format is tried first."""
+    path = tmp_path / "icon.ico"
+    photo(48, 48, 1).save(path, sizes=[(48, 48)])
+    misnamed = tmp_path / "really_a_png.jpg"  # a wrong extension still loads, by probing
+    photo(40, 30, 2).save(misnamed, "PNG")
+    np.testing.assert_array_equal(_ours()(misnamed)["pixel_values"], _hf_pixels(Image.open(misnamed)))
+    from PIL import ImageFile
+
+    class Greedy(ImageFile.ImageFile):  # claims any file, then cannot decode it (as TGA did with an .ico)
+        format = "GREEDY"
+
+        def _open(self):
+            self._mode, self._size = "RGB", (8, 8)
+            self.tile = [ImageFile._Tile("raw", (0, 0, 8, 8), 10**6, ("RGB", 0, 1))]
+
+    Image.init()
+    monkeypatch.setitem(Image.OPEN, "GREEDY", (Greedy, None))
+    monkeypatch.setattr(Image, "ID", ["GREEDY", *Image.ID])
+    with pytest.raises(OSError):
+        Image.open(path).load()  # probing alone goes wrong
+    ref = _hf_pixels(Image.open(path, formats=["ICO"]))
+    np.testing.assert_array_equal(_ours()(path)["pixel_values"], ref)
+
+
+def test_not_implemented_in_a_plugin_is_an_image_error(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    path = tmp_path / "odd.png"
+    photo(40, 30, 3).save(path)
+
+    def unsupported(self):
+        raise NotImplementedError("Unimplemented pixel format")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", unsupported)
+    pre = ImagePreprocessor()
+    with pytest.raises(ImageError, match="unsupported image variant: Unimplemented pixel format"):
+        pre.load(path)
+    assert pre.load_or_reason(path).startswith("unsupported image variant")

@@ -282,6 +282,7 @@ def test_stages_without_ray_ship_each_canvas_once(saved_models, data):
 
     from btfast.preprocess import ImagePreprocessor, TextPreprocessor
     from btfast.ray.stages import ModelWorker, decode_batch, load_image
+    from btfast.score.config import JobConfig
     from btfast.score.engine import Context, embed_chunk, load_head
     from btfast.score.rows import ImageResolver, Row
 
@@ -292,7 +293,8 @@ def test_stages_without_ray_ship_each_canvas_once(saved_models, data):
     dec = decode_batch(pa.table({"image": blobs, "id": names}), pre=pre, kind="image")
     assert dec.column("_canvas").null_count == 3  # the corrupt image and the two repeats carry no canvas
     assert dec.column("_bytes").null_count == len(names) - 2  # ... the repeats carry their source instead
-    worker = ModelWorker(model, "itc", "embed", "cpu", "fp32", 4, pre)
+    cfg = JobConfig(command="embed", model=model, out="", head="itc")
+    worker = ModelWorker(cfg, "embed", "cpu", "fp32", 4)
     got = worker(dec).to_pylist()
     ctx = Context(
         load_head(model, "itc", torch.device("cpu"), torch.float32), "itc", pre, TextPreprocessor.from_pretrained(model)
@@ -311,7 +313,7 @@ def test_stages_without_ray_ship_each_canvas_once(saved_models, data):
     expect = np.array([g["embedding"] for g in got[-2:]])
     np.testing.assert_allclose(worker(repeats).column("embedding").to_pylist(), expect, atol=1e-6)
     assert worker.redecoded == 0  # from the actor's cache
-    fresh = ModelWorker(model, "itc", "embed", "cpu", "fp32", 4, pre)
+    fresh = ModelWorker(cfg, "embed", "cpu", "fp32", 4)
     np.testing.assert_allclose(fresh(repeats).column("embedding").to_pylist(), expect, atol=1e-6)
     assert fresh.redecoded == 2
     texts = decode_batch(pa.table({"text": ["a dog", "", "a red car"]}), pre=pre, kind="text")

@@ -383,8 +383,10 @@ def test_wrong_head_and_pickled_weights_are_refused(saved_models, data, tmp_path
     assert "safetensors" in capsys.readouterr().err
 
 
-def test_kill_9_and_resume(saved_models, data, tmp_path):
-    """SIGKILL a real run after its first chunks are written; the rerun completes it exactly."""
+@pytest.mark.parametrize("how", ["KILL", "STOP"])
+def test_kill_9_and_resume(saved_models, data, tmp_path, how):
+    """SIGKILL a real run after its first chunks are written (by itself, or stopped there and killed from outside);
+    the rerun completes it exactly."""
     rows = []
     texts = sentences(40, seed=11)
     for i in range(1500):
@@ -410,8 +412,7 @@ def test_kill_9_and_resume(saved_models, data, tmp_path):
         "1",
     ]
     out = tmp_path / "killed.jsonl"
-    done_before = kill_after_chunks(args, out)
-    assert done_before < 1500 // 4
+    assert kill_after_chunks(args, out, chunks=3, how=how) == 3
     assert main([*args, "--out", str(out)]) == 3
     ref = tmp_path / "uninterrupted.jsonl"
     assert main([*args, "--out", str(ref)]) == 3
@@ -439,3 +440,137 @@ def test_help_explains_every_flag(capsys):
         for flag in ("--device", "--dtype", "--batch-size", "--workers", "--exact", "--out"):
             assert flag in text, (cmd, flag)
         assert "default" in text and "exit status" in text
+
+
+# ---- a CLI that fails fast and kindly ----------------------------------------------------------------------------
+
+PROBE = """
+import sys, time
+t0 = time.perf_counter()
+from btfast.cli import main
+rc = main(sys.argv[1:])
+heavy = sorted(m for m in ("torch", "transformers", "pyarrow") if m in sys.modules)
+print(rc, time.perf_counter() - t0, ",".join(heavy) or "-")
+"""
+
+
+def _probe(*argv: object) -> tuple[int, float, str, str]:
+    """(exit status, seconds, heavy modules imported, stderr) of `btfast <argv>` in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    from jobs import REPO
+
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, *map(str, argv)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**__import__("os").environ, "PYTHONPATH": str(REPO)},
+    )
+    rc, seconds, heavy = proc.stdout.split()
+    return int(rc), float(seconds), heavy, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def odd_models(tmp_path_factory, saved_models):
+    """Folders a new user might pass as --model: not BridgeTower, not a model, no processor."""
+    root = tmp_path_factory.mktemp("odd_models")
+    (root / "bert").mkdir()
+    (root / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    (root / "empty").mkdir()
+    shutil.copytree(saved_models["itm"], root / "noproc")
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        (root / "noproc" / name).unlink(missing_ok=True)
+    return root
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (("--shard", "5/4"), "want 0 <= i < n"),
+        (("--shard", "abc"), "--shard wants i/n"),
+        (("--out", "scores.txt"), "output must be .jsonl or .parquet"),
+        (("--pairs", "nope.jsonl"), "--pairs nope.jsonl: no such file"),
+        (("--model", "/no/such/model"), "no such folder"),
+        (("--model", "{odd}/bert"), "a bert model, not BridgeTower"),
+        (("--model", "{odd}/empty"), "not a model folder (no config.json"),
+        (("--model", "{odd}/noproc"), "without its processor"),
+        (("--image-root", "/no/such/root"), "--image-root /no/such/root: no such folder"),
+        (("--batch-size", "0"), "--batch-size must be >= 1"),
+    ],
+)
+def test_bad_arguments_exit_2_fast_before_torch(saved_models, data, odd_models, tmp_path, change, message):
+    args = {
+        "--model": str(saved_models["itm"]),
+        "--pairs": str(data["pairs"]),
+        "--out": str(tmp_path / "o.jsonl"),
+        "--image-root": str(data["imgs"]),
+    }
+    flag, value = change
+    args[flag] = value.replace("{odd}", str(odd_models))
+    rc, seconds, heavy, err = _probe("score", *[x for kv in args.items() for x in kv])
+    assert rc == 2 and message in err, err
+    assert heavy == "-"  # torch, transformers, pyarrow never imported
+    assert seconds < 10  # ~0.3 s here; generous for a loaded CI machine
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_parquet_without_pyarrow_is_refused_with_the_install_line(saved_models, data, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "pyarrow" else find_spec(n, *a))
+    rc = score("--model", saved_models["itm"], "--pairs", data["pairs"], "--out", tmp_path / "o.parquet")
+    assert rc == 2 and "pip install pyarrow" in capsys.readouterr().err
+
+
+def _no_model(monkeypatch):
+    """Loading a model fails the test: what is checked must be found before."""
+    import btfast.score.engine
+
+    def load_head(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(btfast.score.engine, "load_head", load_head)
+
+
+def test_missing_column_is_fatal_before_the_model_loads(saved_models, data, tmp_path, monkeypatch, capsys):
+    rows = [r for r in data["rows"] if r["id"][0] == "p" and r["id"][1:].isdigit()][:6]
+    with open(tmp_path / "caps.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "caption"])
+        w.writerows([[r["image"], r["text"]] for r in rows])
+    common = ["--model", saved_models["itm"], "--pairs", tmp_path / "caps.csv", "--image-root", data["imgs"]]
+    with monkeypatch.context() as m:
+        _no_model(m)
+        assert score(*common, "--out", tmp_path / "a.jsonl", "--workers", 0) == 1
+    err = capsys.readouterr().err
+    assert "no column 'text'" in err and "columns: image, caption" in err and "--text-column" in err, err
+    assert score(*common, "--out", tmp_path / "b.jsonl", "--workers", 0, "--text-column", "caption") == 0
+
+
+def test_wrong_image_root_stops_before_the_model_loads(saved_models, data, tmp_path, monkeypatch, capsys):
+    _no_model(monkeypatch)
+    (tmp_path / "elsewhere").mkdir()
+    rc = score(
+        "--model", saved_models["itm"], "--pairs", data["pairs"], "--image-root", tmp_path / "elsewhere",
+        "--out", tmp_path / "o.jsonl", "--workers", 0,
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 1 and "--image-root" in err and "none of the first" in err, err
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
+def test_with_text_output_rows_carry_the_scored_text(saved_models, data, tmp_path, suffix):
+    out = tmp_path / f"t.{suffix}"
+    common = ["--model", saved_models["itm"], "--pairs", data["pairs"], "--image-root", data["imgs"], "--workers", 0]
+    assert score(*common, "--out", out, "--with-text") == 3
+    got = {r["id"]: r for r in read_out(out)}
+    for r in data["rows"]:
+        want = r.get("text") if isinstance(r.get("text"), str) else None
+        assert got[r["id"]]["text"] == want, r
+    plain = tmp_path / f"plain.{suffix}"
+    assert score(*common, "--out", plain) == 3
+    for a, b in zip(read_out(plain), read_out(out)):
+        assert "text" not in a and {k: v for k, v in b.items() if k != "text"} == a

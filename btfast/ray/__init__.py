@@ -25,6 +25,9 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from btfast.score.config import Columns, JobConfig
+from btfast.score.schema import EMBED, id_type_of, score_columns
+
 log = logging.getLogger("btfast")
 
 INSTALL_HINT = "pip install 'btfast[ray]'  (Ray Data and pyarrow)"
@@ -58,22 +61,6 @@ def _schema(ds: Any) -> Any:
         return None
 
 
-def _id_type(schema: Any, id_field: str) -> str:
-    """'int' when the dataset's id column is integer (or absent: ids are row numbers), else 'string'."""
-    import pyarrow as pa
-
-    if schema is None:
-        return "string"
-    names = list(schema.names)
-    if id_field not in names:
-        return "int"
-    t = schema.types[names.index(id_field)]
-    try:
-        return "int" if pa.types.is_integer(t) else "string"
-    except TypeError:  # a non-arrow type (e.g. numpy dtype)
-        return "int" if getattr(t, "kind", "") in ("i", "u") else "string"
-
-
 def _check_columns(schema: Any, needed: Sequence[str], keep: Sequence[str], outputs: Sequence[str]) -> None:
     clash = [c for c in keep if c in outputs]
     if clash:
@@ -88,81 +75,63 @@ def _check_columns(schema: Any, needed: Sequence[str], keep: Sequence[str], outp
 
 def pipeline(
     ds: Any,
-    model_dir: str | os.PathLike,
+    cfg: JobConfig,
     *,
     mode: str,
-    head: str,
     kind: str = "pair",
     prepared: bool = False,
-    image_root: str | os.PathLike | None = None,
-    fields: tuple[str, str, str] = ("image", "text", "id"),
-    device: str | None = "auto",
-    dtype: str | None = "auto",
-    batch_size: int | None = None,
-    workers: int | None = None,
-    gpus_per_worker: float | None = None,
-    exact: bool = True,
-    max_pixels: int | None = None,
     keep: Sequence[str] = (),
-    id_type: str | None = None,
+    id_type: str = "string",
+    gpus_per_worker: float | None = None,
     warmup: bool = True,
-    dedup: bool = True,
-    engine: str = "btfast",
     placement: Any = None,
     decode_rows: int | None = None,
 ) -> tuple[Any, Any]:
-    """(output Dataset, Placement): the decode stage and the model stage appended to `ds`."""
+    """(output Dataset, Placement): the decode stage (CPU tasks) and the model stage (an actor pool) appended to
+    `ds`, both configured by the job `cfg`."""
     ray = require_ray()
-    from btfast.preprocess import DEFAULT_MAX_PIXELS, ImagePreprocessor
     from btfast.ray.stages import ModelWorker, batch_rows, decode_batch, default_batch_size, dtype_name, place
 
-    model_dir = os.path.abspath(model_dir)
-    if not os.path.isdir(model_dir):
-        raise FileNotFoundError(f"model folder not found: {model_dir}")
+    if not os.path.isdir(cfg.model):
+        raise FileNotFoundError(f"model folder not found: {cfg.model}")
+    cfg = cfg.replace(model=os.path.abspath(cfg.model))
     if placement is None:
         _ensure_init(ray)
-        placement = place(ray.cluster_resources(), device, gpus_per_worker, workers)
+        placement = place(ray.cluster_resources(), cfg.device, gpus_per_worker, cfg.workers)
     where = placement
-    bs = default_batch_size(where.device, batch_size)
+    bs = default_batch_size(where.device, cfg.batch_size)
     rows_per_call, default_decode_rows = batch_rows(bs)
-    decode_rows = decode_rows or default_decode_rows
-    pre = ImagePreprocessor.from_pretrained(model_dir, exact=exact, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
-    id_type = id_type or ("string" if mode == "embed" else _id_type(_schema(ds), fields[2]))
+
     # Each stage gets its own worker environment (BTFAST_STAGE differs): Ray Data fuses a task stage into the
     # actor stage after it when their remote arguments are equal, and then the model would wait on Pillow.
-    decode_env = {
-        "env_vars": {
-            "BTFAST_STAGE": "decode",
-            "OMP_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1",
-            "TOKENIZERS_PARALLELISM": "false",
+    def env(stage: str, threads: int) -> dict[str, Any]:
+        n = str(threads)
+        return {
+            "env_vars": {
+                "BTFAST_STAGE": stage,
+                "OMP_NUM_THREADS": n,
+                "MKL_NUM_THREADS": n,
+                "TOKENIZERS_PARALLELISM": "false",
+            }
         }
-    }
-    model_env = {
-        "env_vars": {
-            "BTFAST_STAGE": "model",
-            "OMP_NUM_THREADS": str(where.threads),
-            "MKL_NUM_THREADS": str(where.threads),
-            "TOKENIZERS_PARALLELISM": "false",
-        }
-    }
+
     decoded = ds.map_batches(
         decode_batch,
-        batch_size=decode_rows,
+        batch_size=decode_rows or default_decode_rows,
         batch_format="pyarrow",
         num_cpus=1,
         zero_copy_batch=True,
         fn_kwargs={
-            "pre": pre,
+            "pre": cfg.image_preprocessor(),
             "kind": kind,
             "prepared": prepared,
-            "fields": tuple(fields),
-            "image_root": None if image_root is None else os.path.abspath(image_root),
+            "columns": cfg.columns,
+            "image_root": None if cfg.image_root is None else os.path.abspath(cfg.image_root),
             "base": os.getcwd(),
             "id_type": id_type,
             "keep": tuple(keep),
         },
-        runtime_env=decode_env,
+        runtime_env=env("decode", 1),
     )
     out = decoded.map_batches(
         ModelWorker,
@@ -173,24 +142,28 @@ def pipeline(
         num_cpus=where.actor_cpus,
         num_gpus=where.actor_gpus or None,
         fn_constructor_kwargs={
-            "model_dir": model_dir,
-            "head": head,
+            "cfg": cfg,
             "mode": mode,
             "device": where.device,
-            "dtype": dtype_name(dtype, where.device),
+            "dtype": dtype_name(cfg.dtype, where.device),
             "batch_size": bs,
-            "pre": pre,
             "id_type": id_type,
             "keep": tuple(keep),
             "threads": where.threads,
             "warmup": warmup,
-            "dedup": dedup,
-            "engine": engine,
         },
-        runtime_env=model_env,
+        runtime_env=env("model", where.threads),
     )
     log.info("btfast.ray: %s; batch %d, %d rows per call", where.describe(), bs, rows_per_call)
     return out, where
+
+
+def _config(model_dir: str | os.PathLike, head: str, fields: tuple[str, str, str], **kw: Any) -> JobConfig:
+    image_root = kw.pop("image_root")
+    kw["image_root"] = None if image_root is None else os.fspath(image_root)
+    if kw.get("max_pixels") is None:
+        kw.pop("max_pixels", None)
+    return JobConfig(command="score", model=os.fspath(model_dir), out="", head=head, columns=Columns(*fields), **kw)
 
 
 def score(
@@ -209,6 +182,7 @@ def score(
     gpus_per_worker: float | None = None,
     exact: bool = True,
     max_pixels: int | None = None,
+    exif_orientation: bool = True,
     keep: Sequence[str] = (),
     warmup: bool = True,
 ) -> Any:
@@ -227,31 +201,25 @@ def score(
     CUDA, 16 on CPU); exact (default True) preprocesses as BridgeTowerProcessor, bit for bit; False opts into
     the faster reduced-scale JPEG decode of `btfast score --no-exact` (pixels differ by a few levels).
     """
-    from btfast.ray.stages import score_schema
-
     if head not in ("itm", "itc"):
         raise ValueError(f"head must be itm or itc, got {head}")
     schema = _schema(ds)
-    _check_columns(schema, (image_field, text_field), keep, score_schema(head, "string").names)
-    out, _ = pipeline(
-        ds,
+    _check_columns(schema, (image_field, text_field), keep, score_columns(head))
+    cfg = _config(
         model_dir,
-        mode="score",
-        head=head,
-        kind="pair",
+        head,
+        (image_field, text_field, id_field),
         image_root=image_root,
-        fields=(image_field, text_field, id_field),
         device=device,
         dtype=dtype,
         batch_size=batch_size,
         workers=workers,
-        gpus_per_worker=gpus_per_worker,
         exact=exact,
         max_pixels=max_pixels,
-        keep=keep,
-        id_type=_id_type(schema, id_field),
-        warmup=warmup,
+        exif_orientation=exif_orientation,
     )
+    id_type = id_type_of(None, id_field, schema=schema) if schema is not None else "string"
+    out, _ = pipeline(ds, cfg, mode="score", keep=keep, id_type=id_type, gpus_per_worker=gpus_per_worker, warmup=warmup)
     return out
 
 
@@ -271,6 +239,7 @@ def embed(
     gpus_per_worker: float | None = None,
     exact: bool = True,
     max_pixels: int | None = None,
+    exif_orientation: bool = True,
     keep: Sequence[str] = (),
     warmup: bool = True,
 ) -> Any:
@@ -281,8 +250,6 @@ def embed(
     (a string), image, text, status, error, text_truncated, embedding (list of float32; cosine = dot product).
     Embed the image collection once, write it, index it: the first stage of retrieval.
     """
-    from btfast.ray.stages import embed_schema
-
     schema = _schema(ds)
     cols = None if schema is None else list(schema.names)
     if kind is None:
@@ -293,23 +260,19 @@ def embed(
         kind = "image" if has_i else "text"
     if kind not in ("image", "text"):
         raise ValueError(f"kind must be image or text, got {kind}")
-    _check_columns(schema, (image_field,) if kind == "image" else (text_field,), keep, embed_schema().names)
-    out, _ = pipeline(
-        ds,
+    _check_columns(schema, (image_field,) if kind == "image" else (text_field,), keep, EMBED)
+    cfg = _config(
         model_dir,
-        mode="embed",
-        head="itc",
-        kind=kind,
+        "itc",
+        (image_field, text_field, id_field),
         image_root=image_root,
-        fields=(image_field, text_field, id_field),
         device=device,
         dtype=dtype,
         batch_size=batch_size,
         workers=workers,
-        gpus_per_worker=gpus_per_worker,
         exact=exact,
         max_pixels=max_pixels,
-        keep=keep,
-        warmup=warmup,
+        exif_orientation=exif_orientation,
     )
+    out, _ = pipeline(ds, cfg, mode="embed", kind=kind, keep=keep, gpus_per_worker=gpus_per_worker, warmup=warmup)
     return out

@@ -79,7 +79,7 @@ class PartStore:
     """The output folder of one job: which parts are done (with their row / error counts), writing new ones."""
 
     def __init__(self, folder: str | os.PathLike, header: dict[str, Any], overwrite: bool = False) -> None:
-        self.folder = Path(folder)
+        self.folder = self.out = Path(folder)
         self.header = json.loads(json.dumps(header))
         self.done: dict[int, dict[str, int]] = {}
         self.finished = False
@@ -164,7 +164,7 @@ class PartStore:
     def path(self, k: int) -> Path:
         return self.folder / part_name(k)
 
-    def write(self, k: int, table: Any) -> None:
+    def write(self, k: int, table: Any) -> dict[str, int]:
         """Write part k (a pyarrow Table) atomically; its row and error counts go into the file's metadata."""
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
@@ -182,6 +182,7 @@ class PartStore:
         os.replace(tmp, final)
         _fsync_dir(self.folder)
         self.done[k] = {"rows": info["rows"], "errors": errors}
+        return self.done[k]
 
     def discard(self, k: int) -> None:
         """Forget part k (its file does not match the plan): it will be computed again."""

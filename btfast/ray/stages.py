@@ -25,6 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from btfast.score.config import Columns, JobConfig
+from btfast.score.schema import embed_schema, id_value, score_schema
+
 log = logging.getLogger("btfast")
 
 # Columns between the stages (names starting with "_" never reach the output).
@@ -49,42 +52,6 @@ DECODED_COLUMNS = (
 # ---- schemas -----------------------------------------------------------------------------------------------------
 
 
-def score_schema(head: str, id_type: str) -> Any:
-    """The output schema of `btfast score` with Parquet output (same names, same types)."""
-    import pyarrow as pa
-
-    f32 = pa.float32()
-    cols = [
-        ("row", pa.int64()),
-        ("id", pa.int64() if id_type == "int" else pa.string()),
-        ("image", pa.string()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("text_truncated", pa.bool_()),
-    ]
-    cols += [("itm_logit", f32), ("itm_prob", f32)] if head == "itm" else [("itc_cosine", f32), ("itc_logit", f32)]
-    return pa.schema(cols)
-
-
-def embed_schema() -> Any:
-    """The output schema of `btfast embed` with Parquet output."""
-    import pyarrow as pa
-
-    return pa.schema(
-        [
-            ("kind", pa.string()),
-            ("row", pa.int64()),
-            ("id", pa.string()),
-            ("image", pa.string()),
-            ("text", pa.string()),
-            ("status", pa.string()),
-            ("error", pa.string()),
-            ("text_truncated", pa.bool_()),
-            ("embedding", pa.list_(pa.float32())),
-        ]
-    )
-
-
 def rows_schema(id_type: str, keep: Sequence[tuple[str, Any]] = ()) -> Any:
     """Schema of prepared input rows (what the CLI's driver builds from `read_pairs` / `read_images` / ...)."""
     import pyarrow as pa
@@ -101,14 +68,6 @@ def rows_schema(id_type: str, keep: Sequence[tuple[str, Any]] = ()) -> Any:
         ("_bytes", pa.binary()),
     ]
     return pa.schema(cols + list(keep))
-
-
-def id_value(v: Any, id_type: str) -> Any:
-    if v is None:
-        return None
-    if id_type == "int":
-        return int(v)
-    return v if isinstance(v, str) else str(v)
 
 
 def row_record(r: Any, id_type: str, **extra: Any) -> dict[str, Any]:
@@ -133,38 +92,26 @@ def row_record(r: Any, id_type: str, **extra: Any) -> dict[str, Any]:
 
 def load_image(pre: Any, source: Any) -> np.ndarray | str:
     """A uint8 canvas, or the reason the image cannot be used (the messages of `btfast score`'s workers)."""
-    from btfast.preprocess import ImageError
-
-    try:
-        return pre.load(source)
-    except ImageError as e:
-        return str(e)
-    except Exception as e:  # a decoder bug must cost one row, never the run
-        return f"cannot read image: {type(e).__name__}: {e}"
+    return pre.load_or_reason(source)
 
 
 def _parse(
     records: list[dict[str, Any]],
     kind: str,
-    fields: tuple[str, str, str],
+    columns: Columns,
     image_root: str | None,
     base: str | None,
     id_type: str,
 ) -> list[dict[str, Any]]:
     """User records (an `image` path or bytes, a `text`, optionally `id` and `row`) → prepared records."""
-    from btfast.score.rows import ImageResolver, Row, _id_of, _set_image, _set_text
+    from btfast.score.rows import ImageResolver, parse_record
 
     resolver = ImageResolver(image_root, base or os.getcwd())
-    image_field, text_field, id_field = fields
     out = []
     for rec in records:
         row = rec.get("row")
         row = int(row) if isinstance(row, (int, np.integer)) else None
-        r = Row(row=row, id=_id_of(rec, id_field, row), kind=kind)
-        if kind in ("pair", "image"):
-            r.error = _set_image(r, rec, image_field, resolver)
-        if kind in ("pair", "text") and r.error is None:
-            r.error = _set_text(r, rec, text_field)
+        r = parse_record(rec, row, resolver, kind, columns.image, columns.text, columns.id)
         out.append(row_record(r, id_type))
     return out
 
@@ -175,7 +122,7 @@ def decode_batch(
     pre: Any,
     kind: str = "pair",
     prepared: bool = False,
-    fields: tuple[str, str, str] = ("image", "text", "id"),
+    columns: Columns | None = None,
     image_root: str | None = None,
     base: str | None = None,
     id_type: str = "string",
@@ -187,7 +134,7 @@ def decode_batch(
     if prepared:
         recs = batch.select(list(ROW_COLUMNS)).to_pylist()
     else:
-        recs = _parse(batch.to_pylist(), kind, fields, image_root, base, id_type)
+        recs = _parse(batch.to_pylist(), kind, columns or Columns(), image_root, base, id_type)
     canvases: dict[str, np.ndarray | str] = {}
     cols: dict[str, list[Any]] = {c: [] for c in DECODED_COLUMNS}
     for rec in recs:
@@ -236,19 +183,15 @@ class ModelWorker:
 
     def __init__(
         self,
-        model_dir: str,
-        head: str,
+        cfg: JobConfig,
         mode: str,
         device: str,
         dtype: str,
         batch_size: int,
-        pre: Any,
         id_type: str = "string",
         keep: Sequence[str] = (),
         threads: int = 1,
         warmup: bool = True,
-        dedup: bool = True,
-        engine: str = "btfast",
         cache_bytes: int = 256 << 20,
     ) -> None:
         import torch
@@ -260,13 +203,20 @@ class ModelWorker:
             torch.set_num_threads(int(threads))
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
-        net = load_head(model_dir, head, dev, dt, engine=engine)
+        head = "itc" if mode == "embed" else cfg.head
+        net = load_head(cfg.model, head, dev, dt, engine=cfg.engine)
         self.mode, self.id_type, self.keep = mode, id_type, tuple(keep)
-        self.pre = pre
+        self.pre = cfg.image_preprocessor()
         self.ctx = Context(
-            net, head, pre, TextPreprocessor.from_pretrained(model_dir), batch_size=batch_size, dedup=dedup
+            net,
+            head,
+            self.pre,
+            TextPreprocessor.from_pretrained(cfg.model),
+            batch_size=batch_size,
+            dedup=cfg.dedup,
+            with_text=cfg.with_text,
         )
-        self.schema = embed_schema() if mode == "embed" else score_schema(head, id_type)
+        self.schema = embed_schema() if mode == "embed" else score_schema(head, id_type, cfg.with_text)
         self.cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self.cache_bytes, self.cached = cache_bytes, 0
         self.redecoded = 0
@@ -416,10 +366,12 @@ def place(
 
 
 def default_batch_size(device: str, batch_size: int | None) -> int:
-    """Pairs / images / texts per model call: 64 on CUDA, 16 on CPU, rounded up to a runtime bucket."""
+    """Pairs / images / texts per model call (`btfast.score.job.default_batch_size`), rounded up to a runtime
+    bucket."""
     from btfast.runtime import Buckets
+    from btfast.score.job import default_batch_size as default
 
-    b = batch_size or (64 if device == "cuda" else 16)
+    b = batch_size or default(device)
     if b < 1:
         raise ValueError(f"--batch-size must be >= 1, got {b}")
     steps = Buckets()

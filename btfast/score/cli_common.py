@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import Any
 
 
@@ -60,6 +61,14 @@ def add_runtime(p: argparse.ArgumentParser) -> None:
         help="torch CPU threads when --device is cpu (default: CPUs - workers, at least 1: the decoding "
         "workers need their cores)",
     )
+    g.add_argument(
+        "--exif-orientation",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="turn photos upright by their EXIF orientation tag, as transformers' load_image does for a path "
+        "(default). --no-exif-orientation: use the pixels as stored (what BridgeTowerProcessor sees given an "
+        "image opened with Image.open)",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar (the summary is still printed)")
 
 
@@ -104,29 +113,95 @@ def add_job(p: argparse.ArgumentParser, what: str = "rows") -> None:
     )
 
 
-def set_threads(args: argparse.Namespace) -> None:
+def add_columns(g: argparse._ArgumentGroup, roles: tuple[str, ...] = ("image", "text", "id")) -> None:
+    """--image-column / --text-column / --id-column (also spelt --image-field ...): which input columns to read."""
+    what = {"image": "the image (a path, or bytes in Parquet)", "text": "the text", "id": "the row id"}
+    for role in roles:
+        g.add_argument(
+            f"--{role}-column",
+            f"--{role}-field",
+            dest=f"{role}_field",
+            default=role,
+            metavar="NAME",
+            help=f"input column holding {what[role]} (default: {role})",
+        )
+
+
+def add_ray(parser: argparse.ArgumentParser) -> None:
+    """--ray, --address, --gpus-per-worker: the same job on Ray Data (`btfast.ray.cli`; no Ray import here)."""
+    g = parser.add_argument_group(
+        "distributed (Ray Data; pip install 'btfast[ray]')",
+        "With --ray, --out is a folder of Parquet files (one per part, plus _btfast_job.json and _SUCCESS);\n"
+        "--workers is the number of model actors (default: one per GPU of the cluster, or CPUs // 4 without\n"
+        "GPUs); --threads the torch threads of a CPU actor; --chunk-rows bounds a part, the unit written (and\n"
+        "resumed) at once (--chunk-images / --chunk-texts too, only when given). Images are decoded in CPU tasks\n"
+        "on the cluster: image paths and the model folder must be readable at the same path on every node.",
+    )
+    g.add_argument(
+        "--ray",
+        action="store_true",
+        help="run on Ray Data: without --address a local Ray instance is started (default: off)",
+    )
+    g.add_argument(
+        "--address",
+        default=None,
+        metavar="ADDR",
+        help="join this Ray cluster, e.g. 10.0.0.1:6379 or auto (default: RAY_ADDRESS if set, else a new "
+        "local instance)",
+    )
+    g.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=None,
+        metavar="G",
+        help="GPUs per model actor; fractions share a GPU (default: 1 when the cluster has GPUs, else 0: "
+        "the model runs on CPUs)",
+    )
+
+
+def set_threads(cfg: Any) -> None:
     """On CPU, leave the image workers their cores: oversubscribed OpenMP threads wait on each other."""
     import torch
 
     from btfast.score.engine import resolve_device
     from btfast.score.loader import cpu_count, default_workers
 
-    if resolve_device(args.device).type != "cpu":
+    if resolve_device(cfg.device).type != "cpu":
         return
-    workers = default_workers() if args.workers is None else args.workers
-    n = args.threads or max(1, cpu_count() - workers)
-    torch.set_num_threads(n)
+    workers = default_workers() if cfg.workers is None else cfg.workers
+    torch.set_num_threads(cfg.threads or max(1, cpu_count() - workers))
 
 
-def limits(args: argparse.Namespace) -> Any:
-    from btfast.score.plan import Limits
+def run(
+    args: argparse.Namespace,
+    command: str,
+    job: Callable[[Any], Any],
+    unit: str,
+    label: str | None = None,
+    errors: tuple[type[BaseException], ...] = (),
+) -> int:
+    """Check the arguments (exit 2, before torch is imported), then run `job(config)` and print its summary.
 
-    return Limits(rows=args.chunk_rows, images=args.chunk_images, texts=args.chunk_texts)
+    Exit status: 0 all rows ok, 3 done with error rows, 1 fatal, 2 bad arguments, 130 interrupted."""
+    from btfast.score.config import UsageError, from_args
 
-
-def fail(command: str, e: BaseException) -> int:
-    print(f"btfast {command}: error: {e}", file=sys.stderr)
-    return 1
+    label = label or command
+    try:
+        cfg = from_args(command, args)
+    except UsageError as e:
+        print(f"btfast {label}: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        set_threads(cfg)
+        summary = job(cfg)
+    except KeyboardInterrupt:
+        print(f"btfast {label}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except (*known_errors(), *errors) as e:
+        print(f"btfast {label}: error: {e}", file=sys.stderr)
+        return 1
+    print(f"btfast {label}: {summary.line(unit)}", file=sys.stderr)
+    return summary.exit_code
 
 
 def known_errors() -> tuple[type[BaseException], ...]:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from btfast.ray.cli import add_arguments as add_ray_arguments
-from btfast.score.cli_common import add_job, add_runtime, fail, known_errors, limits, set_threads
+from btfast.score import cli_common
+from btfast.score.cli_common import add_columns, add_job, add_ray, add_runtime
 
 EPILOG = """\
 output (.jsonl or .parquet), one row per image and per text: kind (image / text), row (position in its list),
@@ -48,43 +47,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="paths in an image list are relative to DIR and may not leave it (default: the list's folder)",
     )
+    add_columns(g)
     add_runtime(parser)
     add_job(parser, "images or texts")
-    add_ray_arguments(parser)  # --ray, --address, --gpus-per-worker: btfast.ray.cli
+    add_ray(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    if getattr(args, "ray", False):  # the same job on Ray Data, written as a folder of Parquet parts
-        from btfast.ray.cli import run as run_ray
+    from btfast.score.job import embed_job
 
-        return run_ray(args, "embed")
-    if args.images is None and args.texts is None:
-        return fail("embed", ValueError("give --images, --texts or both"))
-    try:
-        set_threads(args)
-        from btfast.score.job import embed
-
-        summary = embed(
-            args.model,
-            args.out,
-            images=args.images,
-            texts=args.texts,
-            image_root=args.image_root,
-            device=args.device,
-            dtype=args.dtype,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            shard=args.shard,
-            overwrite=args.overwrite,
-            limits=limits(args),
-            exact=args.exact,
-            max_pixels=args.max_pixels,
-            progress=not args.no_progress,
-        )
-    except KeyboardInterrupt:
-        print("btfast embed: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-    except known_errors() as e:
-        return fail("embed", e)
-    print(f"btfast embed: {summary.line('items')}", file=sys.stderr)
-    return summary.exit_code
+    return cli_common.run(args, "embed", embed_job, "items")

@@ -6,9 +6,9 @@ Resumable and shardable over the queries, like `btfast score`.
 from __future__ import annotations
 
 import argparse
-import sys
 
-from btfast.score.cli_common import add_resume, add_runtime, fail, known_errors, set_threads
+from btfast.score import cli_common
+from btfast.score.cli_common import add_resume, add_runtime
 
 EPILOG = """\
 models: BridgeTower's ITC and ITM heads are different checkpoints (BridgeTowerForContrastiveLearning,
@@ -98,36 +98,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        set_threads(args)
-        from btfast.score.plan import Limits
-        from btfast.score.retrieve import retrieve
+    from btfast.score.retrieve import retrieve_job
 
-        summary = retrieve(
-            args.model,
-            args.images,
-            args.texts,
-            args.out,
-            itc_model=args.itc_model,
-            top_k=args.top_k,
-            rerank=not args.no_rerank,
-            image_root=args.image_root,
-            device=args.device,
-            dtype=args.dtype,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            shard=args.shard,
-            overwrite=args.overwrite,
-            chunk_queries=args.chunk_queries,
-            limits=Limits(images=args.chunk_images, texts=args.chunk_texts),
-            exact=args.exact,
-            max_pixels=args.max_pixels,
-            progress=not args.no_progress,
-        )
-    except KeyboardInterrupt:
-        print("btfast retrieve: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-    except known_errors() as e:
-        return fail("retrieve", e)
-    print(f"btfast retrieve: {summary.line()}", file=sys.stderr)
-    return summary.exit_code
+    return cli_common.run(args, "retrieve", retrieve_job, "queries")

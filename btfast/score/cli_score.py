@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from btfast.ray.cli import add_arguments as add_ray_arguments
-from btfast.score.cli_common import add_job, add_runtime, fail, known_errors, limits, set_threads
+from btfast.score import cli_common
+from btfast.score.cli_common import add_columns, add_job, add_ray, add_runtime
 
 EPILOG = """\
-input: JSONL, CSV/TSV or Parquet with columns image (a path, or bytes in Parquet), text and optionally id.
+input: JSONL, CSV/TSV or Parquet with columns image (a path, or bytes in Parquet), text and optionally id (other
+names: --image-column, --text-column, --id-column; a missing column stops the job before the model loads).
 output (.jsonl or .parquet), one row per input row: row (0-based input position), id (the input's, else row),
-image, status (ok / error), error (the reason), text_truncated, and
+image, text (with --with-text), status (ok / error), error (the reason), text_truncated, and
   --head itm: itm_logit (logit of "match"), itm_prob (its softmax probability);
   --head itc: itc_cosine (cosine of the unimodal ITC embeddings), itc_logit (exp(logit_scale) * cosine).
 Rows are written chunk by chunk, grouped by image; sort by `row` for input order.
@@ -52,9 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="itm: match probability and logit (BridgeTowerForImageAndTextRetrieval); itc: cosine "
         "similarity (BridgeTowerForContrastiveLearning) (default: itm)",
     )
-    g.add_argument("--image-field", default="image", help="column holding the image (default: image)")
-    g.add_argument("--text-field", default="text", help="column holding the text (default: text)")
-    g.add_argument("--id-field", default="id", help="column holding the row id (default: id)")
+    add_columns(g)
+    g.add_argument(
+        "--with-text",
+        action="store_true",
+        help="output rows carry the scored text (column text), so no join back to the input is needed",
+    )
     add_runtime(parser)
     add_job(parser, "pairs")
     x = parser.add_argument_group("comparison")
@@ -70,42 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="btfast",
         help="btfast (default) or hf: the transformers model in eager mode (implies --no-dedup)",
     )
-    add_ray_arguments(parser)  # --ray, --address, --gpus-per-worker: btfast.ray.cli
+    add_ray(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    if getattr(args, "ray", False):  # the same job on Ray Data, written as a folder of Parquet parts
-        from btfast.ray.cli import run as run_ray
+    from btfast.score.job import score_job
 
-        return run_ray(args, "score")
-    try:
-        set_threads(args)
-        from btfast.score.job import score
-
-        summary = score(
-            args.model,
-            args.pairs,
-            args.out,
-            head=args.head,
-            image_root=args.image_root,
-            device=args.device,
-            dtype=args.dtype,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            shard=args.shard,
-            overwrite=args.overwrite,
-            limits=limits(args),
-            dedup=not (args.no_dedup or args.engine == "hf"),
-            exact=args.exact,
-            max_pixels=args.max_pixels,
-            progress=not args.no_progress,
-            engine=args.engine,
-            fields=(args.image_field, args.text_field, args.id_field),
-        )
-    except KeyboardInterrupt:
-        print("btfast score: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-    except known_errors() as e:
-        return fail("score", e)
-    print(f"btfast score: {summary.line('pairs')}", file=sys.stderr)
-    return summary.exit_code
+    return cli_common.run(args, "score", score_job, "pairs")

@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from btfast.preprocess import ImageError, ImagePreprocessor, TextPreprocessor, TokenizedText
-from btfast.score.rows import ImageResolver, Row
+from btfast.preprocess import ImagePreprocessor, TextPreprocessor, TokenizedText
+from btfast.score.rows import ImageResolver, Row, parse_record
+from btfast.score.schema import score_columns
 
 HEADS = ("itm", "itc")
 HEAD_CLASS = {"itm": "BridgeTowerForImageAndTextRetrieval", "itc": "BridgeTowerForContrastiveLearning"}
@@ -97,6 +98,7 @@ class Context:
     texts: TextPreprocessor
     batch_size: int = 32
     dedup: bool = True  # False: every pair runs the whole model (the pair-by-pair baseline)
+    with_text: bool = False  # output rows carry the scored text
     stats: dict[str, int] = field(default_factory=lambda: {"images_encoded": 0, "texts_encoded": 0})
 
     @property
@@ -108,14 +110,11 @@ class Context:
         return float(m.logit_scale.detach().float().exp())
 
 
-def output_fields(head: str) -> list[str]:
-    base = ["row", "id", "image", "status", "error", "text_truncated"]
-    return base + (["itm_logit", "itm_prob"] if head == "itm" else ["itc_cosine", "itc_logit"])
-
-
-def _empty_out(r: Row, head: str) -> dict[str, Any]:
-    out = {k: None for k in output_fields(head)}
+def _empty_out(r: Row, ctx: Context) -> dict[str, Any]:
+    out = dict.fromkeys(score_columns(ctx.head, ctx.with_text))
     out.update(row=r.row, id=r.id, image=r.image_name)
+    if ctx.with_text:
+        out["text"] = r.text
     return out
 
 
@@ -188,7 +187,7 @@ def fuse_scores(ctx: Context, ts: Any, im: Any, lengths: Sequence[int], ti: Sequ
 def score_chunk(ctx: Context, rows: Sequence[Row], canvases: dict[str, np.ndarray | str]) -> list[dict[str, Any]]:
     """Output rows for `rows`, in order. `canvases` maps an image key to its uint8 canvas, or to the reason it
     could not be loaded. Bad rows get status "error" and the reason; the others are scored."""
-    outs = [_empty_out(r, ctx.head) for r in rows]
+    outs = [_empty_out(r, ctx) for r in rows]
     ok: list[int] = []
     for k, r in enumerate(rows):
         if r.error is None:
@@ -333,10 +332,7 @@ def load_canvases(pre: ImagePreprocessor, rows: Sequence[Row]) -> dict[str, np.n
     out: dict[str, np.ndarray | str] = {}
     for r in rows:
         if r.error is None and r.image_key is not None and r.image_key not in out:
-            try:
-                out[r.image_key] = pre.load(r.image)
-            except ImageError as e:
-                out[r.image_key] = str(e)
+            out[r.image_key] = pre.load_or_reason(r.image)
     return out
 
 
@@ -372,14 +368,7 @@ class Scorer:
         self.resolver = ImageResolver(image_root) if image_root is not None else ImageResolver(None, os.getcwd())
 
     def rows(self, records: Sequence[dict[str, Any]], row_offset: int = 0) -> list[Row]:
-        from btfast.score.rows import _id_of, _set_image, _set_text
-
-        out = []
-        for i, rec in enumerate(records):
-            r = Row(row=row_offset + i, id=_id_of(rec, "id", row_offset + i))
-            r.error = _set_image(r, rec, "image", self.resolver) or _set_text(r, rec, "text")
-            out.append(r)
-        return out
+        return [parse_record(rec, row_offset + i, self.resolver) for i, rec in enumerate(records)]
 
     def __call__(self, records: Sequence[dict[str, Any]] | dict[str, Any], row_offset: int = 0) -> Any:
         columnar = isinstance(records, dict)
@@ -390,7 +379,7 @@ class Scorer:
         rows = self.rows(records, row_offset)  # type: ignore[arg-type]
         outs = score_chunk(self.ctx, rows, load_canvases(self.ctx.images, rows))
         if columnar:
-            return {k: [o[k] for o in outs] for k in output_fields(self.ctx.head)}
+            return {k: [o[k] for o in outs] for k in score_columns(self.ctx.head)}
         return outs
 
 

@@ -10,12 +10,14 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from btfast.score.plan import Chunk, Limits, parse_shard, plan
-from btfast.score.sink import ChunkSink, output_format
+from btfast.score.config import Columns, JobConfig
+from btfast.score.plan import Chunk, Limits, parse_shard
+from btfast.score.schema import embed_schema, id_type_of, id_value, score_schema
+from btfast.score.sink import ChunkSink, Sink, output_format
 
 EXIT_OK = 0
 EXIT_FATAL = 1
@@ -50,6 +52,15 @@ class Summary:
         if self.stats:
             parts.append(", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in self.stats.items()))
         return "; ".join(parts) + f" -> {self.out}"
+
+
+class Executor(Protocol):
+    """Computes chunks: `run(chunks)` yields (chunk index, output rows) as each chunk completes, in any order.
+
+    Output rows are a list of dicts or a pyarrow Table, as the sink takes them. Two executors: `LocalExecutor`
+    (decode in worker processes, compute here) and `btfast.ray.cli.RayExecutor` (Ray Data, an actor pool)."""
+
+    def run(self, chunks: Iterable[Chunk]) -> Iterator[tuple[int, Any]]: ...
 
 
 def stream(
@@ -87,20 +98,36 @@ def stream(
         yield c, compute(c, loader.result(handle))
 
 
+@dataclass
+class LocalExecutor:
+    """This process computes; `loader`'s worker processes decode the images of the next chunks meanwhile."""
+
+    loader: Any
+    compute: Callable[[Chunk, dict[str, Any]], list[dict[str, Any]]]
+    prefetch: int = 2
+
+    def run(self, chunks: Iterable[Chunk]) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+        for c, outs in stream(chunks, self.loader, self.compute, self.prefetch):
+            yield c.index, outs
+
+
 def run_chunks(
     chunks: Iterable[Chunk],
-    sink: ChunkSink,
-    loader: Any,
-    compute: Callable[[Chunk, dict[str, Any]], list[dict[str, Any]]],
+    sink: Sink,
+    executor: Executor,
     *,
     shard: tuple[int, int] = (0, 1),
     total_rows: int | None = None,
     desc: str = "btfast",
     unit: str = "pair",
     progress: bool = True,
-    prefetch: int = 2,
+    interrupt: tuple[int, int] | None = None,
 ) -> Summary:
-    """Run every chunk of this shard that the sink has not recorded; decode `prefetch` chunks ahead."""
+    """The one driver loop: run every chunk of this shard that the sink has not recorded, write each as it
+    completes, then mark the job finished.
+
+    `interrupt` (tests only, `JobConfig.interrupt`): (n, signal) sends this process the signal once n chunks of this
+    run are durable."""
     from tqdm import tqdm
 
     summary = Summary(out=str(sink.out), resumed_rows=sink.rows_done)
@@ -128,12 +155,16 @@ def run_chunks(
             file=sys.stderr,
         )
         errors = sink.errors_done
+        written = 0
         try:
-            for c, outs in stream(todo(), loader, compute, prefetch=prefetch):
-                sink.write(c.index, outs)
-                summary.new_rows += len(outs)
-                errors += sum(o.get("status") != "ok" for o in outs)
-                bar.update(len(outs))
+            for index, outs in executor.run(todo()):
+                rec = sink.write(index, outs)
+                written += 1
+                if interrupt is not None and written == interrupt[0]:
+                    os.kill(os.getpid(), interrupt[1])
+                summary.new_rows += rec["rows"]
+                errors += rec["errors"]
+                bar.update(rec["rows"])
                 bar.set_postfix(errors=errors, refresh=False)
         finally:
             bar.close()
@@ -145,12 +176,134 @@ def run_chunks(
     return summary
 
 
-def _header(command: str, **kw: Any) -> dict[str, Any]:
-    return {"command": command, **{k: (str(v) if isinstance(v, Path) else v) for k, v in kw.items()}}
+def score_job(cfg: JobConfig) -> Summary:
+    """Run the `btfast score` job `cfg` (see `score`)."""
+    import torch
+
+    from btfast.preprocess import TextPreprocessor
+    from btfast.score.engine import Context, load_head, resolve_device, resolve_dtype, score_chunk
+    from btfast.score.loader import ImageLoader, default_workers
+    from btfast.score.source import PairsSource
+
+    if cfg.head not in ("itm", "itc"):
+        raise ValueError(f"head must be itm or itc, got {cfg.head}")
+    source = PairsSource(cfg)
+    source.check()  # a missing column or a wrong image root: fatal, before the model loads
+    dev = resolve_device(cfg.device)
+    dt = resolve_dtype(cfg.dtype, dev)
+    batch_size = cfg.batch_size or default_batch_size(dev.type)
+    workers = default_workers() if cfg.workers is None else cfg.workers
+    header = cfg.header(dtype=str(dt), batch_size=batch_size)
+    images = cfg.image_preprocessor()
+    texts = TextPreprocessor.from_pretrained(cfg.model)
+    id_type = id_type_of(cfg.pairs, cfg.columns.id) if output_format(cfg.out) == "parquet" else "keep"
+    schema = score_schema(cfg.head, id_type, cfg.with_text) if id_type != "keep" else None
+    sink = ChunkSink(cfg.out, header, overwrite=cfg.overwrite, schema=schema)
+    loader = None
+    try:
+        if sink.finished:
+            return run_chunks([], sink, LocalExecutor(None, lambda c, x: []), shard=cfg.shard, progress=False)
+        loader = ImageLoader(images, workers)  # workers start while the model loads
+        net = load_head(cfg.model, cfg.head, dev, dt, engine=cfg.engine)
+        ctx = Context(net, cfg.head, images, texts, batch_size=batch_size, dedup=cfg.dedup, with_text=cfg.with_text)
+        total = source.total() or 0
+        total = -(-total // cfg.shard[1]) if cfg.shard[1] > 1 else total
+
+        def compute(c: Chunk, canvases: dict[str, Any]) -> list[dict[str, Any]]:
+            with torch.inference_mode():
+                outs = score_chunk(ctx, c.rows, canvases)
+            for o in outs:
+                o["id"] = id_value(o["id"], id_type)
+            return outs
+
+        with loader:
+            summary = run_chunks(
+                source.chunks(),
+                sink,
+                LocalExecutor(loader, compute),
+                shard=cfg.shard,
+                total_rows=total,
+                desc=f"score {cfg.head}",
+                progress=cfg.progress,
+                interrupt=cfg.interrupt,
+            )
+        summary.stats = dict(ctx.stats)
+        return summary
+    finally:
+        if loader is not None:
+            loader.close()
+        sink.close()
 
 
-def _abs(p: str | os.PathLike | None) -> str | None:
-    return None if p is None else os.path.abspath(p)
+def embed_job(cfg: JobConfig) -> Summary:
+    """Run the `btfast embed` job `cfg` (see `embed`)."""
+    import torch
+
+    from btfast.preprocess import TextPreprocessor
+    from btfast.score.engine import Context, embed_chunk, load_head, resolve_device, resolve_dtype
+    from btfast.score.loader import ImageLoader, default_workers
+    from btfast.score.source import ListSource
+
+    if cfg.images is None and cfg.texts is None:
+        raise ValueError("give images, texts or both")
+    source = ListSource(cfg)
+    source.check()
+    dev = resolve_device(cfg.device)
+    dt = resolve_dtype(cfg.dtype, dev)
+    batch_size = cfg.batch_size or default_batch_size(dev.type)
+    workers = default_workers() if cfg.workers is None else cfg.workers
+    header = cfg.header(dtype=str(dt), batch_size=batch_size)
+    ipre = cfg.image_preprocessor()
+    tpre = TextPreprocessor.from_pretrained(cfg.model)
+    schema = embed_schema() if output_format(cfg.out) == "parquet" else None
+    sink = ChunkSink(cfg.out, header, overwrite=cfg.overwrite, schema=schema)
+    loader = None
+    try:
+        if sink.finished:
+            return run_chunks([], sink, LocalExecutor(None, lambda c, x: []), shard=cfg.shard, progress=False)
+        loader = ImageLoader(ipre, workers)
+        net = load_head(cfg.model, "itc", dev, dt)
+        ctx = Context(net, "itc", ipre, tpre, batch_size=batch_size)
+
+        def compute(c: Chunk, canvases: dict[str, Any]) -> list[dict[str, Any]]:
+            with torch.inference_mode():
+                outs = embed_chunk(ctx, c.rows, canvases)
+            for o in outs:
+                o["id"] = id_value(o["id"], "string")
+            return outs
+
+        with loader:
+            summary = run_chunks(
+                source.chunks(),
+                sink,
+                LocalExecutor(loader, compute),
+                shard=cfg.shard,
+                desc="embed",
+                unit="item",
+                progress=cfg.progress,
+                interrupt=cfg.interrupt,
+            )
+        summary.stats = dict(ctx.stats)
+        return summary
+    finally:
+        if loader is not None:
+            loader.close()
+        sink.close()
+
+
+def default_batch_size(device_type: str) -> int:
+    """Images / texts per tower call and pairs per fusion call: 64 on CUDA, 16 on CPU."""
+    return 64 if device_type == "cuda" else 16
+
+
+def _config(command: str, shard: str | None, limits: Limits | None, **kw: Any) -> JobConfig:
+    kw = {k: (None if v is None else os.fspath(v)) if k in PATHS else v for k, v in kw.items()}
+    if kw.get("max_pixels") is None:
+        kw.pop("max_pixels", None)
+    return JobConfig(command=command, shard=parse_shard(shard), limits=limits or Limits(), **kw)
+
+
+PATHS = ("model", "itc_model", "out", "pairs", "images", "texts", "image_root")
 
 
 def score(
@@ -158,238 +311,37 @@ def score(
     pairs: str | os.PathLike,
     out: str | os.PathLike,
     *,
-    head: str = "itm",
-    image_root: str | os.PathLike | None = None,
-    device: str = "auto",
-    dtype: str = "auto",
-    batch_size: int | None = None,
-    workers: int | None = None,
     shard: str | None = None,
-    overwrite: bool = False,
     limits: Limits | None = None,
-    dedup: bool = True,
-    exact: bool = True,
-    max_pixels: int | None = None,
-    progress: bool = True,
-    engine: str = "btfast",
     fields: tuple[str, str, str] = ("image", "text", "id"),
+    **options: Any,
 ) -> Summary:
     """Score every (image, text) row of `pairs` with the `head` ("itm" or "itc") model in folder `model`.
 
     Writes `out` (.jsonl or .parquet): per input row its `row` number, `id`, `image`, `status` ("ok" or
     "error"), `error` (the reason), `text_truncated`, and the scores (ITM: `itm_logit`, `itm_prob`; ITC:
     `itc_cosine`, `itc_logit` = exp(logit_scale) · cosine). Resumes an interrupted run of the same job.
+    `options`: the other fields of `JobConfig` (head, image_root, device, dtype, batch_size, workers, overwrite,
+    dedup, exact, max_pixels, exif_orientation, with_text, progress, engine).
     """
-    import torch
-
-    from btfast.preprocess import DEFAULT_MAX_PIXELS, ImagePreprocessor, TextPreprocessor
-    from btfast.score.engine import Context, load_head, resolve_device, resolve_dtype, score_chunk
-    from btfast.score.loader import ImageLoader, default_workers
-    from btfast.score.rows import ImageResolver, count_records, input_format, read_pairs
-
-    if head not in ("itm", "itc"):
-        raise ValueError(f"head must be itm or itc, got {head}")
-    limits = limits or Limits()
-    shard_i, shard_n = parse_shard(shard)
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    batch_size = batch_size or (64 if dev.type == "cuda" else 16)
-    workers = default_workers() if workers is None else workers
     if not Path(pairs).is_file():
         raise FileNotFoundError(f"pairs file not found: {pairs}")
-    input_format(pairs)
-    output_format(out)
-    header = _header(
-        "score",
-        head=head,
-        model=_abs(model),
-        pairs=_abs(pairs),
-        image_root=_abs(image_root),
-        shard=f"{shard_i}/{shard_n}",
-        limits=asdict(limits),
-        dedup=dedup,
-        exact=exact,
-        dtype=str(dt),
-        batch_size=batch_size,
-        fields=list(fields),
-        engine=engine,
-    )
-    images = ImagePreprocessor.from_pretrained(model, exact=exact, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
-    texts = TextPreprocessor.from_pretrained(model)
-    sink = ChunkSink(out, header, overwrite=overwrite, schema=_score_schema(head, pairs, fields[2], out))
-    loader = None
-    try:
-        if sink.finished:
-            return run_chunks([], sink, None, lambda c, x: [], shard=(shard_i, shard_n), progress=False)
-        loader = ImageLoader(images, workers)  # workers start while the model loads
-        net = load_head(model, head, dev, dt, engine=engine)
-        ctx = Context(net, head, images, texts, batch_size=batch_size, dedup=dedup)
-        resolver = ImageResolver(image_root, base=Path(pairs).parent)
-        rows = read_pairs(pairs, resolver, image_field=fields[0], text_field=fields[1], id_field=fields[2])
-        total = count_records(pairs)
-        total = -(-total // shard_n) if shard_n > 1 else total
-        id_str = sink.fmt == "parquet" and str(sink.schema.field("id").type) == "string"
-
-        def compute(c: Chunk, canvases: dict[str, Any]) -> list[dict[str, Any]]:
-            with torch.inference_mode():
-                outs = score_chunk(ctx, c.rows, canvases)
-            if id_str:
-                for o in outs:
-                    o["id"] = None if o["id"] is None else str(o["id"])
-            return outs
-
-        with loader:
-            summary = run_chunks(
-                plan(rows, limits),
-                sink,
-                loader,
-                compute,
-                shard=(shard_i, shard_n),
-                total_rows=total,
-                desc=f"score {head}",
-                progress=progress,
-            )
-        summary.stats = dict(ctx.stats)
-        return summary
-    finally:
-        if loader is not None:
-            loader.close()
-        sink.close()
-
-
-def _score_schema(head: str, pairs: str | os.PathLike, id_field: str, out: str | os.PathLike) -> Any:
-    if output_format(out) != "parquet":
-        return None
-    import pyarrow as pa
-
-    id_type = pa.string()
-    if str(pairs).lower().endswith((".parquet", ".pq")):
-        import pyarrow.parquet as pq
-
-        schema = pq.read_schema(pairs)
-        if id_field not in schema.names or pa.types.is_integer(schema.field(id_field).type):
-            id_type = pa.int64()
-    f32 = pa.float32()
-    cols = [
-        ("row", pa.int64()),
-        ("id", id_type),
-        ("image", pa.string()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("text_truncated", pa.bool_()),
-    ]
-    cols += [("itm_logit", f32), ("itm_prob", f32)] if head == "itm" else [("itc_cosine", f32), ("itc_logit", f32)]
-    return pa.schema(cols)
+    cfg = _config("score", shard, limits, model=model, pairs=pairs, out=out, columns=Columns(*fields), **options)
+    output_format(cfg.out)
+    return score_job(cfg)
 
 
 def embed(
     model: str | os.PathLike,
     out: str | os.PathLike,
     *,
-    images: str | os.PathLike | None = None,
-    texts: str | os.PathLike | None = None,
-    image_root: str | os.PathLike | None = None,
-    device: str = "auto",
-    dtype: str = "auto",
-    batch_size: int | None = None,
-    workers: int | None = None,
     shard: str | None = None,
-    overwrite: bool = False,
     limits: Limits | None = None,
-    exact: bool = True,
-    max_pixels: int | None = None,
-    progress: bool = True,
+    **options: Any,
 ) -> Summary:
-    """Normalised ITC embeddings of every image and/or text, one output row each (`kind` = image / text).
-
-    Images first (rows 0..), then texts (their own row numbers; `kind` tells them apart). Resumable and
-    shardable like `score`.
-    """
-    import torch
-
-    from btfast.preprocess import DEFAULT_MAX_PIXELS, ImagePreprocessor, TextPreprocessor
-    from btfast.score.engine import Context, embed_chunk, load_head, resolve_device, resolve_dtype
-    from btfast.score.loader import ImageLoader, default_workers
-    from btfast.score.rows import read_images, read_texts
-
-    if images is None and texts is None:
-        raise ValueError("give images, texts or both")
-    limits = limits or Limits()
-    shard_i, shard_n = parse_shard(shard)
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    batch_size = batch_size or (64 if dev.type == "cuda" else 16)
-    workers = default_workers() if workers is None else workers
-    output_format(out)
-    header = _header(
-        "embed",
-        model=_abs(model),
-        images=_abs(images),
-        texts=_abs(texts),
-        image_root=_abs(image_root),
-        shard=f"{shard_i}/{shard_n}",
-        limits=asdict(limits),
-        exact=exact,
-        dtype=str(dt),
-        batch_size=batch_size,
-    )
-    ipre = ImagePreprocessor.from_pretrained(model, exact=exact, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
-    tpre = TextPreprocessor.from_pretrained(model)
-    sink = ChunkSink(out, header, overwrite=overwrite, schema=_embed_schema(out))
-    loader = None
-    try:
-        if sink.finished:
-            return run_chunks([], sink, None, lambda c, x: [], shard=(shard_i, shard_n), progress=False)
-        loader = ImageLoader(ipre, workers)
-        net = load_head(model, "itc", dev, dt)
-        ctx = Context(net, "itc", ipre, tpre, batch_size=batch_size)
-
-        # image rows and text rows never share a chunk: plan them apart (chunk numbers continue)
-        def chunks() -> Iterable[Chunk]:
-            k = 0
-            for source in (
-                read_images(images, image_root) if images is not None else [],
-                read_texts(texts) if texts is not None else [],
-            ):
-                for c in plan(source, limits):
-                    c.index = k
-                    k += 1
-                    yield c
-
-        def compute(c: Chunk, canvases: dict[str, Any]) -> list[dict[str, Any]]:
-            with torch.inference_mode():
-                outs = embed_chunk(ctx, c.rows, canvases)
-            for o in outs:
-                o["id"] = None if o["id"] is None else str(o["id"])
-            return outs
-
-        with loader:
-            summary = run_chunks(
-                chunks(), sink, loader, compute, shard=(shard_i, shard_n), desc="embed", unit="item", progress=progress
-            )
-        summary.stats = dict(ctx.stats)
-        return summary
-    finally:
-        if loader is not None:
-            loader.close()
-        sink.close()
-
-
-def _embed_schema(out: str | os.PathLike) -> Any:
-    if output_format(out) != "parquet":
-        return None
-    import pyarrow as pa
-
-    return pa.schema(
-        [
-            ("kind", pa.string()),
-            ("row", pa.int64()),
-            ("id", pa.string()),
-            ("image", pa.string()),
-            ("text", pa.string()),
-            ("status", pa.string()),
-            ("error", pa.string()),
-            ("text_truncated", pa.bool_()),
-            ("embedding", pa.list_(pa.float32())),
-        ]
-    )
+    """Normalised ITC embeddings of every image and/or text (`images=`, `texts=`), one output row each (`kind` =
+    image / text). Images first (rows 0..), then texts (their own row numbers). Resumable and shardable like
+    `score`; `options` as there."""
+    cfg = _config("embed", shard, limits, model=model, out=out, head="itc", **options)
+    output_format(cfg.out)
+    return embed_job(cfg)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from btfast.preprocess import ImageError, ImagePreprocessor
+from btfast.preprocess import ImagePreprocessor
 
 _PRE: ImagePreprocessor | None = None
 
@@ -42,12 +42,7 @@ def _init(pre: ImagePreprocessor) -> None:
 
 def _load(source: Any) -> np.ndarray | str:
     assert _PRE is not None
-    try:
-        return _PRE.load(source)
-    except ImageError as e:
-        return str(e)
-    except Exception as e:  # a decoder bug must cost one row, never the run
-        return f"cannot read image: {type(e).__name__}: {e}"
+    return _PRE.load_or_reason(source)
 
 
 @contextlib.contextmanager

@@ -25,14 +25,15 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from btfast.score.job import EXIT_OK, EXIT_ROW_ERRORS, _abs, _header, run_chunks
-from btfast.score.plan import Chunk, Limits, parse_shard, plan
+from btfast.score.config import JobConfig
+from btfast.score.job import EXIT_OK, EXIT_ROW_ERRORS, LocalExecutor, run_chunks
+from btfast.score.plan import Chunk, Limits, plan
 from btfast.score.rows import Row
 from btfast.score.sink import ChunkSink, output_format
 
@@ -58,7 +59,7 @@ class RetrieveSummary:
     def exit_code(self) -> int:
         return EXIT_ROW_ERRORS if self.errors else EXIT_OK
 
-    def line(self) -> str:
+    def line(self, unit: str = "queries") -> str:
         resumed = f", {self.resumed:,} resumed from an earlier run" if self.resumed else ""
         return (
             f"{self.images:,} images, {self.texts:,} texts; "
@@ -141,40 +142,35 @@ class _Ranker:
 
     def __init__(
         self,
+        cfg: JobConfig,
         image_rows: list[Row],
         text_rows: list[Row],
         *,
-        itc_model: str | os.PathLike,
-        itm_model: str | os.PathLike | None,
-        top_k: int,
         device: Any,
         dtype: Any,
         batch_size: int,
         workers: int,
-        limits: Limits,
-        exact: bool,
-        max_pixels: int,
-        progress: bool,
         str_ids: bool,
         cache: _GalleryCache,
     ) -> None:
-        """Embed the gallery (or take it from `cache`) and load the ITM model (`itm_model=None`: ITC only)."""
+        """Embed the gallery (or take it from `cache`) and load the ITM model (`cfg.rerank=False`: ITC only)."""
         import torch
 
-        from btfast.preprocess import ImagePreprocessor, TextPreprocessor
+        from btfast.preprocess import TextPreprocessor
         from btfast.score.engine import Context, load_head
         from btfast.score.loader import ImageLoader
 
+        itc_model = cfg.itc_model or cfg.model
+        itm_model = cfg.model if cfg.rerank else None
+        limits, progress = cfg.limits, cfg.progress
         self.rows = {"image": image_rows, "text": text_rows}
-        self.top_k = top_k
+        self.top_k = cfg.top_k
         self.limits = limits
         self.str_ids = str_ids
         self.itm: Any = None
         self.pairs_reranked = 0
-        itc_pre = ImagePreprocessor.from_pretrained(itc_model, exact=exact, max_pixels=max_pixels)
-        itm_pre = None
-        if itm_model is not None:
-            itm_pre = ImagePreprocessor.from_pretrained(itm_model, exact=exact, max_pixels=max_pixels)
+        itc_pre = cfg.image_preprocessor(itc_model)
+        itm_pre = None if itm_model is None else cfg.image_preprocessor(itm_model)
         self.loader: Any = ImageLoader(itc_pre, workers)  # workers start while the model loads
         try:
             gallery = cache.load()
@@ -306,113 +302,62 @@ class _Ranker:
         return scores
 
 
-def retrieve(
-    itm_model: str | os.PathLike | None,
-    images: str | os.PathLike,
-    texts: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    itc_model: str | os.PathLike | None = None,
-    top_k: int = 16,
-    rerank: bool = True,
-    image_root: str | os.PathLike | None = None,
-    device: str = "auto",
-    dtype: str = "auto",
-    batch_size: int | None = None,
-    workers: int | None = None,
-    shard: str | None = None,
-    overwrite: bool = False,
-    chunk_queries: int = 1024,
-    limits: Limits | None = None,
-    exact: bool = True,
-    max_pixels: int | None = None,
-    progress: bool = True,
-) -> RetrieveSummary:
-    """Ranked lists in both directions; see the module doc. Output rows (.jsonl / .parquet), one per query:
-    `direction`, `query_row`, `query_id`, `query` (the text, or the image path), `status`, `error`, `results`
-    = [{rank, row, id, item, itc_cosine, itm_logit, itm_prob}] best first (by ITM; by ITC with rerank=False).
-
-    Written `chunk_queries` queries at a time; resumes an interrupted run of the same job. `shard="i/n"` ranks
-    the query chunks numbered i mod n, against the whole gallery. `limits` bound the embedding and ITM chunks.
-    """
-    from btfast.preprocess import DEFAULT_MAX_PIXELS
+def retrieve_job(cfg: JobConfig) -> RetrieveSummary:
+    """Ranked lists in both directions; see the module doc and `retrieve`."""
     from btfast.score.engine import resolve_device, resolve_dtype
+    from btfast.score.job import default_batch_size
     from btfast.score.loader import default_workers
     from btfast.score.rows import read_images, read_texts
 
     t0 = time.perf_counter()
-    if top_k < 1:
+    if cfg.top_k < 1:
         raise ValueError("--top-k must be >= 1")
-    if chunk_queries < 1:
+    if cfg.chunk_queries < 1:
         raise ValueError("--chunk-queries must be >= 1")
-    output_format(out)
-    itc_model = itc_model or itm_model
-    if itc_model is None:
+    output_format(cfg.out)
+    if cfg.model is None and cfg.itc_model is None:
         raise ValueError("give --model (ITM) and/or --itc-model")
-    if rerank and itm_model is None:
+    if cfg.rerank and cfg.model is None:
         raise ValueError("re-ranking needs --model (an ITM folder); or pass --no-rerank")
-    limits = limits or Limits()
-    shard_i, shard_n = parse_shard(shard)
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    batch_size = batch_size or (64 if dev.type == "cuda" else 16)
-    workers = default_workers() if workers is None else workers
-    mp = max_pixels or DEFAULT_MAX_PIXELS
+    shard_i, shard_n = cfg.shard
+    dev = resolve_device(cfg.device)
+    dt = resolve_dtype(cfg.dtype, dev)
+    batch_size = cfg.batch_size or default_batch_size(dev.type)
+    workers = default_workers() if cfg.workers is None else cfg.workers
 
-    image_rows = list(read_images(images, image_root))
-    text_rows = list(read_texts(texts))
-    header = _header(
-        "retrieve",
-        itm_model=_abs(itm_model) if rerank else None,
-        itc_model=_abs(itc_model),
-        images=_abs(images),
-        texts=_abs(texts),
-        image_root=_abs(image_root),
-        shard=f"{shard_i}/{shard_n}",
-        top_k=top_k,
-        chunk_queries=chunk_queries,
-        limits=asdict(limits),
-        exact=exact,
-        max_pixels=mp,
-        dtype=str(dt),
-        batch_size=batch_size,
-    )
-    sink = ChunkSink(out, header, overwrite=overwrite, schema=_schema(out))
-    cache = _GalleryCache(out, header, image_rows + text_rows)
-    if overwrite:
+    image_rows = list(read_images(cfg.images, cfg.image_root))
+    text_rows = list(read_texts(cfg.texts))
+    header = cfg.header(dtype=str(dt), batch_size=batch_size)
+    sink = ChunkSink(cfg.out, header, overwrite=cfg.overwrite, schema=_schema(cfg.out))
+    cache = _GalleryCache(cfg.out, header, image_rows + text_rows)
+    if cfg.overwrite:
         cache.remove()
-    chunks = _query_chunks(text_rows, image_rows, chunk_queries)
+    chunks = _query_chunks(text_rows, image_rows, cfg.chunk_queries)
     mine = [c for c in chunks if c.index % shard_n == shard_i]
     ranker = None
     try:
         if not sink.finished and any(c.index not in sink.done for c in mine):
             ranker = _Ranker(
+                cfg,
                 image_rows,
                 text_rows,
-                itc_model=itc_model,
-                itm_model=itm_model if rerank else None,
-                top_k=top_k,
                 device=dev,
                 dtype=dt,
                 batch_size=batch_size,
                 workers=workers,
-                limits=limits,
-                exact=exact,
-                max_pixels=mp,
-                progress=progress,
                 str_ids=sink.fmt == "parquet",
                 cache=cache,
             )
         job = run_chunks(  # without a ranker every chunk of this shard is done: this only marks the job finished
             chunks,
             sink,
-            None,
-            ranker or (lambda c, x: []),
-            shard=(shard_i, shard_n),
+            LocalExecutor(None, ranker or (lambda c, x: [])),
+            shard=cfg.shard,
             total_rows=sum(len(c.rows) for c in mine),
             desc="retrieve",
             unit="query",
-            progress=progress and ranker is not None,
+            progress=cfg.progress and ranker is not None,
+            interrupt=cfg.interrupt,
         )
     finally:
         if ranker is not None:
@@ -421,7 +366,7 @@ def retrieve(
     if sink.finished:
         cache.remove()
     return RetrieveSummary(
-        out=str(out),
+        out=str(cfg.out),
         images=len(image_rows),
         texts=len(text_rows),
         queries=job.rows,
@@ -430,6 +375,33 @@ def retrieve(
         pairs_reranked=ranker.pairs_reranked if ranker is not None else 0,
         seconds=time.perf_counter() - t0,
     )
+
+
+def retrieve(
+    itm_model: str | os.PathLike | None,
+    images: str | os.PathLike,
+    texts: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    itc_model: str | os.PathLike | None = None,
+    shard: str | None = None,
+    limits: Limits | None = None,
+    **options: Any,
+) -> RetrieveSummary:
+    """Ranked lists in both directions; see the module doc. Output rows (.jsonl / .parquet), one per query:
+    `direction`, `query_row`, `query_id`, `query` (the text, or the image path), `status`, `error`, `results`
+    = [{rank, row, id, item, itc_cosine, itm_logit, itm_prob}] best first (by ITM; by ITC with rerank=False).
+
+    Written `chunk_queries` queries at a time; resumes an interrupted run of the same job. `shard="i/n"` ranks
+    the query chunks numbered i mod n, against the whole gallery. `limits` bound the embedding and ITM chunks.
+    `options`: top_k, rerank, chunk_queries and the other fields of `JobConfig`.
+    """
+    from btfast.score.job import _config
+
+    cfg = _config(
+        "retrieve", shard, limits, model=itm_model, itc_model=itc_model, images=images, texts=texts, out=out, **options
+    )
+    return retrieve_job(cfg)
 
 
 def _schema(out: str | os.PathLike) -> Any:

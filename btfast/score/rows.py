@@ -24,7 +24,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".ti
 class Row:
     """One input row. `image` is a resolved path or raw bytes; `image_key` identifies it for dedup."""
 
-    row: int
+    row: int | None
     id: Any = None
     image: str | bytes | None = None
     image_key: str | None = None
@@ -154,13 +154,38 @@ class ImageResolver:
         return path, path, value
 
 
-def _id_of(rec: dict[str, Any], id_field: str, row: int) -> Any:
+def _id_of(rec: dict[str, Any], id_field: str, row: int | None) -> Any:
     v = rec.get(id_field)
     if v is None or v == "":
         return row
     if isinstance(v, (str, int, float, bool)):
         return v
     return json.dumps(v, default=str)
+
+
+def parse_record(
+    rec: dict[str, Any] | None,
+    row: int | None,
+    resolver: ImageResolver,
+    kind: str = "pair",
+    image_field: str = "image",
+    text_field: str = "text",
+    id_field: str = "id",
+    error: str | None = None,
+) -> Row:
+    """The one record parser: a record (a dict of an input's columns, or None with the reason it could not be
+    read) → a `Row` with its id, image source and text, or the reason it is unusable. `kind`: "pair" needs an
+    image and a text, "image" an image, "text" a text. An error row still carries the text it held."""
+    if rec is None:
+        return Row(row=row, id=row, error=f"row: {error}", kind=kind)
+    r = Row(row=row, id=_id_of(rec, id_field, row), kind=kind)
+    if kind in ("pair", "image"):
+        r.error = _set_image(r, rec, image_field, resolver)
+    if kind in ("pair", "text"):
+        r.error = r.error or _set_text(r, rec, text_field)
+        if r.text is None and isinstance(rec.get(text_field), str):
+            r.text = rec[text_field]
+    return r
 
 
 def read_pairs(
@@ -172,12 +197,7 @@ def read_pairs(
 ) -> Iterator[Row]:
     """Rows of an (image, text[, id]) pairs file, each valid or carrying its error."""
     for i, (rec, err) in enumerate(iter_records(path)):
-        if rec is None:
-            yield Row(row=i, id=i, error=f"row: {err}")
-            continue
-        r = Row(row=i, id=_id_of(rec, id_field, i))
-        r.error = _set_image(r, rec, image_field, resolver) or _set_text(r, rec, text_field)
-        yield r
+        yield parse_record(rec, i, resolver, "pair", image_field, text_field, id_field, err)
 
 
 def read_images(
@@ -207,23 +227,14 @@ def read_images(
         return
     resolver = ImageResolver(resolver_root, p.parent)
     for i, (rec, err) in enumerate(iter_records(p, text_field=image_field)):
-        if rec is None:
-            yield Row(row=i, id=i, error=f"row: {err}", kind="image")
-            continue
-        r = Row(row=i, id=_id_of(rec, id_field, i), kind="image")
-        r.error = _set_image(r, rec, image_field, resolver)
-        yield r
+        yield parse_record(rec, i, resolver, "image", image_field=image_field, id_field=id_field, error=err)
 
 
 def read_texts(path: str | os.PathLike, text_field: str = "text", id_field: str = "id") -> Iterator[Row]:
     """Text rows from a .txt file (one per line) or a JSONL / CSV / Parquet file with a `text` column."""
+    resolver = ImageResolver(None)
     for i, (rec, err) in enumerate(iter_records(path, text_field=text_field)):
-        if rec is None:
-            yield Row(row=i, id=i, error=f"row: {err}", kind="text")
-            continue
-        r = Row(row=i, id=_id_of(rec, id_field, i), kind="text")
-        r.error = _set_text(r, rec, text_field)
-        yield r
+        yield parse_record(rec, i, resolver, "text", text_field=text_field, id_field=id_field, error=err)
 
 
 def _set_image(r: Row, rec: dict[str, Any], field: str, resolver: ImageResolver) -> str | None:
@@ -247,3 +258,63 @@ def _set_text(r: Row, rec: dict[str, Any], field: str) -> str | None:
         return "text: empty"
     r.text = t
     return None
+
+
+# ---- whole-input checks, before any model loads ------------------------------------------------------------------
+
+COLUMN_FLAGS = {"image": "--image-column", "text": "--text-column", "id": "--id-column"}
+
+
+def columns_of(path: str | os.PathLike, sample: int = 1000) -> list[str] | None:
+    """The columns of a table input (CSV header, Parquet schema, keys of the first `sample` JSONL records);
+    None for a .txt list (one value a line: no columns)."""
+    fmt = input_format(path)
+    if fmt == "txt":
+        return None
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(path).names)
+    seen: dict[str, None] = {}
+    for k, (rec, _) in enumerate(iter_records(path)):
+        if k >= sample:
+            break
+        if rec is not None:
+            seen.update(dict.fromkeys(rec))
+    return list(seen)
+
+
+def check_columns(path: str | os.PathLike, needed: dict[str, str]) -> None:
+    """InputError unless the input has every needed column (`needed`: role -> column name, e.g. "text" -> "caption").
+
+    A missing column is fatal (every row would be an error): it names the columns seen and the flag to pick one."""
+    from btfast.errors import InputError
+
+    cols = columns_of(path)
+    if cols is None or not cols:
+        return
+    for role, name in needed.items():
+        if name not in cols:
+            flag = COLUMN_FLAGS[role]
+            raise InputError(
+                f"{path} has no column '{name}' for the {role} (columns: {', '.join(cols)}); pick one with {flag}"
+            )
+
+
+def check_image_paths(rows: Iterator[Row], sample: int = 64) -> None:
+    """InputError when none of the first `sample` image paths exists: a wrong --image-root, found before the model
+    loads rather than as a job of error rows."""
+    from btfast.errors import InputError
+
+    paths = []
+    for r in rows:
+        if r.error is None and isinstance(r.image, str):
+            paths.append(r)
+            if len(paths) >= sample:
+                break
+    if paths and not any(os.path.exists(r.image) for r in paths):  # type: ignore[arg-type]
+        r = paths[0]
+        raise InputError(
+            f"none of the first {len(paths)} images exists (e.g. {r.image_name!r} -> {r.image}): "
+            "give the folder the paths are relative to with --image-root"
+        )

@@ -20,7 +20,7 @@ import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 PROGRESS_SUFFIX = ".btfast-progress"
 PARTS_SUFFIX = ".btfast-parts"
@@ -61,6 +61,34 @@ def dumps(row: dict[str, Any]) -> str:
 def _fsync(f: Any) -> None:
     f.flush()
     os.fsync(f.fileno())
+
+
+class Sink(Protocol):
+    """Where a job's output goes, chunk by chunk, so that it survives `kill -9`.
+
+    `write(index, rows)` makes chunk `index` durable atomically (all its rows or none) and returns its record
+    (`rows`, `errors`); `done` maps every durable chunk to its record, read back on open: a rerun skips them;
+    `finish(indices)` marks the job complete (a completion marker) once every chunk of `indices` is durable;
+    `finished` says a previous run completed it. Opening output written by a different job (another header) is
+    refused with ResumeError. Implementations: `ChunkSink` (one JSONL or Parquet file),
+    `btfast.ray.parts.PartStore` (a folder of Parquet parts); an fsspec location is one more.
+    """
+
+    out: Any
+    done: dict[int, dict[str, Any]]
+    finished: bool
+
+    def write(self, index: int, rows: Any) -> dict[str, Any]: ...
+
+    def finish(self, indices: Sequence[int]) -> None: ...
+
+    def close(self) -> None: ...
+
+    @property
+    def rows_done(self) -> int: ...
+
+    @property
+    def errors_done(self) -> int: ...
 
 
 class ChunkSink:
@@ -185,7 +213,10 @@ class ChunkSink:
         return self.parts / f"chunk-{k:08d}.parquet"
 
     # ---- write ---------------------------------------------------------------------------------------------
-    def write(self, chunk: int, rows: Sequence[dict[str, Any]], **extra: Any) -> None:
+    def write(self, chunk: int, rows: Any, **extra: Any) -> dict[str, Any]:
+        """Write chunk `chunk`'s rows (dicts, or a pyarrow Table) and record it; returns the record."""
+        if hasattr(rows, "to_pylist"):
+            rows = rows.to_pylist()
         errors = sum(r.get("status") != "ok" for r in rows)
         rec: dict[str, Any] = {"chunk": chunk, "rows": len(rows), "errors": errors, **extra}
         if self.fmt == "jsonl":
@@ -207,6 +238,7 @@ class ChunkSink:
         self._progress.write(json.dumps(rec) + "\n")
         _fsync(self._progress)
         self.done[chunk] = rec
+        return rec
 
     def finish(self, all_chunks: Sequence[int]) -> None:
         """Mark the job complete (Parquet: join the parts into OUT). Call once every chunk is done."""

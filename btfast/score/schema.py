@@ -1,0 +1,94 @@
+"""The output columns of every job, their Arrow types, and the id rule, declared once for every executor and sink.
+
+Id rule: an output `id` is the input's id (the row number when it has none). In Parquet it is int64 when the
+input's id column is integer (or absent: ids are row numbers), else a string; JSONL keeps the input's value.
+`btfast embed` and `btfast retrieve` ids are always strings.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+BASE = ("row", "id", "image", "status", "error", "text_truncated")
+SCORES = {"itm": ("itm_logit", "itm_prob"), "itc": ("itc_cosine", "itc_logit")}
+EMBED = ("kind", "row", "id", "image", "text", "status", "error", "text_truncated", "embedding")
+RESULT = ("rank", "row", "id", "item", "itc_cosine", "itm_logit", "itm_prob")
+RETRIEVE = ("direction", "query_row", "query_id", "query", "status", "error", "results")
+
+_FLOATS = {"itm_logit", "itm_prob", "itc_cosine", "itc_logit"}
+
+
+def score_columns(head: str, with_text: bool = False) -> tuple[str, ...]:
+    """Columns of `btfast score`'s output rows (`with_text`: the scored text after `image`)."""
+    base = BASE[:3] + ("text",) + BASE[3:] if with_text else BASE
+    return base + SCORES[head]
+
+
+def _arrow(name: str, id_type: str) -> Any:
+    import pyarrow as pa
+
+    if name in _FLOATS:
+        return pa.float32()
+    if name in ("row", "query_row"):
+        return pa.int64()
+    if name == "rank":
+        return pa.int32()
+    if name == "id":
+        return pa.int64() if id_type == "int" else pa.string()
+    if name == "text_truncated":
+        return pa.bool_()
+    if name == "embedding":
+        return pa.list_(pa.float32())
+    if name == "results":
+        return pa.list_(pa.struct([(c, _arrow(c, "string")) for c in RESULT]))
+    return pa.string()
+
+
+def arrow_schema(columns: tuple[str, ...], id_type: str = "string") -> Any:
+    """The pyarrow schema of output rows with these columns."""
+    import pyarrow as pa
+
+    return pa.schema([(c, _arrow(c, id_type)) for c in columns])
+
+
+def score_schema(head: str, id_type: str, with_text: bool = False) -> Any:
+    return arrow_schema(score_columns(head, with_text), id_type)
+
+
+def embed_schema() -> Any:
+    return arrow_schema(EMBED)
+
+
+def retrieve_schema() -> Any:
+    return arrow_schema(RETRIEVE)
+
+
+def id_type_of(path: str | os.PathLike | None, id_column: str = "id", schema: Any = None) -> str:
+    """'int' when the input's id column is integer, or absent from a typed input (ids are row numbers); else
+    'string'. `schema`: an Arrow schema (a Ray Dataset's); else `path`'s Parquet schema; other inputs: 'string'."""
+    import pyarrow as pa
+
+    if schema is None:
+        if path is None or not str(path).lower().endswith((".parquet", ".pq")):
+            return "string"
+        import pyarrow.parquet as pq
+
+        schema = pq.read_schema(path)
+    names = list(schema.names)
+    if id_column not in names:
+        return "int"
+    t = schema.types[names.index(id_column)]
+    try:
+        return "int" if pa.types.is_integer(t) else "string"
+    except TypeError:  # a non-Arrow type (a numpy dtype)
+        return "int" if getattr(t, "kind", "") in ("i", "u") else "string"
+
+
+def id_value(v: Any, id_type: str) -> Any:
+    """An id as its output column holds it ('keep': JSONL, unchanged)."""
+    if v is None or id_type == "keep":
+        return v
+    if id_type == "int":
+        return int(v)
+    return v if isinstance(v, str) else str(v)

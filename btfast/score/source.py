@@ -1,0 +1,112 @@
+"""Sources: where a job's records come from, and how they are cut into units of work.
+
+A source yields `Row`s (id, image source, text, or the reason the record is unusable; see `btfast.score.rows`)
+grouped into `Chunk`s. A chunk is the unit of work, of output and of resume: its `index` must depend only on the
+input and the job configuration, so that a resumed or sharded run (shard i of n takes the indices = i mod n) cuts
+the same chunks. Every executor (local worker processes, Ray Data) and every sink takes chunks from a source, so a
+new input kind (a folder, WebDataset tar shards, an fsspec URL) is one new `Source` class:
+
+    class TarShards:                        # e.g. one chunk per tar shard, index = the shard's position
+        def check(self) -> None: ...        # fatal input errors, before any model loads
+        def chunks(self) -> Iterator[Chunk]: ...
+        def total(self) -> int | None: ...  # rows, for the progress bar (None: unknown)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+from btfast.score.config import JobConfig
+from btfast.score.plan import Chunk, plan
+from btfast.score.rows import (
+    ImageResolver,
+    Row,
+    check_columns,
+    check_image_paths,
+    count_records,
+    input_format,
+    read_images,
+    read_pairs,
+    read_texts,
+)
+
+
+class Source(Protocol):
+    """Records grouped into resumable units of work (see the module doc)."""
+
+    def check(self) -> None:
+        """Raise InputError for a problem that would make every row an error (a missing column, a wrong root)."""
+
+    def chunks(self) -> Iterator[Chunk]:
+        """The units of work in order, each with an index that depends only on the input and the job."""
+
+    def total(self) -> int | None:
+        """The number of rows (for progress), or None when unknown without reading everything."""
+
+
+class PairsSource:
+    """(image, text[, id]) pairs from a JSONL / CSV / TSV / Parquet file, chunked by the planner (`btfast score`)."""
+
+    def __init__(self, cfg: JobConfig) -> None:
+        assert cfg.pairs is not None
+        self.cfg = cfg
+        self.path = cfg.pairs
+        self.resolver = ImageResolver(cfg.image_root, base=Path(cfg.pairs).parent)
+
+    def rows(self) -> Iterator[Row]:
+        c = self.cfg.columns
+        return read_pairs(self.path, self.resolver, image_field=c.image, text_field=c.text, id_field=c.id)
+
+    def check(self) -> None:
+        check_columns(self.path, {"image": self.cfg.columns.image, "text": self.cfg.columns.text})
+        check_image_paths(self.rows())
+
+    def chunks(self) -> Iterator[Chunk]:
+        return plan(self.rows(), self.cfg.limits)
+
+    def total(self) -> int | None:
+        return count_records(self.path)
+
+
+class ListSource:
+    """An image collection (a folder or a list file) then a text list (`btfast embed`): image rows and text rows
+    never share a chunk; chunk numbers continue from the images to the texts."""
+
+    def __init__(self, cfg: JobConfig) -> None:
+        self.cfg = cfg
+
+    def check(self) -> None:
+        c, images, texts = self.cfg.columns, self.cfg.images, self.cfg.texts
+        if images is not None and Path(images).is_file() and _is_table(images):
+            check_columns(images, {"image": c.image})
+            check_image_paths(self._images())
+        if texts is not None and _is_table(texts):
+            check_columns(texts, {"text": c.text})
+
+    def _images(self) -> Iterator[Row]:
+        c = self.cfg.columns
+        return read_images(self.cfg.images, self.cfg.image_root, image_field=c.image, id_field=c.id)
+
+    def chunks(self) -> Iterator[Chunk]:
+        c = self.cfg.columns
+        k = 0
+        for rows in (
+            self._images() if self.cfg.images is not None else iter(()),
+            read_texts(self.cfg.texts, text_field=c.text, id_field=c.id) if self.cfg.texts is not None else iter(()),
+        ):
+            for chunk in plan(rows, self.cfg.limits):
+                chunk.index = k
+                k += 1
+                yield chunk
+
+    def total(self) -> int | None:
+        return None
+
+
+def _is_table(path: str) -> bool:
+    try:
+        return input_format(path) != "txt"
+    except ValueError:
+        return False
