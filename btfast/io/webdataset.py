@@ -43,7 +43,7 @@ def sample_rows(samples: Sequence[Sample], kinds: Sequence[str]) -> list[Row]:
     rows: list[Row] = []
     for i, s in enumerate(samples):
         for kind in kinds:
-            r = Row(row=i, id=s.key, kind=kind, image_name=s.image_member)
+            r = Row(row=i, id=s.key, kind=kind, image_name=None if kind == "text" else s.image_member)
             if kind != "text" and s.image is not None:
                 r.image, r.image_key = s.image, "sha1:" + hashlib.sha1(s.image).hexdigest()
             if kind != "image":

@@ -29,13 +29,14 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from btfast.io import fs
 from btfast.score.sink import ResumeError
 
 JOB_FILE = "_btfast_job.json"
 SUCCESS_FILE = "_SUCCESS"
 LOCK_FILE = ".btfast-lock"
 PART_RE = re.compile(r"^part-(\d{8,})\.parquet$")
-TMP_RE = re.compile(r"^\.part-(\d{8,})\.parquet\.tmp$")
+TMP_RE = re.compile(r"^\.part-(\d{8,})\.parquet\.tmp(-\d+)?$")
 META_KEY = b"btfast"
 
 
@@ -43,116 +44,117 @@ def part_name(k: int) -> str:
     return f"part-{k:08d}.parquet"
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def _ours(name: str) -> bool:
     return bool(
         PART_RE.match(name)
         or TMP_RE.match(name)
         or name in (JOB_FILE, SUCCESS_FILE, LOCK_FILE)
-        or name == f".{JOB_FILE}.tmp"
+        or name.startswith(f".{JOB_FILE}.tmp")
     )
 
 
 class PartStore:
-    """The output folder of one job: which parts are done (with their row / error counts), writing new ones."""
+    """The output folder of one job (a path, or a folder URL on any fsspec store: s3://bucket/scores/): which
+    parts are done (with their row / error counts), writing new ones (`btfast.io.fs.write_atomic`: a local part is
+    renamed into place, an object-store part is one PUT). A local folder is locked against a second writer; an
+    object store has no locks: do not point two runs at one folder URL."""
 
-    def __init__(self, folder: str | os.PathLike, header: dict[str, Any], overwrite: bool = False) -> None:
-        self.folder = self.out = Path(folder)
+    def __init__(
+        self, folder: str | os.PathLike, header: dict[str, Any], overwrite: bool = False, schema: Any = None
+    ) -> None:
+        self.url = os.fspath(folder)
+        self.local = not fs.is_url(self.url)
+        self.out = self.folder if self.local else fs.display(self.url)
         self.header = json.loads(json.dumps(header))
+        self.schema = schema  # pyarrow schema for parts given as rows (None: they come as tables)
         self.done: dict[int, dict[str, int]] = {}
         self.finished = False
         self._lock_fd: int | None = None
-        if self.folder.exists() and not self.folder.is_dir():
-            raise ResumeError(f"{self.folder} is a file: with --ray, --out is a folder of Parquet files")
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._lock()
+        if fs.isfile(self.url):
+            raise ResumeError(f"{self.out} is a file: --out is a folder of Parquet files here")
+        if self.local:
+            os.makedirs(self.url, exist_ok=True)
+            self._lock()
         try:
             self._open(overwrite)
         except BaseException:
             self.close()
             raise
 
+    def _join(self, name: str) -> str:
+        return fs.join(self.url, name)
+
+    def _names(self) -> list[str]:
+        if not fs.exists(self.url):
+            return []
+        return [fs.basename(n) for n in fs.listdir(self.url)]
+
+    def _remove(self, name: str) -> None:
+        if self.local:
+            (Path(self.url) / name).unlink(missing_ok=True)
+        else:
+            filesystem, p = fs.filesystem(self._join(name))
+            filesystem.rm_file(p)
+
     # ---- start / resume --------------------------------------------------------------------------------------
     def _lock(self) -> None:
         import fcntl
 
-        fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(os.path.join(self.url, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
-            raise ResumeError(f"{self.folder}: another btfast run is writing this folder") from None
+            raise ResumeError(f"{self.out}: another btfast run is writing this folder") from None
         self._lock_fd = fd
 
     def _open(self, overwrite: bool) -> None:
-        names = [p.name for p in self.folder.iterdir()]
+        names = self._names()
         foreign = sorted(n for n in names if not _ours(n))
         if foreign:
             shown = ", ".join(foreign[:3]) + (" ..." if len(foreign) > 3 else "")
             raise ResumeError(
-                f"{self.folder} holds files btfast did not write ({shown}): give an empty or new folder for --out"
+                f"{self.out} holds files btfast did not write ({shown}): give an empty or new folder for --out"
             )
-        job = self.folder / JOB_FILE
         if not any(PART_RE.match(n) for n in names):
             overwrite = True  # nothing written yet (a run that failed at its start): no output to protect
-        if job.exists() and not overwrite:
+        if JOB_FILE in names and not overwrite:
             try:
-                record = json.loads(job.read_text(encoding="utf-8"))
+                record = json.loads(fs.read_bytes(self._join(JOB_FILE)))
                 old = record["header"]
             except (ValueError, KeyError, TypeError):
-                raise ResumeError(f"{job}: damaged; pass --overwrite to start again") from None
+                raise ResumeError(f"{self.out}/{JOB_FILE}: damaged; pass --overwrite to start again") from None
             if old != self.header:
                 diff = sorted(k for k in set(old) | set(self.header) if old.get(k) != self.header.get(k))
                 raise ResumeError(
-                    f"{self.folder} was written by a different job (differs in: {', '.join(diff)}); "
+                    f"{self.out} was written by a different job (differs in: {', '.join(diff)}); "
                     "rerun with the same settings to resume, or pass --overwrite"
                 )
             self.finished = bool(record.get("finished"))
         else:  # a fresh job (or --overwrite): clear what an earlier job left, then record the header
             for n in names:
                 if n != LOCK_FILE:
-                    (self.folder / n).unlink()
-            _write_atomic(job, (json.dumps({"header": self.header}, indent=1) + "\n").encode())
-        for n in os.listdir(self.folder):
+                    self._remove(n)
+            names = []
+            fs.write_atomic(self._join(JOB_FILE), (json.dumps({"header": self.header}, indent=1) + "\n").encode())
+        for n in names:
             if TMP_RE.match(n):  # a part being written when the last run died
-                (self.folder / n).unlink()
-        for n in os.listdir(self.folder):
+                self._remove(n)
             m = PART_RE.match(n)
             if m:
-                info = self._read_meta(self.folder / n)
+                info = self._read_meta(self._join(n))
                 if info is None:  # unreadable: cannot be ours and complete; redo it
-                    (self.folder / n).unlink()
+                    self._remove(n)
                 else:
                     self.done[int(m.group(1))] = info
 
     @staticmethod
-    def _read_meta(path: Path) -> dict[str, int] | None:
+    def _read_meta(path: str) -> dict[str, int] | None:
         import pyarrow.parquet as pq
 
         try:
-            md = pq.read_metadata(path)
+            with fs.open_file(path, "rb") as f:
+                md = pq.read_metadata(f)
             info = json.loads((md.metadata or {})[META_KEY])
             if int(info["rows"]) != md.num_rows:
                 return None
@@ -161,32 +163,35 @@ class PartStore:
             return None
 
     # ---- write -----------------------------------------------------------------------------------------------
-    def path(self, k: int) -> Path:
-        return self.folder / part_name(k)
+    def path(self, k: int) -> str:
+        return self._join(part_name(k))
 
     def write(self, k: int, table: Any) -> dict[str, int]:
-        """Write part k (a pyarrow Table) atomically; its row and error counts go into the file's metadata."""
+        """Write part k (a pyarrow Table, or rows as dicts with `schema`) whole; its row and error counts go into
+        the file's metadata, so that a present part is a complete one and resuming reads only footers."""
+        import io
+
+        import pyarrow as pa
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
+        if not isinstance(table, pa.Table):
+            table = pa.Table.from_pylist(list(table), schema=self.schema)
         errors = table.num_rows - int(pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0)
         info = {"part": k, "rows": table.num_rows, "errors": errors}
         meta = dict(table.schema.metadata or {})
         meta[META_KEY] = json.dumps(info).encode()
         table = table.replace_schema_metadata(meta)
-        final = self.path(k)
-        tmp = final.with_name(f".{final.name}.tmp")
-        pq.write_table(table, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        _fsync_dir(self.folder)
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        fs.write_atomic(self.path(k), buf.getvalue())
         self.done[k] = {"rows": info["rows"], "errors": errors}
         return self.done[k]
 
     def discard(self, k: int) -> None:
         """Forget part k (its file does not match the plan): it will be computed again."""
-        self.path(k).unlink(missing_ok=True)
+        if k in self.done or fs.exists(self.path(k)):
+            self._remove(part_name(k))
         self.done.pop(k, None)
 
     def finish(self, parts: Iterable[int]) -> None:
@@ -194,7 +199,7 @@ class PartStore:
         parts = sorted(parts)
         missing = [k for k in parts if k not in self.done]
         if missing:
-            raise RuntimeError(f"cannot finish {self.folder}: {len(missing)} parts missing (first {missing[0]})")
+            raise RuntimeError(f"cannot finish {self.out}: {len(missing)} parts missing (first {missing[0]})")
         if self.finished:
             return
         record = {
@@ -204,8 +209,8 @@ class PartStore:
             "rows": self.rows_done,
             "errors": self.errors_done,
         }
-        _write_atomic(self.folder / JOB_FILE, (json.dumps(record, indent=1) + "\n").encode())
-        _write_atomic(self.folder / SUCCESS_FILE, b"")
+        fs.write_atomic(self._join(JOB_FILE), (json.dumps(record, indent=1) + "\n").encode())
+        fs.write_atomic(self._join(SUCCESS_FILE), b"")
         self.finished = True
 
     def close(self) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from btfast.score import cli_common
-from btfast.score.cli_common import add_resume, add_runtime
+from btfast.score.cli_common import add_resume, add_runtime, add_shards
 
 EPILOG = """\
 models: BridgeTower's ITC and ITM heads are different checkpoints (BridgeTowerForContrastiveLearning,
@@ -50,16 +50,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--images",
-        required=True,
+        default=None,
         metavar="DIR_OR_FILE",
         help="a folder (every image below it, sorted) or a list: .txt / .jsonl / .csv / .parquet",
     )
     g.add_argument(
         "--texts",
-        required=True,
+        default=None,
         metavar="FILE",
         help=".txt (a text a line) or .jsonl / .csv / .parquet with a text column",
     )
+    add_shards(g)
     g.add_argument("--out", required=True, metavar="FILE", help="output file: .jsonl or .parquet")
     g.add_argument(
         "--top-k",

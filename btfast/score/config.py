@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from btfast.io.fs import display, is_url
+from btfast.io.shards import is_shard_spec
 from btfast.score.plan import Limits, parse_shard
 from btfast.score.rows import IMAGE_SUFFIXES, input_format
 from btfast.score.sink import output_format
@@ -73,10 +75,19 @@ class JobConfig:
     rerank: bool = True  # retrieve: re-rank the ITC candidates by ITM
     chunk_queries: int = 1024  # retrieve: queries per chunk
     interrupt: tuple[int, int] | None = None  # test hook (chunks, signal): see `interrupt_from_env`
+    shards: str | None = None  # WebDataset tar shards (a folder, list file, brace pattern or glob; paths or URLs)
+    caption_field: str | None = None  # shards: the text is this field of the json member (default: the txt member)
+    embed_kinds: tuple[str, ...] = ("image", "text")  # embed --shards: what of each sample is embedded
 
     @property
     def input(self) -> str | None:
+        if self.shards is not None:
+            return self.shards
         return self.pairs if self.command == "score" else self.images
+
+    def shard_kinds(self) -> tuple[str, ...]:
+        """The rows each shard sample gives this job (`btfast.io.webdataset`): pairs, or images and/or texts."""
+        return ("pair",) if self.command == "score" else self.embed_kinds
 
     def replace(self, **changes: Any) -> JobConfig:
         return dataclasses.replace(self, **changes)
@@ -84,8 +95,8 @@ class JobConfig:
     def header(self, **resolved: Any) -> dict[str, Any]:
         """The resume header: the job's identity (`resolved`: what the executor decided, e.g. dtype, batch size)."""
 
-        def absolute(p: str | None) -> str | None:
-            return None if p is None else os.path.abspath(p)
+        def absolute(p: str | None) -> str | None:  # URLs without credentials (btfast.io.fs.display)
+            return None if p is None else display(p)
 
         h: dict[str, Any] = {"command": self.command}
         if self.command == "score":
@@ -108,6 +119,8 @@ class JobConfig:
             exif_orientation=self.exif_orientation,
             **resolved,
         )
+        if self.shards is not None:
+            h.update(shards=display(self.shards), caption_field=self.caption_field, kinds=list(self.shard_kinds()))
         return json.loads(json.dumps(h))
 
     def image_preprocessor(self, folder: str | os.PathLike | None = None) -> Any:
@@ -163,8 +176,30 @@ def check_parquet(*paths: str | None) -> None:
             raise UsageError(f"{p}: Parquet needs pyarrow, which is not installed: {PYARROW_HINT}")
 
 
+EMBED_KINDS = {"both": ("image", "text"), "images": ("image",), "texts": ("text",)}
+
+
+def _shards(command: str, args: argparse.Namespace) -> tuple[str | None, str | None, str | None, str | None]:
+    """(shards, pairs, images, texts): --shards, or a --pairs value that names tar shards (`x.tar`,
+    `{00000..00099}.tar`, `*.tar`), replaces the other inputs."""
+    shards = getattr(args, "shards", None)
+    pairs, images, texts = (getattr(args, k, None) for k in ("pairs", "images", "texts"))
+    if shards is None and pairs is not None and is_shard_spec(pairs):
+        shards, pairs = pairs, None
+    if shards is None:
+        if command == "score" and pairs is None:
+            raise UsageError("give --pairs FILE or --shards SHARDS")
+        return None, pairs, images, texts
+    given = [f for f, v in (("--pairs", pairs), ("--images", images), ("--texts", texts)) if v is not None]
+    if given:
+        raise UsageError(f"--shards is the whole input: leave out {', '.join(given)}")
+    return shards, None, None, None
+
+
 def _input_file(path: str | None, flag: str, *, may_be_dir: bool = False) -> None:
     if path is None:
+        return
+    if is_url(path):  # read when the job starts (a missing object is reported then, before the model loads)
         return
     p = Path(path)
     if not p.exists():
@@ -198,6 +233,12 @@ def from_args(command: str, args: argparse.Namespace) -> JobConfig:
     if ray:
         if output_format_or_none(args.out) == "jsonl":
             raise UsageError(f"--out {args.out}: with --ray the output is a folder of Parquet files; name a folder")
+    elif is_url(args.out):
+        if output_format_or_none(args.out) is not None:
+            raise UsageError(
+                f"--out {display(args.out)}: an object store cannot be appended to; name a folder URL (a folder of "
+                "Parquet parts is written, one per chunk or shard)"
+            )
     else:
         try:
             output_format(args.out)
@@ -206,24 +247,25 @@ def from_args(command: str, args: argparse.Namespace) -> JobConfig:
     _positive(args, "batch_size", "chunk_rows", "chunk_images", "chunk_texts", "chunk_queries", "top_k", "max_pixels")
     if getattr(args, "workers", None) is not None and args.workers < 0:
         raise UsageError(f"--workers must be >= 0, got {args.workers}")
-    if args.image_root is not None and not Path(args.image_root).is_dir():
+    if args.image_root is not None and not is_url(args.image_root) and not Path(args.image_root).is_dir():
         raise UsageError(f"--image-root {args.image_root}: no such folder")
     columns = Columns(
         getattr(args, "image_field", "image"), getattr(args, "text_field", "text"), getattr(args, "id_field", "id")
     )
+    shards, pairs, images, texts = _shards(command, args)
     if command == "score":
         check_model_folder(args.model)
-        _input_file(args.pairs, "--pairs")
-        inputs = [args.pairs]
+        _input_file(pairs, "--pairs")
+        inputs = [pairs]
         model, head = args.model, args.head
         limits = Limits(rows=args.chunk_rows, images=args.chunk_images, texts=args.chunk_texts)
     elif command == "embed":
-        if args.images is None and args.texts is None:
-            raise UsageError("give --images, --texts or both")
+        if images is None and texts is None and shards is None:
+            raise UsageError("give --images, --texts or both, or --shards")
         check_model_folder(args.model)
-        _input_file(args.images, "--images", may_be_dir=True)
-        _input_file(args.texts, "--texts")
-        inputs = [args.images, args.texts]
+        _input_file(images, "--images", may_be_dir=True)
+        _input_file(texts, "--texts")
+        inputs = [images, texts]
         model, head = args.model, "itc"
         limits = Limits(rows=args.chunk_rows, images=args.chunk_images, texts=args.chunk_texts)
     else:  # retrieve
@@ -233,9 +275,11 @@ def from_args(command: str, args: argparse.Namespace) -> JobConfig:
             raise UsageError("re-ranking needs --model (an ITM folder); or pass --no-rerank")
         check_model_folder(args.model)
         check_model_folder(args.itc_model, "--itc-model")
-        _input_file(args.images, "--images", may_be_dir=True)
-        _input_file(args.texts, "--texts")
-        inputs = [args.images, args.texts]
+        if shards is None and (images is None or texts is None):
+            raise UsageError("give --images and --texts, or --shards")
+        _input_file(images, "--images", may_be_dir=True)
+        _input_file(texts, "--texts")
+        inputs = [images, texts]
         model, head = args.model, "itm"
         limits = Limits(images=args.chunk_images, texts=args.chunk_texts)
     check_parquet(*inputs, None if ray else args.out)
@@ -245,9 +289,12 @@ def from_args(command: str, args: argparse.Namespace) -> JobConfig:
         model=model,
         out=args.out,
         head=head,
-        pairs=getattr(args, "pairs", None),
-        images=getattr(args, "images", None),
-        texts=getattr(args, "texts", None),
+        pairs=pairs,
+        images=images,
+        texts=texts,
+        shards=shards,
+        caption_field=getattr(args, "caption_field", None),
+        embed_kinds=EMBED_KINDS[getattr(args, "embed", "both")],
         image_root=args.image_root,
         columns=columns,
         device=args.device,

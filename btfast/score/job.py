@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from btfast.score.config import Columns, JobConfig
-from btfast.score.plan import Chunk, Limits, parse_shard
+from btfast.score.plan import Chunk, Limits, parse_shard, plan
 from btfast.score.schema import embed_schema, id_type_of, id_value, score_schema
 from btfast.score.sink import ChunkSink, Sink, output_format
 
@@ -39,7 +39,7 @@ class Summary:
 
     @property
     def exit_code(self) -> int:
-        return EXIT_ROW_ERRORS if self.errors else EXIT_OK
+        return EXIT_ROW_ERRORS if self.errors or self.stats.get("shards_truncated") else EXIT_OK
 
     def line(self, unit: str = "pairs") -> str:
         rate = self.new_rows / self.seconds if self.seconds > 0 else 0.0
@@ -68,34 +68,68 @@ def stream(
     loader: Any,
     compute: Callable[[Chunk, dict[str, Any]], list[dict[str, Any]]],
     prefetch: int = 2,
+    limits: Limits | None = None,
 ) -> Iterator[tuple[Chunk, list[dict[str, Any]]]]:
-    """(chunk, output rows) in order; the images of the next `prefetch` chunks decode while one computes.
+    """(chunk, output rows) in order; the images of the next `prefetch` pieces decode while one computes.
 
+    A chunk larger than `limits` (a tar shard of 10,000 samples: the unit written and resumed) is decoded and
+    computed in pieces planned within `limits` (the unit held in memory); its rows come out together. An error
+    from `chunks` (a shard that cannot be read) is raised after the chunks already taken are computed.
     With `loader=None` nothing is decoded ahead: `compute` gets no images (it fetches what it needs itself).
     """
     if loader is None:
         for c in chunks:
             yield c, compute(c, {})
         return
-    it = iter(chunks)
-    pending: deque[tuple[Chunk, Any]] = deque()
+    pieces = _pieces(chunks, limits)
+    pending: deque[tuple[Chunk, Chunk, bool, Any]] = deque()
+    failure: BaseException | None = None
 
     def fill() -> None:
-        while len(pending) <= prefetch:
-            c = next(it, None)
-            if c is None:
+        nonlocal failure
+        while failure is None and len(pending) <= prefetch:
+            try:
+                item = next(pieces, None)
+            except Exception as e:  # raised once the pieces taken so far are done
+                failure = e
                 return
+            if item is None:
+                return
+            c, piece, last = item
             first: dict[str, Any] = {}
-            for r in c.rows:
+            for r in piece.rows:
                 if r.error is None and r.image_key is not None and r.image_key not in first:
                     first[r.image_key] = r.image
-            pending.append((c, loader.submit(list(first), list(first.values()))))
+            pending.append((c, piece, last, loader.submit(list(first), list(first.values()))))
 
     fill()
+    outs: list[dict[str, Any]] = []
     while pending:
-        c, handle = pending.popleft()
-        fill()  # the workers start on the next chunks before this one is computed
-        yield c, compute(c, loader.result(handle))
+        c, piece, last, handle = pending.popleft()
+        fill()  # the workers start on the next pieces before this one is computed
+        outs += compute(piece, loader.result(handle)) if piece.rows else []
+        if last:
+            yield c, outs
+            outs = []
+    if failure is not None:
+        raise failure
+
+
+def _pieces(chunks: Iterable[Chunk], limits: Limits | None) -> Iterator[tuple[Chunk, Chunk, bool]]:
+    """(chunk, piece, last piece of the chunk); a chunk within `limits` is its own single piece."""
+    for c in chunks:
+        if limits is None or not _over(c, limits):
+            yield c, c, True
+            continue
+        ps = list(plan(c.rows, limits))
+        for j, p in enumerate(ps):
+            yield c, p, j == len(ps) - 1
+
+
+def _over(c: Chunk, limits: Limits) -> bool:
+    if len(c.rows) > limits.rows:
+        return True
+    return len(c.image_keys) > limits.images or len({r.text for r in c.rows if r.error is None}) > limits.texts
 
 
 @dataclass
@@ -105,9 +139,10 @@ class LocalExecutor:
     loader: Any
     compute: Callable[[Chunk, dict[str, Any]], list[dict[str, Any]]]
     prefetch: int = 2
+    limits: Limits | None = None  # pieces of a larger chunk are decoded and computed one at a time
 
     def run(self, chunks: Iterable[Chunk]) -> Iterator[tuple[int, list[dict[str, Any]]]]:
-        for c, outs in stream(chunks, self.loader, self.compute, self.prefetch):
+        for c, outs in stream(chunks, self.loader, self.compute, self.prefetch, self.limits):
             yield c.index, outs
 
 
@@ -183,11 +218,11 @@ def score_job(cfg: JobConfig) -> Summary:
     from btfast.preprocess import TextPreprocessor
     from btfast.score.engine import Context, load_head, resolve_device, resolve_dtype, score_chunk
     from btfast.score.loader import ImageLoader, default_workers
-    from btfast.score.source import PairsSource
+    from btfast.score.source import source_for
 
     if cfg.head not in ("itm", "itc"):
         raise ValueError(f"head must be itm or itc, got {cfg.head}")
-    source = PairsSource(cfg)
+    source = source_for(cfg)
     source.check()  # a missing column or a wrong image root: fatal, before the model loads
     dev = resolve_device(cfg.device)
     dt = resolve_dtype(cfg.dtype, dev)
@@ -196,9 +231,9 @@ def score_job(cfg: JobConfig) -> Summary:
     header = cfg.header(dtype=str(dt), batch_size=batch_size)
     images = cfg.image_preprocessor()
     texts = TextPreprocessor.from_pretrained(cfg.model)
-    id_type = id_type_of(cfg.pairs, cfg.columns.id) if output_format(cfg.out) == "parquet" else "keep"
+    id_type = id_type_of(cfg.pairs, cfg.columns.id) if _output_format(cfg.out) == "parquet" else "keep"
     schema = score_schema(cfg.head, id_type, cfg.with_text) if id_type != "keep" else None
-    sink = ChunkSink(cfg.out, header, overwrite=cfg.overwrite, schema=schema)
+    sink = open_sink(cfg, header, schema)
     loader = None
     try:
         if sink.finished:
@@ -218,16 +253,16 @@ def score_job(cfg: JobConfig) -> Summary:
 
         with loader:
             summary = run_chunks(
-                source.chunks(),
+                source.chunks(wanted(cfg, sink)),
                 sink,
-                LocalExecutor(loader, compute),
+                LocalExecutor(loader, compute, limits=cfg.limits),
                 shard=cfg.shard,
                 total_rows=total,
                 desc=f"score {cfg.head}",
                 progress=cfg.progress,
                 interrupt=cfg.interrupt,
             )
-        summary.stats = dict(ctx.stats)
+        summary.stats = {**ctx.stats, **shard_stats(source)}
         return summary
     finally:
         if loader is not None:
@@ -242,11 +277,11 @@ def embed_job(cfg: JobConfig) -> Summary:
     from btfast.preprocess import TextPreprocessor
     from btfast.score.engine import Context, embed_chunk, load_head, resolve_device, resolve_dtype
     from btfast.score.loader import ImageLoader, default_workers
-    from btfast.score.source import ListSource
+    from btfast.score.source import source_for
 
-    if cfg.images is None and cfg.texts is None:
-        raise ValueError("give images, texts or both")
-    source = ListSource(cfg)
+    if cfg.images is None and cfg.texts is None and cfg.shards is None:
+        raise ValueError("give images, texts or both, or shards")
+    source = source_for(cfg)
     source.check()
     dev = resolve_device(cfg.device)
     dt = resolve_dtype(cfg.dtype, dev)
@@ -255,8 +290,8 @@ def embed_job(cfg: JobConfig) -> Summary:
     header = cfg.header(dtype=str(dt), batch_size=batch_size)
     ipre = cfg.image_preprocessor()
     tpre = TextPreprocessor.from_pretrained(cfg.model)
-    schema = embed_schema() if output_format(cfg.out) == "parquet" else None
-    sink = ChunkSink(cfg.out, header, overwrite=cfg.overwrite, schema=schema)
+    schema = embed_schema() if _output_format(cfg.out) == "parquet" else None
+    sink = open_sink(cfg, header, schema)
     loader = None
     try:
         if sink.finished:
@@ -274,21 +309,52 @@ def embed_job(cfg: JobConfig) -> Summary:
 
         with loader:
             summary = run_chunks(
-                source.chunks(),
+                source.chunks(wanted(cfg, sink)),
                 sink,
-                LocalExecutor(loader, compute),
+                LocalExecutor(loader, compute, limits=cfg.limits),
                 shard=cfg.shard,
                 desc="embed",
                 unit="item",
                 progress=cfg.progress,
                 interrupt=cfg.interrupt,
             )
-        summary.stats = dict(ctx.stats)
+        summary.stats = {**ctx.stats, **shard_stats(source)}
         return summary
     finally:
         if loader is not None:
             loader.close()
         sink.close()
+
+
+def _output_format(out: str) -> str:
+    """'jsonl' or 'parquet': a folder (or folder URL) of parts is Parquet."""
+    from btfast.io.fs import is_url
+
+    return "parquet" if is_url(out) or not out.lower().endswith((".jsonl", ".ndjson", ".json")) else "jsonl"
+
+
+def open_sink(cfg: JobConfig, header: dict[str, Any], schema: Any) -> Sink:
+    """A `.jsonl` / `.parquet` file: `ChunkSink`; a folder URL (s3://bucket/scores/): a folder of Parquet parts,
+    one per chunk or tar shard, each written whole (`btfast.ray.parts.PartStore`, on any fsspec store)."""
+    from btfast.io.fs import is_url
+
+    if is_url(cfg.out):
+        from btfast.ray.parts import PartStore
+
+        return PartStore(cfg.out, header, overwrite=cfg.overwrite, schema=schema)
+    return ChunkSink(cfg.out, header, overwrite=cfg.overwrite, schema=schema)
+
+
+def wanted(cfg: JobConfig, sink: Sink) -> Callable[[int], bool]:
+    """The chunks this run computes: those of its `--shard` that the sink has not recorded."""
+    i, n = cfg.shard
+    return lambda k: k % n == i and k not in sink.done
+
+
+def shard_stats(source: Any) -> dict[str, int]:
+    """`shards truncated` for the summary line (a tar shard that ended early: its readable rows were written)."""
+    truncated = getattr(source, "truncated", None)
+    return {"shards_truncated": len(truncated)} if truncated else {}
 
 
 def default_batch_size(device_type: str) -> int:
