@@ -69,8 +69,11 @@ def tar_bytes(samples: list[dict[str, object]]) -> bytes:
 def s3_server() -> Iterator[str]:
     """A moto S3 server on 127.0.0.1 (any free port), reachable by plain `s3://` URLs in this process and its
     children through the environment (as a user's credentials would be); yields its endpoint URL."""
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

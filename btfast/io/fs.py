@@ -54,6 +54,14 @@ def filesystem(path: str | os.PathLike) -> tuple[Any, str]:
     return fsspec.core.url_to_fs(os.fspath(path))
 
 
+def _fresh(path: str | os.PathLike) -> tuple[Any, str]:
+    """`filesystem(path)` with its listing cache dropped: another process (an earlier run, a worker) may have
+    written there since this process last looked (s3fs caches listings)."""
+    fs, p = filesystem(path)
+    fs.invalidate_cache()
+    return fs, p
+
+
 def open_file(path: str | os.PathLike, mode: str = "rb") -> IO[Any]:
     """An open file object (plain `open` for paths: no fsspec import on the local fast path). Writing creates
     the missing folders above it (object stores have none to create)."""
@@ -80,21 +88,21 @@ def read_bytes(path: str | os.PathLike) -> bytes:
 def exists(path: str | os.PathLike) -> bool:
     if not is_url(path):
         return os.path.exists(path)
-    fs, p = filesystem(path)
+    fs, p = _fresh(path)
     return fs.exists(p)
 
 
 def isdir(path: str | os.PathLike) -> bool:
     if not is_url(path):
         return os.path.isdir(path)
-    fs, p = filesystem(path)
+    fs, p = _fresh(path)
     return fs.isdir(p)
 
 
 def isfile(path: str | os.PathLike) -> bool:
     if not is_url(path):
         return os.path.isfile(path)
-    fs, p = filesystem(path)
+    fs, p = _fresh(path)
     return fs.isfile(p)
 
 
@@ -103,7 +111,7 @@ def listdir(path: str | os.PathLike) -> list[str]:
     s = os.fspath(path)
     if not is_url(s):
         return sorted(os.path.join(s, n) for n in os.listdir(s) if os.path.isfile(os.path.join(s, n)))
-    fs, p = filesystem(s)
+    fs, p = _fresh(s)
     infos = fs.ls(p, detail=True)
     return sorted(_unstrip(s, fs, i["name"]) for i in infos if i.get("type") == "file")
 
@@ -111,7 +119,7 @@ def listdir(path: str | os.PathLike) -> list[str]:
 def glob(pattern: str | os.PathLike) -> list[str]:
     """Full names of the files matching a glob pattern (`*`, `?`, `[...]`), sorted."""
     s = os.fspath(pattern)
-    fs, p = filesystem(s)
+    fs, p = _fresh(s)
     names = fs.glob(p)
     if not is_url(s):
         return sorted(n for n in names if os.path.isfile(n))

@@ -325,8 +325,15 @@ def retrieve_job(cfg: JobConfig) -> RetrieveSummary:
     batch_size = cfg.batch_size or default_batch_size(dev.type)
     workers = default_workers() if cfg.workers is None else cfg.workers
 
-    image_rows = list(read_images(cfg.images, cfg.image_root))
-    text_rows = list(read_texts(cfg.texts))
+    if cfg.shards is not None:  # each sample's image and text, from tar shards
+        from btfast.score.source import ShardsSource
+
+        source = ShardsSource(cfg, ("image", "text"))
+        source.check()
+        image_rows, text_rows = source.lists()
+    else:
+        image_rows = list(read_images(cfg.images, cfg.image_root))
+        text_rows = list(read_texts(cfg.texts))
     header = cfg.header(dtype=str(dt), batch_size=batch_size)
     sink = ChunkSink(cfg.out, header, overwrite=cfg.overwrite, schema=_schema(cfg.out))
     cache = _GalleryCache(cfg.out, header, image_rows + text_rows)

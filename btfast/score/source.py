@@ -169,6 +169,18 @@ class ShardsSource:
     def total(self) -> int | None:
         return None
 
+    def lists(self) -> tuple[list[Row], list[Row]]:
+        """(image rows, text rows) of the whole collection, each numbered from 0 in collection order: the gallery
+        and the queries of `btfast retrieve`."""
+        images: list[Row] = []
+        texts: list[Row] = []
+        for c in self.chunks():
+            for r in c.rows:
+                side = images if r.kind == "image" else texts
+                r.row = len(side)
+                side.append(r)
+        return images, texts
+
 
 def source_for(cfg: JobConfig) -> Source:
     """The source of job `cfg`: tar shards, a pairs file (score) or image / text lists (embed)."""
