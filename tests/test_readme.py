@@ -30,9 +30,7 @@ def snippets() -> list[tuple[int, str]]:
 
 def localise(code: str, folders: dict[str, Path]) -> str:
     """The snippet with tiny folders for /models/... and, without CUDA, CPU and fp32."""
-    code = re.sub(
-        r'"/models/([^"]+)"', lambda m: repr(str(folders["itc" if "itc" in m.group(1) else "itm"])), code
-    )
+    code = re.sub(r'"/models/([^"]+)"', lambda m: repr(str(folders["itc" if "itc" in m.group(1) else "itm"])), code)
     if not torch.cuda.is_available():
         code = code.replace('"cuda"', '"cpu"').replace("torch.bfloat16", "torch.float32")
     return code
