@@ -4,7 +4,6 @@ shard after kill -9, divided by shard files, and equal to the loose-file run of 
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -249,6 +248,45 @@ def test_ray_score_shards_on_s3_equals_the_loose_run(saved_models, collection, r
     _assert_same(_by_id(_read_folder(out2)), reference)
 
 
+@pytest.mark.parametrize("root", [False, True])
+def test_pairs_and_images_on_s3_equal_the_local_run(saved_models, collection, reference, s3_bucket, tmp_path, root):
+    """A pairs file and its images on the object store (relative names under the pairs file's folder URL, or under
+    --image-root given as a URL) score as the same files on disk."""
+    loose = collection["loose"]
+    for f in loose.rglob("*"):
+        if f.is_file():
+            with fs.open_file(f"{s3_bucket}/loose/{f.relative_to(loose)}", "wb") as out:
+                out.write(f.read_bytes())
+    argv = ["score", "--model", str(saved_models["itm"]), "--pairs", f"{s3_bucket}/loose/pairs.jsonl"]
+    argv += ["--image-root", f"{s3_bucket}/loose"] if root else []
+    assert main([*argv, "--out", str(tmp_path / "o.jsonl"), *QUIET]) == 3
+    with open(tmp_path / "o.jsonl") as f:
+        _assert_same(_by_id([json.loads(line) for line in f]), reference)
+
+
+@pytest.mark.parametrize(
+    "root, base, name, want",
+    [
+        ("s3://b/imgs", None, "x/1.jpg", "s3://b/imgs/x/1.jpg"),
+        ("s3://b/imgs", None, "x/../1.jpg", "s3://b/imgs/1.jpg"),
+        ("s3://b/imgs", None, "../secret.jpg", "leaves --image-root"),
+        ("s3://b/imgs", None, "s3://other/1.jpg", "leaves --image-root"),
+        (None, "s3://b/lists", "../imgs/1.jpg", "s3://b/imgs/1.jpg"),
+        (None, "s3://b/lists", "gs://c/2.jpg", "gs://c/2.jpg"),
+        (None, "/data", "memory:///m/3.png", "memory:///m/3.png"),
+    ],
+)
+def test_image_names_under_url_roots(root, base, name, want):
+    from btfast.score.rows import ImageResolver
+
+    resolver = ImageResolver(root, base)
+    if "://" in want:
+        assert resolver(name)[:2] == (want, want)
+    else:
+        with pytest.raises(ValueError, match=want):
+            resolver(name)
+
+
 def test_bad_arguments_exit_2(saved_models, tmp_path, capsys):
     m = str(saved_models["itm"])
     for argv, msg in (
@@ -258,4 +296,3 @@ def test_bad_arguments_exit_2(saved_models, tmp_path, capsys):
     ):
         assert main(argv) == 2
         assert msg in capsys.readouterr().err
-    _ = io

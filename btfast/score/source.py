@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
+from btfast.io import fs
 from btfast.score.config import JobConfig
 from btfast.score.plan import Chunk, plan
 from btfast.score.rows import (
@@ -57,7 +58,7 @@ class PairsSource:
         assert cfg.pairs is not None
         self.cfg = cfg
         self.path = cfg.pairs
-        self.resolver = ImageResolver(cfg.image_root, base=Path(cfg.pairs).parent)
+        self.resolver = ImageResolver(cfg.image_root, base=fs.parent(cfg.pairs))
 
     def rows(self) -> Iterator[Row]:
         c = self.cfg.columns
