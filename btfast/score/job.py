@@ -11,9 +11,9 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
+from btfast.io.fs import is_url, isfile
 from btfast.score.config import Columns, JobConfig
 from btfast.score.plan import Chunk, Limits, parse_shard, plan
 from btfast.score.schema import embed_schema, id_type_of, id_value, score_schema
@@ -328,16 +328,12 @@ def embed_job(cfg: JobConfig) -> Summary:
 
 def _output_format(out: str) -> str:
     """'jsonl' or 'parquet': a folder (or folder URL) of parts is Parquet."""
-    from btfast.io.fs import is_url
-
     return "parquet" if is_url(out) or not out.lower().endswith((".jsonl", ".ndjson", ".json")) else "jsonl"
 
 
 def open_sink(cfg: JobConfig, header: dict[str, Any], schema: Any) -> Sink:
     """A `.jsonl` / `.parquet` file: `ChunkSink`; a folder URL (s3://bucket/scores/): a folder of Parquet parts,
     one per chunk or tar shard, each written whole (`btfast.ray.parts.PartStore`, on any fsspec store)."""
-    from btfast.io.fs import is_url
-
     if is_url(cfg.out):
         from btfast.ray.parts import PartStore
 
@@ -374,7 +370,7 @@ PATHS = ("model", "itc_model", "out", "pairs", "images", "texts", "image_root")
 
 def score(
     model: str | os.PathLike,
-    pairs: str | os.PathLike,
+    pairs: str | os.PathLike | None,
     out: str | os.PathLike,
     *,
     shard: str | None = None,
@@ -382,7 +378,8 @@ def score(
     fields: tuple[str, str, str] = ("image", "text", "id"),
     **options: Any,
 ) -> Summary:
-    """Score every (image, text) row of `pairs` with the `head` ("itm" or "itc") model in folder `model`.
+    """Score every (image, text) row of `pairs` with the `head` ("itm" or "itc") model in folder `model`; or,
+    with `pairs=None, shards="shards/{00000..00099}.tar"`, every sample of WebDataset tar shards.
 
     Writes `out` (.jsonl or .parquet): per input row its `row` number, `id`, `image`, `status` ("ok" or
     "error"), `error` (the reason), `text_truncated`, and the scores (ITM: `itm_logit`, `itm_prob`; ITC:
@@ -390,10 +387,13 @@ def score(
     `options`: the other fields of `JobConfig` (head, image_root, device, dtype, batch_size, workers, overwrite,
     dedup, exact, max_pixels, exif_orientation, with_text, progress, engine).
     """
-    if not Path(pairs).is_file():
+    if (pairs is None) == (options.get("shards") is None):
+        raise ValueError("give pairs or shards")
+    if pairs is not None and not isfile(pairs):
         raise FileNotFoundError(f"pairs file not found: {pairs}")
     cfg = _config("score", shard, limits, model=model, pairs=pairs, out=out, columns=Columns(*fields), **options)
-    output_format(cfg.out)
+    if not is_url(cfg.out):
+        output_format(cfg.out)
     return score_job(cfg)
 
 
@@ -409,5 +409,6 @@ def embed(
     image / text). Images first (rows 0..), then texts (their own row numbers). Resumable and shardable like
     `score`; `options` as there."""
     cfg = _config("embed", shard, limits, model=model, out=out, head="itc", **options)
-    output_format(cfg.out)
+    if not is_url(cfg.out):
+        output_format(cfg.out)
     return embed_job(cfg)
