@@ -1,10 +1,11 @@
 """Every Python snippet of README.md runs as pasted, on tiny saved model folders instead of /models/..., on CPU.
 
-The only changes made to a snippet: a `/models/...` path becomes a tiny folder of the same head (ITC when the name
-says itc), and without CUDA `"cuda"` becomes `"cpu"` and bf16 becomes fp32 (CPUs here have no bf16 units). The
-snippets run in a folder holding `cats.jpg` and `dogs.jpg`. Two sketches outside the examples (the opening lines
-and the runtime section's `Buckets` call) continue an example: they get `model`, `inputs`, `btfast` and `torch`.
-The Ray snippet runs in `tests/test_ray.py` (it needs a Ray instance).
+The only changes made to a snippet: a `/models/...` path becomes a tiny folder of the same head (ITC when the
+name says itc), a relative data folder becomes absolute, and without CUDA `"cuda"` becomes `"cpu"` and bf16
+becomes fp32 (CPUs here have no bf16 units). The snippets run in a folder holding `cats.jpg` and `dogs.jpg`.
+Two sketches outside the examples (the opening lines and the runtime section's `Buckets` call) continue an
+example: they get `model`, `inputs`, `btfast` and `torch`. The Ray snippet runs in `tests/test_ray.py` (it needs
+a Ray instance).
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ def snippets() -> list[tuple[int, str]]:
     return out
 
 
-def localise(code: str, folders: dict[str, Path]) -> str:
-    """The snippet with tiny folders for /models/... and, without CUDA, CPU and fp32."""
+def localise(code: str, folders: dict[str, Path], where: Path) -> str:
+    """The snippet with tiny folders for /models/..., a relative data folder (`"pairs/"`) made absolute (Ray's
+    workers have a folder of their own) and, without CUDA, CPU and fp32."""
+    code = re.sub(r'"([a-z_]+/)"', lambda m: repr(f"{where}/{m.group(1)}"), code)
     code = re.sub(r'"/models/([^"]+)"', lambda m: repr(str(folders["itc" if "itc" in m.group(1) else "itm"])), code)
     if not torch.cuda.is_available():
         code = code.replace('"cuda"', '"cpu"').replace("torch.bfloat16", "torch.float32")
@@ -46,7 +49,7 @@ def run_snippet(code: str, folders: dict[str, Path], where: Path, **names: objec
     cwd = os.getcwd()
     os.chdir(where)
     try:
-        exec(compile(localise(code, folders), f"README.md snippet in {where}", "exec"), ns)
+        exec(compile(localise(code, folders, where), f"README.md snippet in {where}", "exec"), ns)
     finally:
         os.chdir(cwd)
     return ns

@@ -158,12 +158,17 @@ def pipeline(
     return out, where
 
 
-def _config(model_dir: str | os.PathLike, head: str, fields: tuple[str, str, str], **kw: Any) -> JobConfig:
-    image_root = kw.pop("image_root")
-    kw["image_root"] = None if image_root is None else os.fspath(image_root)
-    if kw.get("max_pixels") is None:
-        kw.pop("max_pixels", None)
-    return JobConfig(command="score", model=os.fspath(model_dir), out="", head=head, columns=Columns(*fields), **kw)
+def _run(ds: Any, model_dir: str | os.PathLike, mode: str, kind: str, **kw: Any) -> Any:
+    """The pipeline of the Python API: `kw` holds `score` / `embed`'s arguments, the job's fields among them."""
+    fields = (kw.pop("image_field"), kw.pop("text_field"), kw.pop("id_field"))
+    keep, gpus, warmup, id_type = kw.pop("keep"), kw.pop("gpus_per_worker"), kw.pop("warmup"), kw.pop("id_type")
+    if kw["image_root"] is not None:
+        kw["image_root"] = os.fspath(kw["image_root"])
+    if kw["max_pixels"] is None:
+        del kw["max_pixels"]
+    cfg = JobConfig(command=mode, model=os.fspath(model_dir), out="", columns=Columns(*fields), **kw)
+    out, _ = pipeline(ds, cfg, mode=mode, kind=kind, keep=keep, id_type=id_type, gpus_per_worker=gpus, warmup=warmup)
+    return out
 
 
 def score(
@@ -205,22 +210,10 @@ def score(
         raise ValueError(f"head must be itm or itc, got {head}")
     schema = _schema(ds)
     _check_columns(schema, (image_field, text_field), keep, score_columns(head))
-    cfg = _config(
-        model_dir,
-        head,
-        (image_field, text_field, id_field),
-        image_root=image_root,
-        device=device,
-        dtype=dtype,
-        batch_size=batch_size,
-        workers=workers,
-        exact=exact,
-        max_pixels=max_pixels,
-        exif_orientation=exif_orientation,
+    kw = {k: v for k, v in locals().items() if k not in ("ds", "model_dir", "schema")}
+    return _run(
+        ds, model_dir, "score", "pair", id_type=id_type_of(None, id_field, schema=schema) if schema else "string", **kw
     )
-    id_type = id_type_of(None, id_field, schema=schema) if schema is not None else "string"
-    out, _ = pipeline(ds, cfg, mode="score", keep=keep, id_type=id_type, gpus_per_worker=gpus_per_worker, warmup=warmup)
-    return out
 
 
 def embed(
@@ -261,18 +254,5 @@ def embed(
     if kind not in ("image", "text"):
         raise ValueError(f"kind must be image or text, got {kind}")
     _check_columns(schema, (image_field,) if kind == "image" else (text_field,), keep, EMBED)
-    cfg = _config(
-        model_dir,
-        "itc",
-        (image_field, text_field, id_field),
-        image_root=image_root,
-        device=device,
-        dtype=dtype,
-        batch_size=batch_size,
-        workers=workers,
-        exact=exact,
-        max_pixels=max_pixels,
-        exif_orientation=exif_orientation,
-    )
-    out, _ = pipeline(ds, cfg, mode="embed", kind=kind, keep=keep, gpus_per_worker=gpus_per_worker, warmup=warmup)
-    return out
+    kw = {k: v for k, v in locals().items() if k not in ("ds", "model_dir", "schema", "cols", "kind", "has_i", "has_t")}
+    return _run(ds, model_dir, "embed", kind, head="itc", id_type="string", **kw)

@@ -3,7 +3,7 @@
 The driver reads the input and cuts it into parts with the single-process planner (deterministic: the same
 input and chunk limits give the same parts), skips the parts already in the output folder, and hands the rest
 to Ray Data: images are decoded in CPU tasks, the model runs in an actor pool (`btfast.ray.stages`). Output rows
-come back in any order; each part is written atomically once all its rows are in (`btfast.ray.parts`). Kill the
+come back in any order; each part is written atomically once all its rows are in (`btfast.score.parts`). Kill the
 driver or an actor at any moment and run the same command again: every input row ends up in the output once.
 
 The job, its checks and its driver loop are the single-process ones (`btfast.score.config`, `.source`,
@@ -20,6 +20,7 @@ import functools
 import logging
 import os
 import sys
+from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -109,7 +110,6 @@ class RayExecutor:
     def _run(self, todo: dict[int, int], recs: list[dict[str, Any]]) -> Iterator[tuple[int, Any]]:
         import pyarrow as pa
 
-        from btfast.ray.parts import Assembler
         from btfast.ray.stages import batch_rows, rows_schema
 
         model_rows, block_rows = batch_rows(self.batch_size)
@@ -147,6 +147,54 @@ class RayExecutor:
             raise PipelineError(f"{asm.pending} parts came back incomplete")
 
 
+class Assembler:
+    """Gathers output batches (any order, any split) into whole parts; a row seen twice is kept once.
+
+    `expected` maps each part still to do to its number of rows. `add(table)` returns the parts it completed,
+    each as a table sorted by `row`, without the `part` column.
+    """
+
+    def __init__(self, expected: dict[int, int]) -> None:
+        self.expected = dict(expected)
+        self.pieces: dict[int, list[Any]] = defaultdict(list)
+        self.seen: dict[int, set[int]] = defaultdict(set)
+        self.duplicates = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self.expected)
+
+    def add(self, table: Any) -> Iterator[tuple[int, Any]]:
+        import numpy as np
+        import pyarrow as pa
+
+        if table.num_rows == 0:
+            return
+        parts = table.column("part").to_numpy(zero_copy_only=False)
+        rows = table.column("row").to_numpy(zero_copy_only=False)
+        for k in np.unique(parts).tolist():
+            if k not in self.expected:  # a part already written (a retried task's output): drop it
+                self.duplicates += int((parts == k).sum())
+                continue
+            idx = np.flatnonzero(parts == k)
+            seen = self.seen[k]
+            keep = []
+            for i in idx.tolist():
+                r = int(rows[i])
+                if r in seen:
+                    self.duplicates += 1
+                else:
+                    seen.add(r)
+                    keep.append(i)
+            if keep:
+                self.pieces[k].append(table.take(pa.array(keep, type=pa.int64())))
+            if len(seen) >= self.expected[k]:
+                whole = pa.concat_tables(self.pieces.pop(k))
+                whole = whole.take(np.argsort(whole.column("row").to_numpy(zero_copy_only=False), kind="stable"))
+                del self.expected[k], self.seen[k]
+                yield k, whole.drop_columns(["part"])
+
+
 def _reason(e: BaseException) -> str:
     """The last line of a Ray error that names the Python exception at its root (a readable cause)."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
@@ -175,9 +223,9 @@ def part_limits(limits: Limits) -> Limits:
 def ray_job(cfg: JobConfig, *, address: str | None = None, gpus_per_worker: float | None = None) -> Any:
     """Run the `btfast score` / `btfast embed` job `cfg` on Ray Data into a folder of Parquet parts."""
     from btfast.ray import pipeline, require_ray
-    from btfast.ray.parts import PartStore
     from btfast.ray.stages import default_batch_size, dtype_name, place
     from btfast.score.job import run_chunks, shard_stats, wanted
+    from btfast.score.parts import PartStore
     from btfast.score.schema import embed_schema, id_type_of, score_schema
     from btfast.score.source import source_for
 

@@ -26,48 +26,17 @@ from typing import Any
 import numpy as np
 
 from btfast.score.config import Columns, JobConfig
-from btfast.score.schema import embed_schema, id_value, score_schema
+from btfast.score.schema import DECODED, ROWS, arrow_schema, arrow_type, embed_schema, id_value, score_schema
 
 log = logging.getLogger("btfast")
 
-# Columns between the stages (names starting with "_" never reach the output).
-ROW_COLUMNS = ("row", "id", "kind", "image", "text", "_error", "_key", "_path", "_bytes")
-DECODED_COLUMNS = (
-    "row",
-    "id",
-    "kind",
-    "image",
-    "text",
-    "_error",
-    "_key",
-    "_path",
-    "_bytes",
-    "_canvas",
-    "_h",
-    "_w",
-    "_decode_error",
-)
-
-
-# ---- schemas -----------------------------------------------------------------------------------------------------
-
 
 def rows_schema(id_type: str, keep: Sequence[tuple[str, Any]] = ()) -> Any:
-    """Schema of prepared input rows (what the CLI's driver builds from `read_pairs` / `read_images` / ...)."""
+    """Schema of prepared input rows (what the CLI's driver builds from the source's rows)."""
     import pyarrow as pa
 
-    cols = [
-        ("row", pa.int64()),
-        ("id", pa.int64() if id_type == "int" else pa.string()),
-        ("kind", pa.string()),
-        ("image", pa.string()),
-        ("text", pa.string()),
-        ("_error", pa.string()),
-        ("_key", pa.string()),
-        ("_path", pa.string()),
-        ("_bytes", pa.binary()),
-    ]
-    return pa.schema(cols + list(keep))
+    base = arrow_schema(ROWS, id_type)
+    return pa.schema([*base, *[pa.field(n, t) for n, t in keep]])
 
 
 def row_record(r: Any, id_type: str, **extra: Any) -> dict[str, Any]:
@@ -132,11 +101,11 @@ def decode_batch(
     import pyarrow as pa
 
     if prepared:
-        recs = batch.select(list(ROW_COLUMNS)).to_pylist()
+        recs = batch.select(list(ROWS)).to_pylist()
     else:
         recs = _parse(batch.to_pylist(), kind, columns or Columns(), image_root, base, id_type)
     canvases: dict[str, np.ndarray | str] = {}
-    cols: dict[str, list[Any]] = {c: [] for c in DECODED_COLUMNS}
+    cols: dict[str, list[Any]] = {c: [] for c in DECODED}
     for rec in recs:
         key = rec["_key"]
         first = False
@@ -145,7 +114,7 @@ def decode_batch(
             first = True
         c = canvases.get(key) if key is not None else None
         canvas = c if isinstance(c, np.ndarray) else None
-        for name in ROW_COLUMNS:
+        for name in ROWS:
             cols[name].append(rec[name])
         shipped = first and canvas is not None
         cols["_canvas"].append(canvas.tobytes() if shipped else None)
@@ -154,15 +123,7 @@ def decode_batch(
         cols["_decode_error"].append(c if isinstance(c, str) else None)
         if shipped or isinstance(c, str):  # the source is needed only by rows without a canvas
             cols["_path"][-1] = cols["_bytes"][-1] = None
-    types = {
-        "row": pa.int64(),
-        "id": pa.int64() if id_type == "int" else pa.string(),
-        "_bytes": pa.binary(),
-        "_canvas": pa.large_binary(),  # 64-bit offsets: a block of large canvases may pass 2 GiB
-        "_h": pa.int32(),
-        "_w": pa.int32(),
-    }
-    arrays = {c: pa.array(v, type=types.get(c, pa.string())) for c, v in cols.items()}
+    arrays = {c: pa.array(v, type=arrow_type(c, id_type)) for c, v in cols.items()}
     for name in keep:
         arrays[name] = batch.column(name)
     return pa.table(arrays)
@@ -266,9 +227,8 @@ class ModelWorker:
 
     def __call__(self, t: Any) -> Any:
         import pyarrow as pa
-        import torch
 
-        from btfast.score.engine import embed_chunk, score_chunk
+        from btfast.score.engine import compute_chunk
         from btfast.score.rows import Row
 
         canvases = self._canvases(t)
@@ -284,14 +244,7 @@ class ModelWorker:
             )
             for rec in t.select(["row", "id", "kind", "image", "text", "_error", "_key"]).to_pylist()
         ]
-        with torch.inference_mode():
-            if self.mode == "embed":
-                outs = embed_chunk(self.ctx, rows, canvases)
-            else:
-                outs = score_chunk(self.ctx, rows, canvases)
-        id_type = "string" if self.mode == "embed" else self.id_type
-        for o in outs:
-            o["id"] = id_value(o["id"], id_type)
+        outs = compute_chunk(self.ctx, self.mode, "string" if self.mode == "embed" else self.id_type, rows, canvases)
         table = pa.Table.from_pylist(outs, schema=self.schema)
         for name in self.keep:
             table = table.append_column(name, t.column(name))

@@ -113,6 +113,31 @@ def add_job(p: argparse.ArgumentParser, what: str = "rows") -> None:
     )
 
 
+def add_inputs(g: argparse._ArgumentGroup, required: bool, single: str = "") -> None:
+    """--images, --texts and --image-root of `btfast embed` / `btfast retrieve`."""
+    g.add_argument(
+        "--images",
+        required=required,
+        default=None,
+        metavar="DIR_OR_FILE",
+        help=f"a folder (every image below it, sorted){single} or a list: .txt (a path a line), "
+        ".jsonl / .csv / .parquet with an image column",
+    )
+    g.add_argument(
+        "--texts",
+        required=required,
+        default=None,
+        metavar="FILE",
+        help=".txt (a text a line) or .jsonl / .csv / .parquet with a text column (and optionally id)",
+    )
+    g.add_argument(
+        "--image-root",
+        default=None,
+        metavar="DIR",
+        help="paths in an image list are relative to DIR and may not leave it (default: the list's folder)",
+    )
+
+
 def add_columns(g: argparse._ArgumentGroup, roles: tuple[str, ...] = ("image", "text", "id")) -> None:
     """--image-column / --text-column / --id-column (also spelt --image-field ...): which input columns to read."""
     what = {"image": "the image (a path, or bytes in Parquet)", "text": "the text", "id": "the row id"}

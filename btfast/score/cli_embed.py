@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from btfast.score import cli_common
-from btfast.score.cli_common import add_columns, add_job, add_ray, add_runtime, add_shards
+from btfast.score.cli_common import add_columns, add_inputs, add_job, add_ray, add_runtime, add_shards
 
 EPILOG = """\
 output (.jsonl or .parquet), one row per image and per text: kind (image / text), row (position in its list),
@@ -27,31 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="a BridgeTowerForContrastiveLearning folder (save_pretrained) with tokenizer and processor",
     )
-    g.add_argument(
-        "--images",
-        default=None,
-        metavar="DIR_OR_FILE",
-        help="a folder (every image below it, sorted), one image, or a list: .txt (a path a line), "
-        ".jsonl / .csv / .parquet with an image column",
-    )
-    g.add_argument(
-        "--texts",
-        default=None,
-        metavar="FILE",
-        help=".txt (a text a line) or .jsonl / .csv / .parquet with a text column (and optionally id)",
-    )
+    add_inputs(g, required=False, single=", one image,")
     add_shards(g, embed=True)
     g.add_argument(
         "--out",
         required=True,
         metavar="FILE",
         help="output file: .jsonl or .parquet; or a folder URL (s3://bucket/emb/): a folder of Parquet parts",
-    )
-    g.add_argument(
-        "--image-root",
-        default=None,
-        metavar="DIR",
-        help="paths in an image list are relative to DIR and may not leave it (default: the list's folder)",
     )
     add_columns(g)
     add_runtime(parser)
@@ -60,6 +42,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from btfast.score.job import embed_job
+    from btfast.score.job import local_job
 
-    return cli_common.run(args, "embed", embed_job, "items")
+    return cli_common.run(args, "embed", local_job, "items")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from btfast.score import cli_common
-from btfast.score.cli_common import add_resume, add_runtime, add_shards
+from btfast.score.cli_common import add_inputs, add_resume, add_runtime, add_shards
 
 EPILOG = """\
 models: BridgeTower's ITC and ITM heads are different checkpoints (BridgeTowerForContrastiveLearning,
@@ -48,18 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="ITC folder (BridgeTowerForContrastiveLearning) that picks the candidates (default: --model)",
     )
-    g.add_argument(
-        "--images",
-        default=None,
-        metavar="DIR_OR_FILE",
-        help="a folder (every image below it, sorted) or a list: .txt / .jsonl / .csv / .parquet",
-    )
-    g.add_argument(
-        "--texts",
-        default=None,
-        metavar="FILE",
-        help=".txt (a text a line) or .jsonl / .csv / .parquet with a text column",
-    )
+    add_inputs(g, required=False)
     add_shards(g)
     g.add_argument("--out", required=True, metavar="FILE", help="output file: .jsonl or .parquet")
     g.add_argument(
@@ -70,12 +59,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="ITC candidates per query, all re-ranked by ITM (the paper used 128 or 256; default: 16)",
     )
     g.add_argument("--no-rerank", action="store_true", help="ITC ranking only (no ITM model needed)")
-    g.add_argument(
-        "--image-root",
-        default=None,
-        metavar="DIR",
-        help="paths in an image list are relative to DIR and may not leave it (default: the list's folder)",
-    )
     add_runtime(parser)
     g2 = add_resume(parser, "the queries")
     g2.add_argument(

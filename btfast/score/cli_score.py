@@ -88,6 +88,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from btfast.score.job import score_job
+    from btfast.score.job import local_job
 
-    return cli_common.run(args, "score", score_job, "pairs")
+    return cli_common.run(args, "score", local_job, "pairs")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -88,6 +89,61 @@ class JobConfig:
     def shard_kinds(self) -> tuple[str, ...]:
         """The rows each shard sample gives this job (`btfast.io.webdataset`): pairs, or images and/or texts."""
         return ("pair",) if self.command == "score" else self.embed_kinds
+
+    def id_type(self, parquet: bool = True) -> str:
+        """How output ids are typed (`btfast.score.schema`): 'keep' (JSONL score output), 'int' or 'string'."""
+        if self.command != "score":
+            return "string"
+        if not parquet:
+            return "keep"
+        from btfast.score.schema import id_type_of
+
+        return id_type_of(self.pairs, self.columns.id)
+
+    def check(self, ray: bool = False) -> None:
+        """UsageError for an argument that cannot work, found without importing anything heavy."""
+        fmt = output_format_or_none(self.out)
+        if ray and fmt == "jsonl":
+            raise UsageError(f"--out {self.out}: with --ray the output is a folder of Parquet files; name a folder")
+        if is_url(self.out) and fmt is not None:
+            raise UsageError(
+                f"--out {display(self.out)}: an object store cannot be appended to; name a folder URL (a folder of "
+                "Parquet parts is written, one per chunk or shard)"
+            )
+        if not ray and fmt is None and not is_url(self.out):
+            raise UsageError(f"--out {self.out}: output must be .jsonl or .parquet")
+        for flag, v in (("batch-size", self.batch_size), ("top-k", self.top_k), ("chunk-queries", self.chunk_queries)):
+            if v is not None and v < 1:
+                raise UsageError(f"--{flag} must be >= 1, got {v}")
+        if self.max_pixels < 1 or (self.workers is not None and self.workers < 0):
+            raise UsageError(f"want --max-pixels >= 1 and --workers >= 0, got {self.max_pixels}, {self.workers}")
+        if self.image_root is not None and not is_url(self.image_root) and not Path(self.image_root).is_dir():
+            raise UsageError(f"--image-root {self.image_root}: no such folder")
+        if self.head not in ("itm", "itc"):
+            raise UsageError(f"head must be itm or itc, got {self.head}")
+        given = [f for f, v in (("--pairs", self.pairs), ("--images", self.images), ("--texts", self.texts)) if v]
+        if self.shards is not None and given:
+            raise UsageError(f"--shards is the whole input: leave out {', '.join(given)}")
+        if self.shards is not None:
+            pass
+        elif self.command == "score":
+            if self.pairs is None:
+                raise UsageError("give --pairs FILE or --shards SHARDS")
+            _input_file(self.pairs, "--pairs")
+        elif self.command == "retrieve" and (self.images is None or self.texts is None):
+            raise UsageError("give --images and --texts, or --shards")
+        elif self.images is None and self.texts is None:
+            raise UsageError("give --images, --texts or both, or --shards")
+        _input_file(self.images, "--images", may_be_dir=True)
+        _input_file(self.texts, "--texts")
+        if self.command == "retrieve":
+            if self.model is None and self.itc_model is None:
+                raise UsageError("give --model (ITM) and/or --itc-model")
+            if self.rerank and self.model is None:
+                raise UsageError("re-ranking needs --model (an ITM folder); or pass --no-rerank")
+            check_model_folder(self.itc_model, "--itc-model")
+        check_model_folder(self.model)
+        check_parquet(self.pairs, self.images, self.texts, None if ray else self.out)
 
     def replace(self, **changes: Any) -> JobConfig:
         return dataclasses.replace(self, **changes)
@@ -179,23 +235,6 @@ def check_parquet(*paths: str | None) -> None:
 EMBED_KINDS = {"both": ("image", "text"), "images": ("image",), "texts": ("text",)}
 
 
-def _shards(command: str, args: argparse.Namespace) -> tuple[str | None, str | None, str | None, str | None]:
-    """(shards, pairs, images, texts): --shards, or a --pairs value that names tar shards (`x.tar`,
-    `{00000..00099}.tar`, `*.tar`), replaces the other inputs."""
-    shards = getattr(args, "shards", None)
-    pairs, images, texts = (getattr(args, k, None) for k in ("pairs", "images", "texts"))
-    if shards is None and pairs is not None and is_shard_spec(pairs):
-        shards, pairs = pairs, None
-    if shards is None:
-        if command == "score" and pairs is None:
-            raise UsageError("give --pairs FILE or --shards SHARDS")
-        return None, pairs, images, texts
-    given = [f for f, v in (("--pairs", pairs), ("--images", images), ("--texts", texts)) if v is not None]
-    if given:
-        raise UsageError(f"--shards is the whole input: leave out {', '.join(given)}")
-    return shards, None, None, None
-
-
 def _input_file(path: str | None, flag: str, *, may_be_dir: bool = False) -> None:
     if path is None:
         return
@@ -216,108 +255,52 @@ def _input_file(path: str | None, flag: str, *, may_be_dir: bool = False) -> Non
         raise UsageError(f"{flag} {e}") from None
 
 
-def _positive(args: argparse.Namespace, *names: str) -> None:
-    for name in names:
-        v = getattr(args, name, None)
-        if v is not None and v < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-
-
 def from_args(command: str, args: argparse.Namespace) -> JobConfig:
-    """The job of a parsed `btfast score|embed|retrieve` command line; UsageError on a bad argument."""
+    """The checked job of a parsed `btfast score|embed|retrieve` command line; UsageError on a bad argument."""
+    get = functools.partial(getattr, args)
+    engine = get("engine", "btfast")
+    shards = get("shards", None)
+    if shards is None and get("pairs", None) is not None and is_shard_spec(args.pairs):
+        shards = args.pairs  # `--pairs shards/{00000..00099}.tar`: tar shards
     try:
-        shard = parse_shard(args.shard)
-    except ValueError as e:
+        cfg = JobConfig(
+            command=command,
+            model=args.model,
+            out=args.out,
+            head={"score": get("head", "itm"), "embed": "itc"}.get(command, "itm"),
+            pairs=None if shards else get("pairs", None),
+            shards=shards,
+            caption_field=get("caption_field", None),
+            embed_kinds=EMBED_KINDS[get("embed", "both")],
+            images=get("images", None),
+            texts=get("texts", None),
+            image_root=args.image_root,
+            columns=Columns(get("image_field", "image"), get("text_field", "text"), get("id_field", "id")),
+            device=args.device,
+            dtype=args.dtype,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            threads=args.threads,
+            shard=parse_shard(args.shard),
+            overwrite=args.overwrite,
+            limits=Limits(rows=get("chunk_rows", Limits.rows), images=args.chunk_images, texts=args.chunk_texts),
+            exact=args.exact,
+            max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+            exif_orientation=args.exif_orientation,
+            dedup=not (get("no_dedup", False) or engine == "hf"),
+            engine=engine,
+            with_text=get("with_text", False),
+            progress=not args.no_progress,
+            itc_model=get("itc_model", None),
+            top_k=get("top_k", 16),
+            rerank=not get("no_rerank", False),
+            chunk_queries=get("chunk_queries", 1024),
+            interrupt=interrupt_from_env(),
+        )
+    except ValueError as e:  # --shard, chunk limits
         raise UsageError(str(e)) from None
-    ray = bool(getattr(args, "ray", False))
-    if ray:
-        if output_format_or_none(args.out) == "jsonl":
-            raise UsageError(f"--out {args.out}: with --ray the output is a folder of Parquet files; name a folder")
-    elif is_url(args.out):
-        if output_format_or_none(args.out) is not None:
-            raise UsageError(
-                f"--out {display(args.out)}: an object store cannot be appended to; name a folder URL (a folder of "
-                "Parquet parts is written, one per chunk or shard)"
-            )
-    else:
-        try:
-            output_format(args.out)
-        except ValueError as e:
-            raise UsageError(f"--out {e}") from None
-    _positive(args, "batch_size", "chunk_rows", "chunk_images", "chunk_texts", "chunk_queries", "top_k", "max_pixels")
-    if getattr(args, "workers", None) is not None and args.workers < 0:
-        raise UsageError(f"--workers must be >= 0, got {args.workers}")
-    if args.image_root is not None and not is_url(args.image_root) and not Path(args.image_root).is_dir():
-        raise UsageError(f"--image-root {args.image_root}: no such folder")
-    columns = Columns(
-        getattr(args, "image_field", "image"), getattr(args, "text_field", "text"), getattr(args, "id_field", "id")
-    )
-    shards, pairs, images, texts = _shards(command, args)
-    if command == "score":
-        check_model_folder(args.model)
-        _input_file(pairs, "--pairs")
-        inputs = [pairs]
-        model, head = args.model, args.head
-        limits = Limits(rows=args.chunk_rows, images=args.chunk_images, texts=args.chunk_texts)
-    elif command == "embed":
-        if images is None and texts is None and shards is None:
-            raise UsageError("give --images, --texts or both, or --shards")
-        check_model_folder(args.model)
-        _input_file(images, "--images", may_be_dir=True)
-        _input_file(texts, "--texts")
-        inputs = [images, texts]
-        model, head = args.model, "itc"
-        limits = Limits(rows=args.chunk_rows, images=args.chunk_images, texts=args.chunk_texts)
-    else:  # retrieve
-        if args.model is None and args.itc_model is None:
-            raise UsageError("give --model (ITM) and/or --itc-model")
-        if not args.no_rerank and args.model is None:
-            raise UsageError("re-ranking needs --model (an ITM folder); or pass --no-rerank")
-        check_model_folder(args.model)
-        check_model_folder(args.itc_model, "--itc-model")
-        if shards is None and (images is None or texts is None):
-            raise UsageError("give --images and --texts, or --shards")
-        _input_file(images, "--images", may_be_dir=True)
-        _input_file(texts, "--texts")
-        inputs = [images, texts]
-        model, head = args.model, "itm"
-        limits = Limits(images=args.chunk_images, texts=args.chunk_texts)
-    check_parquet(*inputs, None if ray else args.out)
-    engine = getattr(args, "engine", "btfast")
-    return JobConfig(
-        command=command,
-        model=model,
-        out=args.out,
-        head=head,
-        pairs=pairs,
-        images=images,
-        texts=texts,
-        shards=shards,
-        caption_field=getattr(args, "caption_field", None),
-        embed_kinds=EMBED_KINDS[getattr(args, "embed", "both")],
-        image_root=args.image_root,
-        columns=columns,
-        device=args.device,
-        dtype=args.dtype,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        threads=args.threads,
-        shard=shard,
-        overwrite=args.overwrite,
-        limits=limits,
-        exact=args.exact,
-        max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
-        exif_orientation=args.exif_orientation,
-        dedup=not (getattr(args, "no_dedup", False) or engine == "hf"),
-        engine=engine,
-        with_text=getattr(args, "with_text", False),
-        progress=not args.no_progress,
-        itc_model=getattr(args, "itc_model", None),
-        top_k=getattr(args, "top_k", 16),
-        rerank=not getattr(args, "no_rerank", False),
-        chunk_queries=getattr(args, "chunk_queries", 1024),
-        interrupt=interrupt_from_env(),
-    )
+    cfg.check(ray=get("ray", False))
+    return cfg
 
 
 def output_format_or_none(path: str) -> str | None:

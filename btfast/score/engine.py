@@ -17,7 +17,7 @@ import torch
 
 from btfast.preprocess import ImagePreprocessor, TextPreprocessor, TokenizedText
 from btfast.score.rows import ImageResolver, Row, parse_record
-from btfast.score.schema import score_columns
+from btfast.score.schema import id_value, score_columns
 
 HEADS = ("itm", "itc")
 HEAD_CLASS = {"itm": "BridgeTowerForImageAndTextRetrieval", "itc": "BridgeTowerForContrastiveLearning"}
@@ -322,6 +322,18 @@ def embed_chunk(ctx: Context, rows: Sequence[Row], canvases: dict[str, np.ndarra
             o["text_truncated"] = t.truncated
     for r, o in zip(rows, outs):
         o["status"], o["error"] = ("ok", None) if r.error is None else ("error", r.error)
+    return outs
+
+
+def compute_chunk(
+    ctx: Context, command: str, id_type: str, rows: Sequence[Row], canvases: dict[str, np.ndarray | str]
+) -> list[dict[str, Any]]:
+    """Output rows of one chunk of a `score` or `embed` job (`command`), ids typed as `id_type`: what every
+    executor's compute step runs."""
+    with torch.inference_mode():
+        outs = embed_chunk(ctx, rows, canvases) if command == "embed" else score_chunk(ctx, rows, canvases)
+    for o in outs:
+        o["id"] = id_value(o["id"], id_type)
     return outs
 
 

@@ -13,10 +13,10 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from btfast.io.fs import is_url, isfile
+from btfast.io.fs import is_url
 from btfast.score.config import Columns, JobConfig
 from btfast.score.plan import Chunk, Limits, parse_shard, plan
-from btfast.score.schema import embed_schema, id_type_of, id_value, score_schema
+from btfast.score.schema import embed_schema, score_schema
 from btfast.score.sink import ChunkSink, Sink, output_format
 
 EXIT_OK = 0
@@ -211,54 +211,46 @@ def run_chunks(
     return summary
 
 
-def score_job(cfg: JobConfig) -> Summary:
-    """Run the `btfast score` job `cfg` (see `score`)."""
-    import torch
-
+def local_job(cfg: JobConfig) -> Summary:
+    """Run the `btfast score` or `btfast embed` job `cfg`: this process computes, worker processes decode images."""
     from btfast.preprocess import TextPreprocessor
-    from btfast.score.engine import Context, load_head, resolve_device, resolve_dtype, score_chunk
+    from btfast.score.engine import Context, compute_chunk, load_head, resolve_device, resolve_dtype
     from btfast.score.loader import ImageLoader, default_workers
     from btfast.score.source import source_for
 
-    if cfg.head not in ("itm", "itc"):
-        raise ValueError(f"head must be itm or itc, got {cfg.head}")
+    embed = cfg.command == "embed"
     source = source_for(cfg)
     source.check()  # a missing column or a wrong image root: fatal, before the model loads
     dev = resolve_device(cfg.device)
     dt = resolve_dtype(cfg.dtype, dev)
     batch_size = cfg.batch_size or default_batch_size(dev.type)
-    workers = default_workers() if cfg.workers is None else cfg.workers
-    header = cfg.header(dtype=str(dt), batch_size=batch_size)
+    parquet = is_url(cfg.out) or output_format(cfg.out) == "parquet"
+    id_type = cfg.id_type(parquet)
+    schema = output_schema(cfg, id_type) if parquet else None
+    sink = open_sink(cfg, cfg.header(dtype=str(dt), batch_size=batch_size), schema)
     images = cfg.image_preprocessor()
-    texts = TextPreprocessor.from_pretrained(cfg.model)
-    id_type = id_type_of(cfg.pairs, cfg.columns.id) if _output_format(cfg.out) == "parquet" else "keep"
-    schema = score_schema(cfg.head, id_type, cfg.with_text) if id_type != "keep" else None
-    sink = open_sink(cfg, header, schema)
     loader = None
     try:
         if sink.finished:
             return run_chunks([], sink, LocalExecutor(None, lambda c, x: []), shard=cfg.shard, progress=False)
-        loader = ImageLoader(images, workers)  # workers start while the model loads
+        loader = ImageLoader(images, default_workers() if cfg.workers is None else cfg.workers)  # start meanwhile
         net = load_head(cfg.model, cfg.head, dev, dt, engine=cfg.engine)
+        texts = TextPreprocessor.from_pretrained(cfg.model)
         ctx = Context(net, cfg.head, images, texts, batch_size=batch_size, dedup=cfg.dedup, with_text=cfg.with_text)
-        total = source.total() or 0
-        total = -(-total // cfg.shard[1]) if cfg.shard[1] > 1 else total
-
-        def compute(c: Chunk, canvases: dict[str, Any]) -> list[dict[str, Any]]:
-            with torch.inference_mode():
-                outs = score_chunk(ctx, c.rows, canvases)
-            for o in outs:
-                o["id"] = id_value(o["id"], id_type)
-            return outs
-
+        total = source.total()
         with loader:
             summary = run_chunks(
                 source.chunks(wanted(cfg, sink)),
                 sink,
-                LocalExecutor(loader, compute, limits=cfg.limits),
+                LocalExecutor(
+                    loader,
+                    lambda c, canvases: compute_chunk(ctx, cfg.command, id_type, c.rows, canvases),
+                    limits=cfg.limits,  # a tar shard is computed in pieces within the chunk limits
+                ),
                 shard=cfg.shard,
-                total_rows=total,
-                desc=f"score {cfg.head}",
+                total_rows=None if total is None else -(-total // cfg.shard[1]),
+                desc="embed" if embed else f"score {cfg.head}",
+                unit="item" if embed else "pair",
                 progress=cfg.progress,
                 interrupt=cfg.interrupt,
             )
@@ -270,72 +262,18 @@ def score_job(cfg: JobConfig) -> Summary:
         sink.close()
 
 
-def embed_job(cfg: JobConfig) -> Summary:
-    """Run the `btfast embed` job `cfg` (see `embed`)."""
-    import torch
-
-    from btfast.preprocess import TextPreprocessor
-    from btfast.score.engine import Context, embed_chunk, load_head, resolve_device, resolve_dtype
-    from btfast.score.loader import ImageLoader, default_workers
-    from btfast.score.source import source_for
-
-    if cfg.images is None and cfg.texts is None and cfg.shards is None:
-        raise ValueError("give images, texts or both, or shards")
-    source = source_for(cfg)
-    source.check()
-    dev = resolve_device(cfg.device)
-    dt = resolve_dtype(cfg.dtype, dev)
-    batch_size = cfg.batch_size or default_batch_size(dev.type)
-    workers = default_workers() if cfg.workers is None else cfg.workers
-    header = cfg.header(dtype=str(dt), batch_size=batch_size)
-    ipre = cfg.image_preprocessor()
-    tpre = TextPreprocessor.from_pretrained(cfg.model)
-    schema = embed_schema() if _output_format(cfg.out) == "parquet" else None
-    sink = open_sink(cfg, header, schema)
-    loader = None
-    try:
-        if sink.finished:
-            return run_chunks([], sink, LocalExecutor(None, lambda c, x: []), shard=cfg.shard, progress=False)
-        loader = ImageLoader(ipre, workers)
-        net = load_head(cfg.model, "itc", dev, dt)
-        ctx = Context(net, "itc", ipre, tpre, batch_size=batch_size)
-
-        def compute(c: Chunk, canvases: dict[str, Any]) -> list[dict[str, Any]]:
-            with torch.inference_mode():
-                outs = embed_chunk(ctx, c.rows, canvases)
-            for o in outs:
-                o["id"] = id_value(o["id"], "string")
-            return outs
-
-        with loader:
-            summary = run_chunks(
-                source.chunks(wanted(cfg, sink)),
-                sink,
-                LocalExecutor(loader, compute, limits=cfg.limits),
-                shard=cfg.shard,
-                desc="embed",
-                unit="item",
-                progress=cfg.progress,
-                interrupt=cfg.interrupt,
-            )
-        summary.stats = {**ctx.stats, **shard_stats(source)}
-        return summary
-    finally:
-        if loader is not None:
-            loader.close()
-        sink.close()
-
-
-def _output_format(out: str) -> str:
-    """'jsonl' or 'parquet': a folder (or folder URL) of parts is Parquet."""
-    return "parquet" if is_url(out) or not out.lower().endswith((".jsonl", ".ndjson", ".json")) else "jsonl"
+def output_schema(cfg: JobConfig, id_type: str) -> Any:
+    """The Arrow schema of the job's output rows."""
+    if cfg.command == "embed":
+        return embed_schema()
+    return score_schema(cfg.head, id_type, cfg.with_text)
 
 
 def open_sink(cfg: JobConfig, header: dict[str, Any], schema: Any) -> Sink:
     """A `.jsonl` / `.parquet` file: `ChunkSink`; a folder URL (s3://bucket/scores/): a folder of Parquet parts,
-    one per chunk or tar shard, each written whole (`btfast.ray.parts.PartStore`, on any fsspec store)."""
+    one per chunk or tar shard, each written whole (`btfast.score.parts.PartStore`, on any fsspec store)."""
     if is_url(cfg.out):
-        from btfast.ray.parts import PartStore
+        from btfast.score.parts import PartStore
 
         return PartStore(cfg.out, header, overwrite=cfg.overwrite, schema=schema)
     return ChunkSink(cfg.out, header, overwrite=cfg.overwrite, schema=schema)
@@ -359,10 +297,13 @@ def default_batch_size(device_type: str) -> int:
 
 
 def _config(command: str, shard: str | None, limits: Limits | None, **kw: Any) -> JobConfig:
+    """The checked job of a Python API call (`score`, `embed`, `retrieve`): paths as strings, defaults filled."""
     kw = {k: (None if v is None else os.fspath(v)) if k in PATHS else v for k, v in kw.items()}
     if kw.get("max_pixels") is None:
         kw.pop("max_pixels", None)
-    return JobConfig(command=command, shard=parse_shard(shard), limits=limits or Limits(), **kw)
+    cfg = JobConfig(command=command, shard=parse_shard(shard), limits=limits or Limits(), **kw)
+    cfg.check()
+    return cfg
 
 
 PATHS = ("model", "itc_model", "out", "pairs", "images", "texts", "image_root")
@@ -387,14 +328,9 @@ def score(
     `options`: the other fields of `JobConfig` (head, image_root, device, dtype, batch_size, workers, overwrite,
     dedup, exact, max_pixels, exif_orientation, with_text, progress, engine).
     """
-    if (pairs is None) == (options.get("shards") is None):
-        raise ValueError("give pairs or shards")
-    if pairs is not None and not isfile(pairs):
-        raise FileNotFoundError(f"pairs file not found: {pairs}")
-    cfg = _config("score", shard, limits, model=model, pairs=pairs, out=out, columns=Columns(*fields), **options)
-    if not is_url(cfg.out):
-        output_format(cfg.out)
-    return score_job(cfg)
+    return local_job(
+        _config("score", shard, limits, model=model, pairs=pairs, out=out, columns=Columns(*fields), **options)
+    )
 
 
 def embed(
@@ -408,7 +344,4 @@ def embed(
     """Normalised ITC embeddings of every image and/or text (`images=`, `texts=`), one output row each (`kind` =
     image / text). Images first (rows 0..), then texts (their own row numbers). Resumable and shardable like
     `score`; `options` as there."""
-    cfg = _config("embed", shard, limits, model=model, out=out, head="itc", **options)
-    if not is_url(cfg.out):
-        output_format(cfg.out)
-    return embed_job(cfg)
+    return local_job(_config("embed", shard, limits, model=model, out=out, head="itc", **options))

@@ -25,47 +25,21 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from btfast.score.config import JobConfig
-from btfast.score.job import EXIT_OK, EXIT_ROW_ERRORS, LocalExecutor, run_chunks
+from btfast.score.job import LocalExecutor, Summary, run_chunks
 from btfast.score.plan import Chunk, Limits, plan
 from btfast.score.rows import Row
+from btfast.score.schema import retrieve_schema
 from btfast.score.sink import ChunkSink, output_format
 
 DIRECTION = {"text": "text_to_image", "image": "image_to_text"}  # query side -> direction
 BLOCK = 1024  # queries per similarity matmul (bounds its memory: BLOCK x gallery floats)
 GALLERY_SUFFIX = ".btfast-gallery.npz"  # the gallery's ITC embeddings, kept until the job finishes
-
-
-@dataclass
-class RetrieveSummary:
-    """What a retrieve job did. `queries`/`errors` count this shard's whole output, resumed chunks included."""
-
-    out: str
-    images: int = 0
-    texts: int = 0
-    queries: int = 0
-    errors: int = 0
-    resumed: int = 0
-    pairs_reranked: int = 0
-    seconds: float = 0.0
-
-    @property
-    def exit_code(self) -> int:
-        return EXIT_ROW_ERRORS if self.errors else EXIT_OK
-
-    def line(self, unit: str = "queries") -> str:
-        resumed = f", {self.resumed:,} resumed from an earlier run" if self.resumed else ""
-        return (
-            f"{self.images:,} images, {self.texts:,} texts; "
-            f"{self.queries:,} queries ({self.errors:,} errors{resumed}); "
-            f"{self.pairs_reranked:,} candidate pairs re-ranked by ITM; {self.seconds:.1f} s -> {self.out}"
-        )
 
 
 def _embed_all(
@@ -302,7 +276,7 @@ class _Ranker:
         return scores
 
 
-def retrieve_job(cfg: JobConfig) -> RetrieveSummary:
+def retrieve_job(cfg: JobConfig) -> Summary:
     """Ranked lists in both directions; see the module doc and `retrieve`."""
     from btfast.score.engine import resolve_device, resolve_dtype
     from btfast.score.job import default_batch_size
@@ -310,15 +284,6 @@ def retrieve_job(cfg: JobConfig) -> RetrieveSummary:
     from btfast.score.rows import read_images, read_texts
 
     t0 = time.perf_counter()
-    if cfg.top_k < 1:
-        raise ValueError("--top-k must be >= 1")
-    if cfg.chunk_queries < 1:
-        raise ValueError("--chunk-queries must be >= 1")
-    output_format(cfg.out)
-    if cfg.model is None and cfg.itc_model is None:
-        raise ValueError("give --model (ITM) and/or --itc-model")
-    if cfg.rerank and cfg.model is None:
-        raise ValueError("re-ranking needs --model (an ITM folder); or pass --no-rerank")
     shard_i, shard_n = cfg.shard
     dev = resolve_device(cfg.device)
     dt = resolve_dtype(cfg.dtype, dev)
@@ -335,7 +300,8 @@ def retrieve_job(cfg: JobConfig) -> RetrieveSummary:
         image_rows = list(read_images(cfg.images, cfg.image_root))
         text_rows = list(read_texts(cfg.texts))
     header = cfg.header(dtype=str(dt), batch_size=batch_size)
-    sink = ChunkSink(cfg.out, header, overwrite=cfg.overwrite, schema=_schema(cfg.out))
+    schema = retrieve_schema() if output_format(cfg.out) == "parquet" else None
+    sink = ChunkSink(cfg.out, header, overwrite=cfg.overwrite, schema=schema)
     cache = _GalleryCache(cfg.out, header, image_rows + text_rows)
     if cfg.overwrite:
         cache.remove()
@@ -372,16 +338,10 @@ def retrieve_job(cfg: JobConfig) -> RetrieveSummary:
         sink.close()
     if sink.finished:
         cache.remove()
-    return RetrieveSummary(
-        out=str(cfg.out),
-        images=len(image_rows),
-        texts=len(text_rows),
-        queries=job.rows,
-        errors=job.errors,
-        resumed=job.resumed_rows,
-        pairs_reranked=ranker.pairs_reranked if ranker is not None else 0,
-        seconds=time.perf_counter() - t0,
-    )
+    job.seconds = time.perf_counter() - t0
+    job.stats = {"images": len(image_rows), "texts": len(text_rows)}
+    job.stats["candidate pairs re-ranked by ITM"] = ranker.pairs_reranked if ranker is not None else 0
+    return job
 
 
 def retrieve(
@@ -394,7 +354,7 @@ def retrieve(
     shard: str | None = None,
     limits: Limits | None = None,
     **options: Any,
-) -> RetrieveSummary:
+) -> Summary:
     """Ranked lists in both directions; see the module doc. Output rows (.jsonl / .parquet), one per query:
     `direction`, `query_row`, `query_id`, `query` (the text, or the image path), `status`, `error`, `results`
     = [{rank, row, id, item, itc_cosine, itm_logit, itm_prob}] best first (by ITM; by ITC with rerank=False).
@@ -409,32 +369,3 @@ def retrieve(
         "retrieve", shard, limits, model=itm_model, itc_model=itc_model, images=images, texts=texts, out=out, **options
     )
     return retrieve_job(cfg)
-
-
-def _schema(out: str | os.PathLike) -> Any:
-    if output_format(out) != "parquet":
-        return None
-    import pyarrow as pa
-
-    result = pa.struct(
-        [
-            ("rank", pa.int32()),
-            ("row", pa.int64()),
-            ("id", pa.string()),
-            ("item", pa.string()),
-            ("itc_cosine", pa.float32()),
-            ("itm_logit", pa.float32()),
-            ("itm_prob", pa.float32()),
-        ]
-    )
-    return pa.schema(
-        [
-            ("direction", pa.string()),
-            ("query_row", pa.int64()),
-            ("query_id", pa.string()),
-            ("query", pa.string()),
-            ("status", pa.string()),
-            ("error", pa.string()),
-            ("results", pa.list_(result)),
-        ]
-    )

@@ -15,6 +15,9 @@ SCORES = {"itm": ("itm_logit", "itm_prob"), "itc": ("itc_cosine", "itc_logit")}
 EMBED = ("kind", "row", "id", "image", "text", "status", "error", "text_truncated", "embedding")
 RESULT = ("rank", "row", "id", "item", "itc_cosine", "itm_logit", "itm_prob")
 RETRIEVE = ("direction", "query_row", "query_id", "query", "status", "error", "results")
+# Between Ray's decode and model stages (names starting with "_" never reach the output)
+ROWS = ("row", "id", "kind", "image", "text", "_error", "_key", "_path", "_bytes")
+DECODED = ROWS + ("_canvas", "_h", "_w", "_decode_error")
 
 _FLOATS = {"itm_logit", "itm_prob", "itc_cosine", "itc_logit"}
 
@@ -25,7 +28,8 @@ def score_columns(head: str, with_text: bool = False) -> tuple[str, ...]:
     return base + SCORES[head]
 
 
-def _arrow(name: str, id_type: str) -> Any:
+def arrow_type(name: str, id_type: str = "string") -> Any:
+    """The Arrow type of column `name` (ids: int64 or string, as `id_type` says)."""
     import pyarrow as pa
 
     if name in _FLOATS:
@@ -40,8 +44,14 @@ def _arrow(name: str, id_type: str) -> Any:
         return pa.bool_()
     if name == "embedding":
         return pa.list_(pa.float32())
+    if name == "_bytes":
+        return pa.binary()
+    if name == "_canvas":  # 64-bit offsets: a block of large canvases may pass 2 GiB
+        return pa.large_binary()
+    if name in ("_h", "_w"):
+        return pa.int32()
     if name == "results":
-        return pa.list_(pa.struct([(c, _arrow(c, "string")) for c in RESULT]))
+        return pa.list_(pa.struct([(c, arrow_type(c, "string")) for c in RESULT]))
     return pa.string()
 
 
@@ -49,7 +59,7 @@ def arrow_schema(columns: tuple[str, ...], id_type: str = "string") -> Any:
     """The pyarrow schema of output rows with these columns."""
     import pyarrow as pa
 
-    return pa.schema([(c, _arrow(c, id_type)) for c in columns])
+    return pa.schema([(c, arrow_type(c, id_type)) for c in columns])
 
 
 def score_schema(head: str, id_type: str, with_text: bool = False) -> Any:

@@ -30,6 +30,17 @@ class ResumeError(RuntimeError):
     """The existing output belongs to a different job, or is damaged."""
 
 
+def same_job(old: dict[str, Any], new: dict[str, Any], out: Any) -> None:
+    """ResumeError unless output `out`, written under header `old`, belongs to the job of header `new`."""
+    new = json.loads(json.dumps(new))
+    if old != new:
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise ResumeError(
+            f"{out} was written by a different job (differs in: {', '.join(diff)}); "
+            "rerun with the same settings to resume, or pass --overwrite"
+        )
+
+
 def output_format(path: str | os.PathLike) -> str:
     name = str(path).lower()
     if name.endswith((".parquet", ".pq")):
@@ -71,7 +82,7 @@ class Sink(Protocol):
     `finish(indices)` marks the job complete (a completion marker) once every chunk of `indices` is durable;
     `finished` says a previous run completed it. Opening output written by a different job (another header) is
     refused with ResumeError. Implementations: `ChunkSink` (one JSONL or Parquet file),
-    `btfast.ray.parts.PartStore` (a folder of Parquet parts); an fsspec location is one more.
+    `btfast.score.parts.PartStore` (a folder of Parquet parts); an fsspec location is one more.
     """
 
     out: Any
@@ -193,13 +204,7 @@ class ChunkSink:
                 _fsync(f)
         if not records or "header" not in records[0]:
             raise ResumeError(f"{self.progress_path}: no header; pass --overwrite")
-        old = records[0]["header"]
-        if old != json.loads(json.dumps(self.header)):
-            diff = sorted(k for k in set(old) | set(self.header) if old.get(k) != self.header.get(k))
-            raise ResumeError(
-                f"{self.out} was written by a different job (differs in: {', '.join(diff)}); "
-                "rerun with the same settings to resume, or pass --overwrite"
-            )
+        same_job(records[0]["header"], self.header, self.out)
         return records[1:]
 
     def _part_record(self, k: int) -> dict[str, Any]:

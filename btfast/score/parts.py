@@ -1,4 +1,4 @@
-"""Resumable folder output for `--ray` runs: deterministic parts, each written atomically, finished parts skipped.
+"""Resumable folder output (`--ray` runs): deterministic parts, each written atomically, finished parts skipped.
 
 The driver cuts the input into parts with the same planner as the single-process scorer (`btfast.score.plan`),
 so a part's rows depend only on the input and the chunk limits: every run, resumed or not, cuts the same parts.
@@ -24,13 +24,12 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from btfast.io import fs
-from btfast.score.sink import ResumeError
+from btfast.score.sink import ResumeError, same_job
 
 JOB_FILE = "_btfast_job.json"
 SUCCESS_FILE = "_SUCCESS"
@@ -64,7 +63,7 @@ class PartStore:
     ) -> None:
         self.url = os.fspath(folder)
         self.local = not fs.is_url(self.url)
-        self.out = self.folder if self.local else fs.display(self.url)
+        self.out = Path(self.url) if self.local else fs.display(self.url)
         self.header = json.loads(json.dumps(header))
         self.schema = schema  # pyarrow schema for parts given as rows (None: they come as tables)
         self.done: dict[int, dict[str, int]] = {}
@@ -124,12 +123,7 @@ class PartStore:
                 old = record["header"]
             except (ValueError, KeyError, TypeError):
                 raise ResumeError(f"{self.out}/{JOB_FILE}: damaged; pass --overwrite to start again") from None
-            if old != self.header:
-                diff = sorted(k for k in set(old) | set(self.header) if old.get(k) != self.header.get(k))
-                raise ResumeError(
-                    f"{self.out} was written by a different job (differs in: {', '.join(diff)}); "
-                    "rerun with the same settings to resume, or pass --overwrite"
-                )
+            same_job(old, self.header, self.out)
             self.finished = bool(record.get("finished"))
         else:  # a fresh job (or --overwrite): clear what an earlier job left, then record the header
             for n in names:
@@ -231,51 +225,3 @@ class PartStore:
     @property
     def errors_done(self) -> int:
         return sum(v["errors"] for v in self.done.values())
-
-
-class Assembler:
-    """Gathers output batches (any order, any split) into whole parts; a row seen twice is kept once.
-
-    `expected` maps each part still to do to its number of rows. `add(table)` returns the parts it completed,
-    each as a table sorted by `row`, without the `part` column.
-    """
-
-    def __init__(self, expected: dict[int, int]) -> None:
-        self.expected = dict(expected)
-        self.pieces: dict[int, list[Any]] = defaultdict(list)
-        self.seen: dict[int, set[int]] = defaultdict(set)
-        self.duplicates = 0
-
-    @property
-    def pending(self) -> int:
-        return len(self.expected)
-
-    def add(self, table: Any) -> Iterator[tuple[int, Any]]:
-        import numpy as np
-        import pyarrow as pa
-
-        if table.num_rows == 0:
-            return
-        parts = table.column("part").to_numpy(zero_copy_only=False)
-        rows = table.column("row").to_numpy(zero_copy_only=False)
-        for k in np.unique(parts).tolist():
-            if k not in self.expected:  # a part already written (a retried task's output): drop it
-                self.duplicates += int((parts == k).sum())
-                continue
-            idx = np.flatnonzero(parts == k)
-            seen = self.seen[k]
-            keep = []
-            for i in idx.tolist():
-                r = int(rows[i])
-                if r in seen:
-                    self.duplicates += 1
-                else:
-                    seen.add(r)
-                    keep.append(i)
-            if keep:
-                self.pieces[k].append(table.take(pa.array(keep, type=pa.int64())))
-            if len(seen) >= self.expected[k]:
-                whole = pa.concat_tables(self.pieces.pop(k))
-                whole = whole.take(np.argsort(whole.column("row").to_numpy(zero_copy_only=False), kind="stable"))
-                del self.expected[k], self.seen[k]
-                yield k, whole.drop_columns(["part"])
