@@ -259,16 +259,16 @@ def from_args(command: str, args: argparse.Namespace) -> JobConfig:
     """The checked job of a parsed `btfast score|embed|retrieve` command line; UsageError on a bad argument."""
     get = functools.partial(getattr, args)
     engine = get("engine", "btfast")
-    shards = get("shards", None)
-    if shards is None and get("pairs", None) is not None and is_shard_spec(args.pairs):
-        shards = args.pairs  # `--pairs shards/{00000..00099}.tar`: tar shards
+    shards, pairs = get("shards", None), get("pairs", None)
+    if shards is None and pairs is not None and is_shard_spec(pairs):
+        shards, pairs = pairs, None  # `--pairs shards/{00000..00099}.tar`: tar shards
     try:
         cfg = JobConfig(
             command=command,
             model=args.model,
             out=args.out,
             head={"score": get("head", "itm"), "embed": "itc"}.get(command, "itm"),
-            pairs=None if shards else get("pairs", None),
+            pairs=pairs,
             shards=shards,
             caption_field=get("caption_field", None),
             embed_kinds=EMBED_KINDS[get("embed", "both")],
