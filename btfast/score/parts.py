@@ -1,19 +1,21 @@
-"""Resumable folder output (`--ray` runs): deterministic parts, each written atomically, finished parts skipped.
+"""Resumable folder output (`--ray` runs, and any run whose `--out` is a folder URL such as s3://bucket/scores/):
+deterministic parts, each written atomically, finished parts skipped.
 
-The driver cuts the input into parts with the same planner as the single-process scorer (`btfast.score.plan`),
-so a part's rows depend only on the input and the chunk limits: every run, resumed or not, cuts the same parts.
-Output rows come back from Ray in any order; the driver gathers them by part and, once a part holds all its
-rows, writes it:
+The driver cuts the input into parts with the same planner as the single-process scorer (`btfast.score.plan`), or
+one part per tar shard, so a part's rows depend only on the input and the chunk limits: every run, resumed or
+not, cuts the same parts. Output rows come back from Ray in any order; the driver gathers them by part and, once
+a part holds all its rows, writes it:
 
     OUT/part-00000042.parquet      one file per part, rows sorted by `row`; present means complete
     OUT/_btfast_job.json           the job's header (command, model, input, options); `finished` once done
     OUT/_SUCCESS                   written last, when every part is there
-    OUT/.btfast-lock               held (flock) by the running driver; released by the kernel if it dies
+    OUT/.btfast-lock               (local folders) held (flock) by the running driver; released if it dies
 
-A part is written to a hidden temporary name, fsynced, renamed into place and the folder fsynced: a driver
-killed at any moment leaves complete parts and at most a temporary file (deleted on restart). A rerun of the
-same command skips the parts present; a rerun with different settings is refused unless `overwrite`. Each part
-records its row and error counts in its Parquet metadata, so resuming reads only file footers.
+OUT is a path or an fsspec URL (`btfast.io.fs`). A local part is written to a hidden temporary name, fsynced,
+renamed into place and the folder fsynced; an object-store part is one PUT, which the store makes atomic: a
+driver killed at any moment leaves complete parts and at most a temporary file (deleted on restart). A rerun of
+the same command skips the parts present; a rerun with different settings is refused unless `overwrite`. Each
+part records its row and error counts in its Parquet metadata, so resuming reads only file footers.
 
 Parquet readers (pyarrow, pandas, Spark, `ray.data.read_parquet`) read the folder as one table: names starting
 with `_` or `.` are skipped.
