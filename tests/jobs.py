@@ -1,4 +1,4 @@
-"""A btfast CLI job run in a child process and interrupted with SIGKILL at a known point.
+"""A btfast CLI job run in a child process and interrupted with SIGKILL at a known point; one torch thread.
 
 The child interrupts itself through the test-only hook `BTFAST_TEST_INTERRUPT=N:SIGNAL` (see
 `btfast.score.config.interrupt_from_env`) once N chunks are durable: `KILL` makes it SIGKILL itself; `STOP` makes
@@ -15,10 +15,20 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 from btfast.score.config import INTERRUPT_ENV
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine: OpenMP with 2 threads waits on busy cores (100x slower here)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def interrupted(argv: list[str], chunks: int, how: str = "KILL", timeout_s: float = 600) -> None:

@@ -250,7 +250,7 @@ def test_stages_without_ray_ship_each_canvas_once(saved_models, data):
     import torch
 
     from btfast.preprocess import ImagePreprocessor, TextPreprocessor
-    from btfast.ray.stages import ModelWorker, decode_batch, load_image
+    from btfast.ray.stages import ModelWorker, decode_batch
     from btfast.score.config import JobConfig
     from btfast.score.engine import Context, embed_chunk, load_head
     from btfast.score.rows import ImageResolver, Row
@@ -273,7 +273,7 @@ def test_stages_without_ray_ship_each_canvas_once(saved_models, data):
         r = Row(row=None, id=n, kind="image")
         r.image, r.image_key, r.image_name = ImageResolver(None)(b)
         rows.append(r)
-    ref = embed_chunk(ctx, rows, {r.image_key: load_image(pre, r.image) for r in rows})
+    ref = embed_chunk(ctx, rows, {r.image_key: pre.load_or_reason(r.image) for r in rows})
     for g, r in zip(got, ref):
         assert (g["id"], g["image"], g["status"], g["error"]) == (r["id"], r["image"], r["status"], r["error"])
         assert r["embedding"] is None or g["embedding"] == pytest.approx(r["embedding"], abs=1e-5)
@@ -354,6 +354,7 @@ class TestLocal:
             saved_models["itc"],
             "--head",
             "itc",
+            "--with-text",
             "--pairs",
             data["pairs"],
             "--image-root",

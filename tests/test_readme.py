@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures_saved_model import photo, sentences
+from jobs import one_torch_thread  # noqa: F401  (autouse: one torch thread)
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -53,14 +54,6 @@ def run_snippet(code: str, folders: dict[str, Path], where: Path, **names: objec
     finally:
         os.chdir(cwd)
     return ns
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 LOCAL = [(line, code) for line, code in snippets() if "import ray" not in code]

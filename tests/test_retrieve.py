@@ -10,20 +10,15 @@ import numpy as np
 import pytest
 import torch
 from fixtures_saved_model import sentences, write_images, write_jsonl
-from jobs import kill_after_chunks
+from jobs import (
+    kill_after_chunks,
+    one_torch_thread,  # noqa: F401  (autouse: one torch thread)
+)
 from PIL import Image
 
 from btfast.cli import main
 from btfast.score import retrieve as retrieve_module
 from btfast.score.retrieve import GALLERY_SUFFIX
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def run(cmd: str, *argv) -> int:

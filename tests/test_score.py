@@ -12,19 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures_saved_model import sentences, write_bad_images, write_images, write_jsonl
-from jobs import kill_after_chunks
+from jobs import (
+    kill_after_chunks,
+    one_torch_thread,  # noqa: F401  (autouse: one torch thread)
+)
 from PIL import Image
 
 from btfast.cli import main
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models on a shared 2-core machine: OpenMP with 2 threads waits on busy cores (100x slower here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def read_out(path: Path) -> list[dict]:
@@ -449,7 +443,7 @@ import sys, time
 t0 = time.perf_counter()
 from btfast.cli import main
 rc = main(sys.argv[1:])
-heavy = sorted(m for m in ("torch", "transformers", "pyarrow") if m in sys.modules)
+heavy = sorted(m for m in ("torch", "transformers", "pyarrow", "ray") if m in sys.modules)
 print(rc, time.perf_counter() - t0, ",".join(heavy) or "-")
 """
 
@@ -511,9 +505,17 @@ def test_bad_arguments_exit_2_fast_before_torch(saved_models, data, odd_models, 
     args[flag] = value.replace("{odd}", str(odd_models))
     rc, seconds, heavy, err = _probe("score", *[x for kv in args.items() for x in kv])
     assert rc == 2 and message in err, err
-    assert heavy == "-"  # torch, transformers, pyarrow never imported
+    assert heavy == "-"  # torch, transformers, pyarrow, ray never imported
     assert seconds < 10  # ~0.3 s here; generous for a loaded CI machine
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_bad_ray_arguments_exit_2_before_ray(saved_models, data, tmp_path):
+    common = ["score", "--ray", "--model", saved_models["itm"], "--pairs", data["pairs"]]
+    rc, seconds, heavy, err = _probe(*common, "--out", tmp_path / "o.jsonl")
+    assert rc == 2 and "with --ray the output is a folder" in err and heavy == "-", err
+    rc, seconds, heavy, err = _probe(*common, "--out", tmp_path / "o", "--shard", "1/1")
+    assert rc == 2 and "want 0 <= i < n" in err and heavy == "-", err
 
 
 def test_parquet_without_pyarrow_is_refused_with_the_install_line(saved_models, data, tmp_path, monkeypatch, capsys):

@@ -59,11 +59,6 @@ def row_record(r: Any, id_type: str, **extra: Any) -> dict[str, Any]:
 # ---- stage 1: decode (CPU tasks) ---------------------------------------------------------------------------------
 
 
-def load_image(pre: Any, source: Any) -> np.ndarray | str:
-    """A uint8 canvas, or the reason the image cannot be used (the messages of `btfast score`'s workers)."""
-    return pre.load_or_reason(source)
-
-
 def _parse(
     records: list[dict[str, Any]],
     kind: str,
@@ -110,7 +105,7 @@ def decode_batch(
         key = rec["_key"]
         first = False
         if key is not None and key not in canvases:
-            canvases[key] = load_image(pre, rec["_path"] if rec["_path"] is not None else rec["_bytes"])
+            canvases[key] = pre.load_or_reason(rec["_path"] if rec["_path"] is not None else rec["_bytes"])
             first = True
         c = canvases.get(key) if key is not None else None
         canvas = c if isinstance(c, np.ndarray) else None
@@ -209,7 +204,7 @@ class ModelWorker:
             for i in missing:
                 k = keys[i]
                 if k not in out:
-                    out[k] = load_image(self.pre, paths[i] if paths[i] is not None else blobs[i])
+                    out[k] = self.pre.load_or_reason(paths[i] if paths[i] is not None else blobs[i])
                     self.redecoded += 1
                     if isinstance(out[k], np.ndarray):
                         self._remember(k, out[k])

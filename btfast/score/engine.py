@@ -1,7 +1,7 @@
 """The compute half of scoring: load a head from a folder, encode unique texts / images once, fuse pairs, score.
 
 Everything here is a pure function of its inputs (a chunk of rows and their decoded image canvases), so it
-can be mapped over any batching scheme: the CLI's chunks, or Ray Data batches (`Scorer.__call__`).
+can be mapped over any batching scheme: the local executor's chunks, Ray's actors, or `Scorer.__call__`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from btfast.preprocess import ImagePreprocessor, TextPreprocessor, TokenizedText
-from btfast.score.rows import ImageResolver, Row, parse_record
-from btfast.score.schema import id_value, score_columns
+from btfast.score.rows import ImageResolver, Row, image_sources, parse_record
+from btfast.score.schema import EMBED, id_value, score_columns
 
 HEADS = ("itm", "itc")
 HEAD_CLASS = {"itm": "BridgeTowerForImageAndTextRetrieval", "itc": "BridgeTowerForContrastiveLearning"}
@@ -284,17 +284,8 @@ def embed_chunk(ctx: Context, rows: Sequence[Row], canvases: dict[str, np.ndarra
     outs: list[dict[str, Any]] = []
     img_rows, txt_rows = [], []
     for r in rows:
-        o = {
-            "kind": "text" if r.kind == "text" else "image",
-            "row": r.row,
-            "id": r.id,
-            "image": r.image_name,
-            "text": r.text,
-            "status": None,
-            "error": None,
-            "text_truncated": None,
-            "embedding": None,
-        }
+        o = dict.fromkeys(EMBED)
+        o.update(kind="text" if r.kind == "text" else "image", row=r.row, id=r.id, image=r.image_name, text=r.text)
         if r.error is None and r.image_key is not None:
             c = canvases.get(r.image_key)
             if c is None or isinstance(c, str):
@@ -337,15 +328,7 @@ def compute_chunk(
     return outs
 
 
-# ---- in-process loading (no worker pool): for the Python API and Ray ---------------------------------------------
-
-
-def load_canvases(pre: ImagePreprocessor, rows: Sequence[Row]) -> dict[str, np.ndarray | str]:
-    out: dict[str, np.ndarray | str] = {}
-    for r in rows:
-        if r.error is None and r.image_key is not None and r.image_key not in out:
-            out[r.image_key] = pre.load_or_reason(r.image)
-    return out
+# ---- in-process (no worker pool): the Python API ---------------------------------------------------------------
 
 
 class Scorer:
@@ -368,16 +351,11 @@ class Scorer:
         dedup: bool = True,
     ) -> None:
         dev = resolve_device(device)
-        model = load_head(model_dir, head, dev, resolve_dtype(dtype, dev))
-        self.ctx = Context(
-            model,
-            head,
-            ImagePreprocessor.from_pretrained(model_dir, exact=exact),
-            TextPreprocessor.from_pretrained(model_dir),
-            batch_size=batch_size,
-            dedup=dedup,
-        )
-        self.resolver = ImageResolver(image_root) if image_root is not None else ImageResolver(None, os.getcwd())
+        images = ImagePreprocessor.from_pretrained(model_dir, exact=exact)
+        net = load_head(model_dir, head, dev, resolve_dtype(dtype, dev))
+        texts = TextPreprocessor.from_pretrained(model_dir)
+        self.ctx = Context(net, head, images, texts, batch_size=batch_size, dedup=dedup)
+        self.resolver = ImageResolver(image_root, os.getcwd())
 
     def rows(self, records: Sequence[dict[str, Any]], row_offset: int = 0) -> list[Row]:
         return [parse_record(rec, row_offset + i, self.resolver) for i, rec in enumerate(records)]
@@ -389,7 +367,8 @@ class Scorer:
             n = len(next(iter(cols.values()))) if cols else 0
             records = [{k: _py(v[i]) for k, v in cols.items()} for i in range(n)]
         rows = self.rows(records, row_offset)  # type: ignore[arg-type]
-        outs = score_chunk(self.ctx, rows, load_canvases(self.ctx.images, rows))
+        canvases = {k: self.ctx.images.load_or_reason(src) for k, src in image_sources(rows).items()}
+        outs = compute_chunk(self.ctx, "score", "keep", rows, canvases)
         if columnar:
             return {k: [o[k] for o in outs] for k in score_columns(self.ctx.head)}
         return outs

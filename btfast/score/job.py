@@ -96,11 +96,8 @@ def stream(
             if item is None:
                 return
             c, piece, last = item
-            first: dict[str, Any] = {}
-            for r in piece.rows:
-                if r.error is None and r.image_key is not None and r.image_key not in first:
-                    first[r.image_key] = r.image
-            pending.append((c, piece, last, loader.submit(list(first), list(first.values()))))
+            images = piece.images
+            pending.append((c, piece, last, loader.submit(list(images), list(images.values()))))
 
     fill()
     outs: list[dict[str, Any]] = []
@@ -129,7 +126,7 @@ def _pieces(chunks: Iterable[Chunk], limits: Limits | None) -> Iterator[tuple[Ch
 def _over(c: Chunk, limits: Limits) -> bool:
     if len(c.rows) > limits.rows:
         return True
-    return len(c.image_keys) > limits.images or len({r.text for r in c.rows if r.error is None}) > limits.texts
+    return len(c.images) > limits.images or len({r.text for r in c.rows if r.error is None}) > limits.texts
 
 
 @dataclass

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
-from btfast.score.rows import Row
+from btfast.score.rows import Row, image_sources
 
 
 @dataclass(frozen=True)
@@ -36,9 +37,9 @@ class Chunk:
     rows: list[Row] = field(default_factory=list)
 
     @property
-    def image_keys(self) -> list[str]:
-        """Unique image keys of the valid rows, in first-appearance order."""
-        return list(dict.fromkeys(r.image_key for r in self.rows if r.error is None and r.image_key is not None))
+    def images(self) -> dict[str, Any]:
+        """Image key → source (a path or bytes) of the valid rows, once per image, in first-appearance order."""
+        return image_sources(self.rows)
 
 
 def parse_shard(spec: str | None) -> tuple[int, int]:

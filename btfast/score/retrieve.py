@@ -34,7 +34,7 @@ from btfast.score.config import JobConfig
 from btfast.score.job import LocalExecutor, Summary, run_chunks
 from btfast.score.plan import Chunk, Limits, plan
 from btfast.score.rows import Row
-from btfast.score.schema import retrieve_schema
+from btfast.score.schema import id_value, retrieve_schema
 from btfast.score.sink import ChunkSink, output_format
 
 DIRECTION = {"text": "text_to_image", "image": "image_to_text"}  # query side -> direction
@@ -124,7 +124,7 @@ class _Ranker:
         dtype: Any,
         batch_size: int,
         workers: int,
-        str_ids: bool,
+        id_type: str,
         cache: _GalleryCache,
     ) -> None:
         """Embed the gallery (or take it from `cache`) and load the ITM model (`cfg.rerank=False`: ITC only)."""
@@ -140,7 +140,7 @@ class _Ranker:
         self.rows = {"image": image_rows, "text": text_rows}
         self.top_k = cfg.top_k
         self.limits = limits
-        self.str_ids = str_ids
+        self.id_type = id_type  # of the results' ids: 'string' (Parquet) or 'keep'
         self.itm: Any = None
         self.pairs_reranked = 0
         itc_pre = cfg.image_preprocessor(itc_model)
@@ -221,7 +221,7 @@ class _Ranker:
                 res.append(
                     {
                         "row": t.row,
-                        "id": str(t.id) if self.str_ids else t.id,
+                        "id": id_value(t.id, self.id_type),
                         "item": t.image_name if other == "image" else t.text,
                         "itc_cosine": cos,
                         "itm_logit": None if score is None else score[0],
@@ -236,7 +236,7 @@ class _Ranker:
             o = {
                 "direction": DIRECTION[side],
                 "query_row": q.row,
-                "query_id": str(q.id),
+                "query_id": id_value(q.id, "string"),
                 "query": q.text if side == "text" else q.image_name,
                 "status": "ok",
                 "error": None,
@@ -318,7 +318,7 @@ def retrieve_job(cfg: JobConfig) -> Summary:
                 dtype=dt,
                 batch_size=batch_size,
                 workers=workers,
-                str_ids=sink.fmt == "parquet",
+                id_type="string" if sink.fmt == "parquet" else "keep",
                 cache=cache,
             )
         job = run_chunks(  # without a ranker every chunk of this shard is done: this only marks the job finished

@@ -14,7 +14,7 @@ import json
 import os
 import posixpath
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,15 @@ class Row:
     text: str | None = None
     error: str | None = None
     kind: str = "pair"  # "pair", "image" (an image list) or "text" (a text list)
+
+
+def image_sources(rows: Iterable[Row]) -> dict[str, Any]:
+    """Image key → source (a path or bytes) of the valid rows, once per image, in first-appearance order."""
+    out: dict[str, Any] = {}
+    for r in rows:
+        if r.error is None and r.image_key is not None and r.image_key not in out:
+            out[r.image_key] = r.image
+    return out
 
 
 def input_format(path: str | os.PathLike) -> str:

@@ -74,6 +74,31 @@ def _fsync(f: Any) -> None:
     os.fsync(f.fileno())
 
 
+def fsync_dir(path: Path) -> None:
+    """Make a rename in folder `path` durable (where the platform has directory fds)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_parquet_atomic(table: Any, path: Path, tmp: Path) -> None:
+    """Write `table` to `tmp`, make it durable, then rename it to `path`: present means complete."""
+    import pyarrow.parquet as pq
+
+    pq.write_table(table, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
 class Sink(Protocol):
     """Where a job's output goes, chunk by chunk, so that it survives `kill -9`.
 
@@ -232,14 +257,9 @@ class ChunkSink:
             rec["end"] = self._offset
         else:
             import pyarrow as pa
-            import pyarrow.parquet as pq
 
             table = pa.Table.from_pylist(list(rows), schema=self.schema)
-            tmp = self._part(chunk).with_suffix(".tmp")
-            pq.write_table(table, tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, self._part(chunk))
+            write_parquet_atomic(table, self._part(chunk), self._part(chunk).with_suffix(".tmp"))
         self._progress.write(json.dumps(rec) + "\n")
         _fsync(self._progress)
         self.done[chunk] = rec
