@@ -296,3 +296,20 @@ def test_bad_arguments_exit_2(saved_models, tmp_path, capsys):
     ):
         assert main(argv) == 2
         assert msg in capsys.readouterr().err
+
+
+def test_a_truncated_shard_alone_makes_exit_status_3(saved_models, tmp_path, capsys):
+    """Cut at a member boundary: every sample read is whole (no error row), yet the run does not pass as clean."""
+    write_collection(str(tmp_path / "c"), shards=2, per_shard=3)
+    import tarfile
+
+    with tarfile.open(tmp_path / "c" / "00001.tar") as t:
+        cut = next(m.offset for m in t.getmembers() if m.name.startswith("000010002."))  # sample 2's first header
+    (tmp_path / "c" / "00001.tar").write_bytes((tmp_path / "c" / "00001.tar").read_bytes()[:cut])
+    argv = ["score", "--model", str(saved_models["itm"]), "--shards", str(tmp_path / "c"), *QUIET]
+    assert main([*argv, "--out", str(tmp_path / "o.jsonl")]) == 3
+    err = capsys.readouterr().err
+    assert "00001.tar is truncated" in err and "shards truncated 1" in err and "errors)" in err
+    with open(tmp_path / "o.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["status"] for r in rows] == ["ok"] * 5  # shard 0's 3 samples and shard 1's first 2, whole
