@@ -367,3 +367,13 @@ def test_retrieve_rerun_with_other_settings_is_refused(saved_models, gallery, tm
     assert out.read_bytes() == before
     assert run("retrieve", *args, "--top-k", 2, "--out", out, "--overwrite") == 3
     assert all(len(r["results"]) == 2 for r in read(out) if r["status"] == "ok")
+
+
+def test_retrieve_missing_column_is_fatal_and_the_flag_picks_another(saved_models, gallery, tmp_path, capsys):
+    texts = write_jsonl(tmp_path / "caps.jsonl", [{"caption": t} for t in gallery["texts"]])
+    args = retrieve_args(saved_models, gallery, texts, "--no-rerank")
+    assert run("retrieve", *args, "--out", tmp_path / "a.jsonl") == 1
+    err = capsys.readouterr().err
+    assert "no column 'text'" in err and "--text-column" in err, err
+    assert run("retrieve", *args, "--text-column", "caption", "--out", tmp_path / "b.jsonl") == 3  # broken.jpg
+    assert len(read(tmp_path / "b.jsonl")) == len(gallery["texts"]) + len(gallery["images"])

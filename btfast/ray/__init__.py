@@ -206,14 +206,13 @@ def score(
     CUDA, 16 on CPU); exact (default True) preprocesses as BridgeTowerProcessor, bit for bit; False opts into
     the faster reduced-scale JPEG decode of `btfast score --no-exact` (pixels differ by a few levels).
     """
+    options = {k: v for k, v in locals().items() if k not in ("ds", "model_dir", "kind")}  # the call's options
     if head not in ("itm", "itc"):
         raise ValueError(f"head must be itm or itc, got {head}")
     schema = _schema(ds)
     _check_columns(schema, (image_field, text_field), keep, score_columns(head))
-    kw = {k: v for k, v in locals().items() if k not in ("ds", "model_dir", "schema")}
-    return _run(
-        ds, model_dir, "score", "pair", id_type=id_type_of(None, id_field, schema=schema) if schema else "string", **kw
-    )
+    id_type = id_type_of(None, id_field, schema=schema) if schema else "string"
+    return _run(ds, model_dir, "score", "pair", id_type=id_type, **options)
 
 
 def embed(
@@ -243,6 +242,7 @@ def embed(
     (a string), image, text, status, error, text_truncated, embedding (list of float32; cosine = dot product).
     Embed the image collection once, write it, index it: the first stage of retrieval.
     """
+    options = {k: v for k, v in locals().items() if k not in ("ds", "model_dir", "kind")}  # the call's options
     schema = _schema(ds)
     cols = None if schema is None else list(schema.names)
     if kind is None:
@@ -254,5 +254,4 @@ def embed(
     if kind not in ("image", "text"):
         raise ValueError(f"kind must be image or text, got {kind}")
     _check_columns(schema, (image_field,) if kind == "image" else (text_field,), keep, EMBED)
-    kw = {k: v for k, v in locals().items() if k not in ("ds", "model_dir", "schema", "cols", "kind", "has_i", "has_t")}
-    return _run(ds, model_dir, "embed", kind, head="itc", id_type="string", **kw)
+    return _run(ds, model_dir, "embed", kind, head="itc", id_type="string", **options)

@@ -1,7 +1,8 @@
 """One frozen job configuration: built from the command line (or the Python API) and checked before torch is
 imported, passed unchanged to the executors and their workers; the resume header is derived from it here only.
 
-Nothing here imports torch, transformers or pyarrow: a bad argument is refused in a fraction of a second.
+Nothing here imports torch, transformers or pyarrow (Pillow and numpy, through btfast.preprocess, are quick): a bad
+argument is refused in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from typing import Any
 
 from btfast.io.fs import display, is_url
 from btfast.io.shards import is_shard_spec
+from btfast.preprocess import DEFAULT_MAX_PIXELS
 from btfast.score.plan import Limits, parse_shard
 from btfast.score.rows import IMAGE_SUFFIXES, input_format
 from btfast.score.sink import output_format
 
-DEFAULT_MAX_PIXELS = 2 * 89_478_485  # PIL's decompression-bomb error threshold (as btfast.preprocess)
 PYARROW_HINT = "pip install pyarrow"
 
 
@@ -48,7 +49,7 @@ class JobConfig:
     """
 
     command: str  # "score", "embed" or "retrieve"
-    model: str  # the model folder (score / embed; retrieve: the ITM folder, or None with --no-rerank)
+    model: str | None  # the model folder (score / embed; retrieve: the ITM folder, or None with --no-rerank)
     out: str
     head: str = "itm"
     pairs: str | None = None  # score
@@ -79,12 +80,6 @@ class JobConfig:
     shards: str | None = None  # WebDataset tar shards (a folder, list file, brace pattern or glob; paths or URLs)
     caption_field: str | None = None  # shards: the text is this field of the json member (default: the txt member)
     embed_kinds: tuple[str, ...] = ("image", "text")  # embed --shards: what of each sample is embedded
-
-    @property
-    def input(self) -> str | None:
-        if self.shards is not None:
-            return self.shards
-        return self.pairs if self.command == "score" else self.images
 
     def shard_kinds(self) -> tuple[str, ...]:
         """The rows each shard sample gives this job (`btfast.io.webdataset`): pairs, or images and/or texts."""

@@ -282,6 +282,7 @@ def retrieve_job(cfg: JobConfig) -> Summary:
     from btfast.score.job import default_batch_size
     from btfast.score.loader import default_workers
     from btfast.score.rows import read_images, read_texts
+    from btfast.score.source import ListSource
 
     t0 = time.perf_counter()
     shard_i, shard_n = cfg.shard
@@ -297,8 +298,10 @@ def retrieve_job(cfg: JobConfig) -> Summary:
         source.check()
         image_rows, text_rows = source.lists()
     else:
-        image_rows = list(read_images(cfg.images, cfg.image_root))
-        text_rows = list(read_texts(cfg.texts))
+        ListSource(cfg).check()  # a missing column or a wrong image root: fatal, before any model loads
+        c = cfg.columns
+        image_rows = list(read_images(cfg.images, cfg.image_root, image_field=c.image, id_field=c.id))
+        text_rows = list(read_texts(cfg.texts, text_field=c.text, id_field=c.id))
     header = cfg.header(dtype=str(dt), batch_size=batch_size)
     schema = retrieve_schema() if output_format(cfg.out) == "parquet" else None
     sink = ChunkSink(cfg.out, header, overwrite=cfg.overwrite, schema=schema)
