@@ -313,3 +313,17 @@ def test_a_truncated_shard_alone_makes_exit_status_3(saved_models, tmp_path, cap
     with open(tmp_path / "o.jsonl") as f:
         rows = [json.loads(line) for line in f]
     assert [r["status"] for r in rows] == ["ok"] * 5  # shard 0's 3 samples and shard 1's first 2, whole
+
+
+def test_resume_header_names_urls_without_credentials(saved_models):
+    from btfast.score.config import JobConfig
+
+    cfg = JobConfig(
+        command="score",
+        model=str(saved_models["itm"]),
+        out="s3://bucket/out?X-Amz-Signature=sig123",
+        shards="s3://AKIAKEY:secret123@bucket/c/{00000..00001}.tar",
+    )
+    text = json.dumps(cfg.header())
+    assert "secret123" not in text and "AKIAKEY" not in text and "sig123" not in text
+    assert cfg.header()["shards"] == "s3://REDACTED@bucket/c/{00000..00001}.tar"
