@@ -288,15 +288,15 @@ def test_write_atomic_on_s3(s3_bucket):
 
 # ---- shards as input rows ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kinds", [("pair",), ("image",), ("text",), ("image", "text")])
-def test_shard_source_rows(tmp_path, kinds):
-    from btfast.io.webdataset import ShardSource
+def test_shard_reader_rows(tmp_path, kinds):
+    from btfast.io.webdataset import ShardReader
 
     written = write_collection(str(tmp_path / "c"), shards=3, per_shard=4)
     bad = tar_bytes([{"__key__": "noimage", "txt": "t"}, {"__key__": "notext", "jpg": written[0]["jpg"]}])
     (tmp_path / "c" / "00003.tar").write_bytes(bad)
     full = _full_tar(3)
     (tmp_path / "c" / "00004.tar").write_bytes(full[: full.index(bytes([1]) * 701) + 100])  # s1's image is cut
-    src = ShardSource(str(tmp_path / "c"), kinds=kinds)
+    src = ShardReader(str(tmp_path / "c"), kinds=kinds)
     got = list(src.read(lambda k: k != 1))
     assert [s.index for s in got] == [0, 2, 3, 4]
     assert [s.truncated is not None for s in got] == [False, False, False, True]
@@ -319,12 +319,12 @@ def test_shard_source_rows(tmp_path, kinds):
     assert all(r.error.startswith("sample: cut where the shard is truncated") for r in cut[len(kinds) :])
 
 
-def test_shard_source_unreadable_shard(tmp_path):
-    from btfast.io.webdataset import ShardSource
+def test_shard_reader_unreadable_shard(tmp_path):
+    from btfast.io.webdataset import ShardReader
 
     write_collection(str(tmp_path), shards=1, per_shard=2)
     (tmp_path / "00001.tar").write_bytes(b"not a tar at all" * 100)
-    got = list(ShardSource(str(tmp_path / "{00000..00002}.tar")).read())
+    got = list(ShardReader(str(tmp_path / "{00000..00002}.tar")).read())
     assert [(s.index, len(s.rows)) for s in got] == [(0, 2), (1, 0), (2, 0)]
     assert got[0].error is None
     assert "ReadError" in got[1].error and "FileNotFoundError" in got[2].error

@@ -61,7 +61,7 @@ def _missing(s: Sample, kind: str) -> str | None:
     return s.image_error if kind == "image" else s.text_error
 
 
-class ShardSource:
+class ShardReader:
     """The shards named by `spec` (a folder, list file, brace pattern or glob; paths or URLs), as `ShardRows`.
 
     `kinds`: which rows each sample gives (see the module doc); `text_field`: take the text from this field of

@@ -124,10 +124,10 @@ class ShardsSource:
     """
 
     def __init__(self, cfg: JobConfig, kinds: tuple[str, ...] | None = None) -> None:
-        from btfast.io.webdataset import ShardSource
+        from btfast.io.webdataset import ShardReader
 
         assert cfg.shards is not None
-        self.reader = ShardSource(cfg.shards, kinds or cfg.shard_kinds(), cfg.caption_field)
+        self.reader = ShardReader(cfg.shards, kinds or cfg.shard_kinds(), cfg.caption_field)
         self.truncated: dict[str, str] = {}  # shard -> why, for the shards read by this run
 
     def check(self) -> None:
