@@ -293,6 +293,7 @@ def test_bad_arguments_exit_2(saved_models, tmp_path, capsys):
         (["score", "--model", m, "--out", "x.jsonl"], "give --pairs FILE or --shards"),
         (["score", "--model", m, "--shards", "a/", "--pairs", "p.jsonl", "--out", "x.jsonl"], "leave out --pairs"),
         (["score", "--model", m, "--shards", "a/", "--out", "s3://b/x.jsonl"], "cannot be appended"),
+        (["embed", "--model", m, "--images", "a/{0..1}.tar", "--texts", "t.txt", "--out", "x.jsonl"], "one collection"),
     ):
         assert main(argv) == 2
         assert msg in capsys.readouterr().err
@@ -327,3 +328,18 @@ def test_resume_header_names_urls_without_credentials(saved_models):
     text = json.dumps(cfg.header())
     assert "secret123" not in text and "AKIAKEY" not in text and "sig123" not in text
     assert cfg.header()["shards"] == "s3://REDACTED@bucket/c/{00000..00001}.tar"
+
+
+@pytest.mark.parametrize(
+    "flags, kinds", [(["--images"], ["image"]), (["--texts"], ["text"]), (["--images", "--texts"], ["image", "text"])]
+)
+def test_embed_images_or_texts_naming_tar_shards(saved_models, tmp_path, flags, kinds):
+    written = write_collection(str(tmp_path / "c"), shards=2, per_shard=2)
+    spec = str(tmp_path / "c" / "{00000..00001}.tar")
+    argv = ["embed", "--model", str(saved_models["itc"]), "--out", str(tmp_path / "e.jsonl"), *QUIET]
+    for f in flags:
+        argv += [f, spec]
+    assert main(argv) == 0
+    with open(tmp_path / "e.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert [(r["id"], r["kind"]) for r in rows] == [(w["key"], k) for w in written for k in kinds]

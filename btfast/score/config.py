@@ -254,9 +254,15 @@ def from_args(command: str, args: argparse.Namespace) -> JobConfig:
     """The checked job of a parsed `btfast score|embed|retrieve` command line; UsageError on a bad argument."""
     get = functools.partial(getattr, args)
     engine = get("engine", "btfast")
-    shards, pairs = get("shards", None), get("pairs", None)
+    shards, pairs, images, texts = (get(k, None) for k in ("shards", "pairs", "images", "texts"))
+    kinds = EMBED_KINDS[get("embed", "both")]
     if shards is None and pairs is not None and is_shard_spec(pairs):
         shards, pairs = pairs, None  # `--pairs shards/{00000..00099}.tar`: tar shards
+    tars = {k: v for k, v in (("image", images), ("text", texts)) if v is not None and is_shard_spec(v)}
+    if shards is None and tars and command != "score":  # `--images shards/{00000..00099}.tar`: their images
+        if len(set(tars.values())) > 1 or len(tars) < sum(v is not None for v in (images, texts)):
+            raise UsageError("--images and --texts name tar shards: give one collection to both, or use --shards")
+        shards, images, texts, kinds = next(iter(tars.values())), None, None, tuple(tars)
     try:
         cfg = JobConfig(
             command=command,
@@ -266,9 +272,9 @@ def from_args(command: str, args: argparse.Namespace) -> JobConfig:
             pairs=pairs,
             shards=shards,
             caption_field=get("caption_field", None),
-            embed_kinds=EMBED_KINDS[get("embed", "both")],
-            images=get("images", None),
-            texts=get("texts", None),
+            embed_kinds=kinds,
+            images=images,
+            texts=texts,
             image_root=args.image_root,
             columns=Columns(get("image_field", "image"), get("text_field", "text"), get("id_field", "id")),
             device=args.device,
