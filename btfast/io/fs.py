@@ -156,14 +156,29 @@ def _unstrip(original: str, fs: Any, name: str) -> str:
     return fs.unstrip_protocol(name)
 
 
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename in local folder `path` durable (where the platform has directory fds)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
 _ATOMIC_PUT = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory"}  # one PUT: the whole object or none
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` so that a reader (or a rerun after kill -9) sees the whole file or no file, never a part.
 
-    Local files: a hidden temporary name in the same folder, fsynced, renamed over `path`, folder fsynced.
-    Object stores: one PUT (atomic by the store). Other fsspec backends: a temporary name, then a move.
+    Local files: `.NAME.tmp` in the same folder, fsynced, renamed over `path`, folder fsynced (a `.tmp` left by
+    a kill is the caller's to delete on restart). Object stores: one PUT (atomic by the store). Other fsspec
+    backends: a temporary name, then a move.
     """
     s = os.fspath(path)
     if is_url(s) and urlsplit(s).scheme == "file":
@@ -171,22 +186,18 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     if not is_url(s):
         folder, name = os.path.split(os.path.abspath(s))
         os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+        tmp = os.path.join(folder, f".{name}.tmp")
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, s)
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(folder)
         return
     fs, p = filesystem(s)
     if urlsplit(s).scheme in _ATOMIC_PUT:
         fs.pipe_file(p, data)
         return
-    tmp = f"{fs._parent(p)}/.{basename(p)}.tmp-{os.getpid()}"
+    tmp = f"{fs._parent(p)}/.{basename(p)}.tmp"
     fs.pipe_file(tmp, data)
     fs.mv(tmp, p)

@@ -31,13 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from btfast.io import fs
-from btfast.score.sink import ResumeError, same_job
+from btfast.score.sink import ResumeError, same_job, write_parquet_atomic
 
 JOB_FILE = "_btfast_job.json"
 SUCCESS_FILE = "_SUCCESS"
 LOCK_FILE = ".btfast-lock"
 PART_RE = re.compile(r"^part-(\d{8,})\.parquet$")
-TMP_RE = re.compile(r"^\.part-(\d{8,})\.parquet\.tmp(-\d+)?$")
+TMP_RE = re.compile(r"^\.part-(\d{8,})\.parquet\.tmp$")
 META_KEY = b"btfast"
 
 
@@ -165,11 +165,8 @@ class PartStore:
     def write(self, k: int, table: Any) -> dict[str, int]:
         """Write part k (a pyarrow Table, or rows as dicts with `schema`) whole; its row and error counts go into
         the file's metadata, so that a present part is a complete one and resuming reads only footers."""
-        import io
-
         import pyarrow as pa
         import pyarrow.compute as pc
-        import pyarrow.parquet as pq
 
         if not isinstance(table, pa.Table):
             table = pa.Table.from_pylist(list(table), schema=self.schema)
@@ -178,9 +175,7 @@ class PartStore:
         meta = dict(table.schema.metadata or {})
         meta[META_KEY] = json.dumps(info).encode()
         table = table.replace_schema_metadata(meta)
-        buf = io.BytesIO()
-        pq.write_table(table, buf)
-        fs.write_atomic(self.path(k), buf.getvalue())
+        write_parquet_atomic(table, self.path(k))
         self.done[k] = {"rows": info["rows"], "errors": errors}
         return self.done[k]
 
