@@ -21,12 +21,24 @@ setup(
         "numpy",
         "tqdm",
         "pyarrow",  # Parquet is a main input and output format of btfast score / embed / retrieve
+        "fsspec>=2023.1",  # inputs and outputs as URLs (s3://, gs://, memory://, file://); backends are extras
     ],
     extras_require={
-        "test": ["pytest", "tokenizers", "ruff", "matplotlib", "ray[data]>=2.9"],
+        "test": [
+            "pytest",
+            "tokenizers",
+            "ruff",
+            "matplotlib",
+            "ray[data]>=2.9",
+            "fsspec>=2023.1",
+            "s3fs",
+            "moto[server]",
+            "webdataset",
+        ],
         "parquet": [],  # kept so that `pip install 'btfast[parquet]'` still works: pyarrow is in the base install
         "plot": ["matplotlib"],
         "ray": ["ray[data]>=2.9"],
+        "s3": ["s3fs"],
     },
     entry_points={"console_scripts": ["btfast=btfast.cli:main"]},
 )

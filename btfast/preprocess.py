@@ -51,6 +51,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from btfast.io.fs import is_url, read_bytes
+
 log = logging.getLogger("btfast")
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -300,6 +302,8 @@ class ImagePreprocessor:
         formats and may take a valid .ico for TGA).
         """
         try:
+            if isinstance(source, str) and is_url(source):  # s3://, gs://, memory://, ...: one GET
+                source = io.BytesIO(read_bytes(source))
             if isinstance(source, (bytes, bytearray, memoryview)):
                 source = io.BytesIO(bytes(source))
             with warnings.catch_warnings():

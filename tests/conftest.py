@@ -30,3 +30,31 @@ def poisoned_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
         return out.fill_(float("nan")) if out.dtype.is_floating_point else out
 
     monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+# ---- a local S3-protocol server (WebDataset shards on an object store) ------------------------------------------
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """The endpoint of a moto S3 server started for this session; skips (with the reason) if it cannot start."""
+    from fixtures_shards import s3_server
+
+    try:
+        server = s3_server()
+        endpoint = server.__enter__()
+    except Exception as e:  # moto / s3fs missing, or no local socket: the S3 tests cannot run here
+        pytest.skip(f"local S3 server (moto) cannot start: {type(e).__name__}: {e}")
+    yield endpoint
+    server.__exit__(None, None, None)
+
+
+_BUCKETS = iter(range(1 << 30))
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint):
+    """A fresh, empty bucket on the local S3 server, as an `s3://` URL."""
+    import fsspec
+
+    name = f"btfast-test-{next(_BUCKETS)}"
+    fsspec.filesystem("s3").mkdir(name)
+    return f"s3://{name}"

@@ -534,3 +534,22 @@ class TestTwoNodes:
             if "ModelWorker" in (a.get("ActorClassName") or "") and a["JobID"] == job
         }
         assert len(nodes) == 2  # one model actor on each node
+
+    def test_two_nodes_read_tar_shards(self, cluster, saved_models, tmp_path):
+        """A WebDataset collection on the two-node cluster: parts are the shards, rows equal `btfast score --shards`."""
+        import pyarrow.parquet as pq
+        from fixtures_shards import write_collection
+
+        written = write_collection(str(tmp_path / "c"), shards=6, per_shard=3)
+        common = ["--model", saved_models["itm"], "--shards", tmp_path / "c", "--no-progress"]
+        assert cli("score", *common, "--out", tmp_path / "ref.parquet", *SINGLE) == 0
+        out = tmp_path / "two_nodes"
+        ray_args = ["--ray", "--address", cluster.address, "--workers", 2, "--batch-size", 4]
+        assert cli("score", *common, "--out", out, *ray_args) == 0
+        assert sorted(p.name for p in out.glob("part-*")) == [f"part-{k:08d}.parquet" for k in range(6)]
+
+        def by_id(path: Path) -> list[dict]:
+            return sorted(pq.read_table(path).to_pylist(), key=lambda r: r["id"])
+
+        assert [r["id"] for r in by_id(out)] == sorted(w["key"] for w in written)
+        assert_same_rows(by_id(out), by_id(tmp_path / "ref.parquet"))

@@ -92,17 +92,31 @@ class RayExecutor:
         self.make_output, self.id_type, self.batch_size, self.actors = make_output, id_type, batch_size, actors
 
     def run(self, chunks: Iterable[Chunk]) -> Iterator[tuple[int, Any]]:
+        from btfast.ray.stages import row_record
+
+        todo: dict[int, int] = {}
+        recs: list[dict[str, Any]] = []
+        failure: Exception | None = None
+        try:
+            for c in chunks:
+                todo[c.index] = len(c.rows)
+                recs.extend(row_record(r, self.id_type, part=c.index) for r in c.rows)
+        except Exception as e:  # a shard that cannot be read: the others are run first, then this is raised
+            failure = e
+        yield from self._run(todo, recs)
+        if failure is not None:
+            raise failure
+
+    def _run(self, todo: dict[int, int], recs: list[dict[str, Any]]) -> Iterator[tuple[int, Any]]:
         import pyarrow as pa
 
-        from btfast.ray.stages import batch_rows, row_record, rows_schema
+        from btfast.ray.stages import batch_rows, rows_schema
 
         model_rows, block_rows = batch_rows(self.batch_size)
         schema = rows_schema(self.id_type, keep=[("part", pa.int64())])
-        todo: dict[int, int] = {}
-        recs: list[dict[str, Any]] = []
-        for c in chunks:
-            todo[c.index] = len(c.rows)
-            recs.extend(row_record(r, self.id_type, part=c.index) for r in c.rows)
+        for k in [k for k, n in todo.items() if n == 0]:  # a shard without a readable sample: written empty
+            del todo[k]
+            yield k, []
         if not todo:
             return
         whole = pa.Table.from_pylist(recs, schema=schema)
@@ -210,15 +224,15 @@ def ray_job(cfg: JobConfig, *, address: str | None = None, gpus_per_worker: floa
     """Run the `btfast score` / `btfast embed` job `cfg` on Ray Data into a folder of Parquet parts."""
     from btfast.ray import pipeline, require_ray
     from btfast.ray.stages import default_batch_size, dtype_name, place
-    from btfast.score.job import run_chunks
+    from btfast.score.job import run_chunks, shard_stats, wanted
     from btfast.score.parts import PartStore
-    from btfast.score.schema import id_type_of
-    from btfast.score.source import ListSource, PairsSource
+    from btfast.score.schema import embed_schema, id_type_of, score_schema
+    from btfast.score.source import source_for
 
     require_ray()
     cfg = cfg.replace(limits=part_limits(cfg.limits))
     score = cfg.command == "score"
-    source = PairsSource(cfg) if score else ListSource(cfg)
+    source = source_for(cfg)
     source.check()
     id_type = id_type_of(cfg.pairs, cfg.columns.id) if score else "string"
     cluster = Cluster(address, progress=cfg.progress)
@@ -245,9 +259,10 @@ def ray_job(cfg: JobConfig, *, address: str | None = None, gpus_per_worker: floa
                 decode_rows=decode_rows,
             )[0]
 
-        with PartStore(cfg.out, header, overwrite=cfg.overwrite) as store:
-            return run_chunks(
-                source.chunks(),
+        schema = score_schema(cfg.head, id_type, cfg.with_text) if score else embed_schema()
+        with PartStore(cfg.out, header, overwrite=cfg.overwrite, schema=schema) as store:
+            summary = run_chunks(
+                source.chunks(wanted(cfg, store)),
                 store,
                 RayExecutor(make_output, id_type, bs, where.actors),
                 shard=cfg.shard,
@@ -256,6 +271,8 @@ def ray_job(cfg: JobConfig, *, address: str | None = None, gpus_per_worker: floa
                 progress=cfg.progress,
                 interrupt=cfg.interrupt,
             )
+        summary.stats = shard_stats(source)
+        return summary
     finally:
         cluster.close()
 

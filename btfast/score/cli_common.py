@@ -152,6 +152,33 @@ def add_columns(g: argparse._ArgumentGroup, roles: tuple[str, ...] = ("image", "
         )
 
 
+def add_shards(g: argparse._ArgumentGroup, embed: bool = False) -> None:
+    """--shards, --caption-field (and for embed, --embed): WebDataset tar shards as the input (`btfast.io`)."""
+    g.add_argument(
+        "--shards",
+        default=None,
+        metavar="SHARDS",
+        help="WebDataset tar shards instead of the other inputs: a folder (its *.tar), a list file (a shard a "
+        "line), a brace pattern (shards/{00000..00123}.tar) or a glob; paths or URLs (s3://, gs://, ...). "
+        "Each sample's image is its jpg/jpeg/png/webp member, its text the txt member, its id the sample key. "
+        "Written and resumed a shard at a time; --shard I/N divides the shard files",
+    )
+    g.add_argument(
+        "--caption-field",
+        default=None,
+        metavar="FIELD",
+        help="with --shards: take each sample's text from this field of its json member (img2dataset: caption) "
+        "instead of its txt member",
+    )
+    if embed:
+        g.add_argument(
+            "--embed",
+            choices=["both", "images", "texts"],
+            default="both",
+            help="with --shards: embed each sample's image, text or both (default: both)",
+        )
+
+
 def add_ray(parser: argparse.ArgumentParser) -> None:
     """--ray, --address, --gpus-per-worker: the same job on Ray Data (`btfast.ray.cli`; no Ray import here)."""
     g = parser.add_argument_group(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from btfast.score import cli_common
-from btfast.score.cli_common import add_columns, add_inputs, add_job, add_ray, add_runtime
+from btfast.score.cli_common import add_columns, add_inputs, add_job, add_ray, add_runtime, add_shards
 
 EPILOG = """\
 output (.jsonl or .parquet), one row per image and per text: kind (image / text), row (position in its list),
@@ -28,7 +28,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a BridgeTowerForContrastiveLearning folder (save_pretrained) with tokenizer and processor",
     )
     add_inputs(g, required=False, single=", one image,")
-    g.add_argument("--out", required=True, metavar="FILE", help="output file: .jsonl or .parquet")
+    add_shards(g, embed=True)
+    g.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE",
+        help="output file: .jsonl or .parquet; or a folder URL (s3://bucket/emb/): a folder of Parquet parts",
+    )
     add_columns(g)
     add_runtime(parser)
     add_job(parser, "images or texts")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from btfast.score import cli_common
-from btfast.score.cli_common import add_columns, add_inputs, add_resume, add_runtime
+from btfast.score.cli_common import add_columns, add_inputs, add_resume, add_runtime, add_shards
 
 EPILOG = """\
 models: BridgeTower's ITC and ITM heads are different checkpoints (BridgeTowerForContrastiveLearning,
@@ -48,8 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="ITC folder (BridgeTowerForContrastiveLearning) that picks the candidates (default: --model)",
     )
-    add_inputs(g, required=True)
+    add_inputs(g, required=False)
     add_columns(g)
+    add_shards(g)
     g.add_argument("--out", required=True, metavar="FILE", help="output file: .jsonl or .parquet")
     g.add_argument(
         "--top-k",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from btfast.score import cli_common
-from btfast.score.cli_common import add_columns, add_job, add_ray, add_runtime
+from btfast.score.cli_common import add_columns, add_job, add_ray, add_runtime, add_shards
 
 EPILOG = """\
 input: JSONL, CSV/TSV or Parquet with columns image (a path, or bytes in Parquet), text and optionally id (other
@@ -36,8 +36,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="model folder (save_pretrained): weights (.safetensors), config, tokenizer and "
         "BridgeTowerProcessor config (preprocessor_config.json / processor_config.json)",
     )
-    g.add_argument("--pairs", required=True, metavar="FILE", help="pairs file: .jsonl, .csv, .tsv or .parquet")
-    g.add_argument("--out", required=True, metavar="FILE", help="output file: .jsonl or .parquet")
+    g.add_argument(
+        "--pairs",
+        default=None,
+        metavar="FILE",
+        help="pairs file: .jsonl, .csv, .tsv or .parquet (a .tar name or pattern is taken as --shards)",
+    )
+    add_shards(g)
+    g.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE",
+        help="output file: .jsonl or .parquet; or a folder URL (s3://bucket/scores/): a folder of Parquet parts",
+    )
     g.add_argument(
         "--image-root",
         default=None,

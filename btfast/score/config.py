@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from btfast.io.fs import display, is_url
+from btfast.io.shards import is_shard_spec
 from btfast.preprocess import DEFAULT_MAX_PIXELS
 from btfast.score.plan import Limits, parse_shard
 from btfast.score.rows import IMAGE_SUFFIXES, input_format
@@ -75,6 +77,13 @@ class JobConfig:
     rerank: bool = True  # retrieve: re-rank the ITC candidates by ITM
     chunk_queries: int = 1024  # retrieve: queries per chunk
     interrupt: tuple[int, int] | None = None  # test hook (chunks, signal): see `interrupt_from_env`
+    shards: str | None = None  # WebDataset tar shards (a folder, list file, brace pattern or glob; paths or URLs)
+    caption_field: str | None = None  # shards: the text is this field of the json member (default: the txt member)
+    embed_kinds: tuple[str, ...] = ("image", "text")  # embed --shards: what of each sample is embedded
+
+    def shard_kinds(self) -> tuple[str, ...]:
+        """The rows each shard sample gives this job (`btfast.io.webdataset`): pairs, or images and/or texts."""
+        return ("pair",) if self.command == "score" else self.embed_kinds
 
     def id_type(self, parquet: bool = True) -> str:
         """How output ids are typed (`btfast.score.schema`): 'keep' (JSONL score output), 'int' or 'string'."""
@@ -91,21 +100,35 @@ class JobConfig:
         fmt = output_format_or_none(self.out)
         if ray and fmt == "jsonl":
             raise UsageError(f"--out {self.out}: with --ray the output is a folder of Parquet files; name a folder")
-        if not ray and fmt is None:
+        if is_url(self.out) and fmt is not None:
+            raise UsageError(
+                f"--out {display(self.out)}: an object store cannot be appended to; name a folder URL (a folder of "
+                "Parquet parts is written, one per chunk or shard)"
+            )
+        if not ray and fmt is None and not is_url(self.out):
             raise UsageError(f"--out {self.out}: output must be .jsonl or .parquet")
         for flag, v in (("batch-size", self.batch_size), ("top-k", self.top_k), ("chunk-queries", self.chunk_queries)):
             if v is not None and v < 1:
                 raise UsageError(f"--{flag} must be >= 1, got {v}")
         if self.max_pixels < 1 or (self.workers is not None and self.workers < 0):
             raise UsageError(f"want --max-pixels >= 1 and --workers >= 0, got {self.max_pixels}, {self.workers}")
-        if self.image_root is not None and not Path(self.image_root).is_dir():
+        if self.image_root is not None and not is_url(self.image_root) and not Path(self.image_root).is_dir():
             raise UsageError(f"--image-root {self.image_root}: no such folder")
         if self.head not in ("itm", "itc"):
             raise UsageError(f"head must be itm or itc, got {self.head}")
-        if self.command == "score":
+        given = [f for f, v in (("--pairs", self.pairs), ("--images", self.images), ("--texts", self.texts)) if v]
+        if self.shards is not None and given:
+            raise UsageError(f"--shards is the whole input: leave out {', '.join(given)}")
+        if self.shards is not None:
+            pass
+        elif self.command == "score":
+            if self.pairs is None:
+                raise UsageError("give --pairs FILE or --shards SHARDS")
             _input_file(self.pairs, "--pairs")
+        elif self.command == "retrieve" and (self.images is None or self.texts is None):
+            raise UsageError("give --images and --texts, or --shards")
         elif self.images is None and self.texts is None:
-            raise UsageError("give --images, --texts or both")
+            raise UsageError("give --images, --texts or both, or --shards")
         _input_file(self.images, "--images", may_be_dir=True)
         _input_file(self.texts, "--texts")
         if self.command == "retrieve":
@@ -123,8 +146,8 @@ class JobConfig:
     def header(self, **resolved: Any) -> dict[str, Any]:
         """The resume header: the job's identity (`resolved`: what the executor decided, e.g. dtype, batch size)."""
 
-        def absolute(p: str | None) -> str | None:
-            return None if p is None else os.path.abspath(p)
+        def absolute(p: str | None) -> str | None:  # URLs without credentials (btfast.io.fs.display)
+            return None if p is None else display(p)
 
         h: dict[str, Any] = {"command": self.command}
         if self.command == "score":
@@ -147,6 +170,8 @@ class JobConfig:
             exif_orientation=self.exif_orientation,
             **resolved,
         )
+        if self.shards is not None:
+            h.update(shards=display(self.shards), caption_field=self.caption_field, kinds=list(self.shard_kinds()))
         return json.loads(json.dumps(h))
 
     def image_preprocessor(self, folder: str | os.PathLike | None = None) -> Any:
@@ -202,8 +227,13 @@ def check_parquet(*paths: str | None) -> None:
             raise UsageError(f"{p}: Parquet needs pyarrow, which is not installed: {PYARROW_HINT}")
 
 
+EMBED_KINDS = {"both": ("image", "text"), "images": ("image",), "texts": ("text",)}
+
+
 def _input_file(path: str | None, flag: str, *, may_be_dir: bool = False) -> None:
     if path is None:
+        return
+    if is_url(path):  # read when the job starts (a missing object is reported then, before the model loads)
         return
     p = Path(path)
     if not p.exists():
@@ -224,15 +254,27 @@ def from_args(command: str, args: argparse.Namespace) -> JobConfig:
     """The checked job of a parsed `btfast score|embed|retrieve` command line; UsageError on a bad argument."""
     get = functools.partial(getattr, args)
     engine = get("engine", "btfast")
+    shards, pairs, images, texts = (get(k, None) for k in ("shards", "pairs", "images", "texts"))
+    kinds = EMBED_KINDS[get("embed", "both")]
+    if shards is None and pairs is not None and is_shard_spec(pairs):
+        shards, pairs = pairs, None  # `--pairs shards/{00000..00099}.tar`: tar shards
+    tars = {k: v for k, v in (("image", images), ("text", texts)) if v is not None and is_shard_spec(v)}
+    if shards is None and tars and command != "score":  # `--images shards/{00000..00099}.tar`: their images
+        if len(set(tars.values())) > 1 or len(tars) < sum(v is not None for v in (images, texts)):
+            raise UsageError("--images and --texts name tar shards: give one collection to both, or use --shards")
+        shards, images, texts, kinds = next(iter(tars.values())), None, None, tuple(tars)
     try:
         cfg = JobConfig(
             command=command,
             model=args.model,
             out=args.out,
             head={"score": get("head", "itm"), "embed": "itc"}.get(command, "itm"),
-            pairs=get("pairs", None),
-            images=get("images", None),
-            texts=get("texts", None),
+            pairs=pairs,
+            shards=shards,
+            caption_field=get("caption_field", None),
+            embed_kinds=kinds,
+            images=images,
+            texts=texts,
             image_root=args.image_root,
             columns=Columns(get("image_field", "image"), get("text_field", "text"), get("id_field", "id")),
             device=args.device,

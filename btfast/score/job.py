@@ -13,8 +13,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from btfast.io.fs import is_url
 from btfast.score.config import Columns, JobConfig
-from btfast.score.plan import Chunk, Limits, parse_shard
+from btfast.score.plan import Chunk, Limits, parse_shard, plan
 from btfast.score.schema import embed_schema, score_schema
 from btfast.score.sink import ChunkSink, Sink, output_format
 
@@ -38,7 +39,7 @@ class Summary:
 
     @property
     def exit_code(self) -> int:
-        return EXIT_ROW_ERRORS if self.errors else EXIT_OK
+        return EXIT_ROW_ERRORS if self.errors or self.stats.get("shards_truncated") else EXIT_OK
 
     def line(self, unit: str = "pairs") -> str:
         rate = self.new_rows / self.seconds if self.seconds > 0 else 0.0
@@ -67,31 +68,65 @@ def stream(
     loader: Any,
     compute: Callable[[Chunk, dict[str, Any]], list[dict[str, Any]]],
     prefetch: int = 2,
+    limits: Limits | None = None,
 ) -> Iterator[tuple[Chunk, list[dict[str, Any]]]]:
-    """(chunk, output rows) in order; the images of the next `prefetch` chunks decode while one computes.
+    """(chunk, output rows) in order; the images of the next `prefetch` pieces decode while one computes.
 
+    A chunk larger than `limits` (a tar shard of 10,000 samples: the unit written and resumed) is decoded and
+    computed in pieces planned within `limits` (the unit held in memory); its rows come out together. An error
+    from `chunks` (a shard that cannot be read) is raised after the chunks already taken are computed.
     With `loader=None` nothing is decoded ahead: `compute` gets no images (it fetches what it needs itself).
     """
     if loader is None:
         for c in chunks:
             yield c, compute(c, {})
         return
-    it = iter(chunks)
-    pending: deque[tuple[Chunk, Any]] = deque()
+    pieces = _pieces(chunks, limits)
+    pending: deque[tuple[Chunk, Chunk, bool, Any]] = deque()
+    failure: BaseException | None = None
 
     def fill() -> None:
-        while len(pending) <= prefetch:
-            c = next(it, None)
-            if c is None:
+        nonlocal failure
+        while failure is None and len(pending) <= prefetch:
+            try:
+                item = next(pieces, None)
+            except Exception as e:  # raised once the pieces taken so far are done
+                failure = e
                 return
-            images = c.images
-            pending.append((c, loader.submit(list(images), list(images.values()))))
+            if item is None:
+                return
+            c, piece, last = item
+            images = piece.images
+            pending.append((c, piece, last, loader.submit(list(images), list(images.values()))))
 
     fill()
+    outs: list[dict[str, Any]] = []
     while pending:
-        c, handle = pending.popleft()
-        fill()  # the workers start on the next chunks before this one is computed
-        yield c, compute(c, loader.result(handle))
+        c, piece, last, handle = pending.popleft()
+        fill()  # the workers start on the next pieces before this one is computed
+        outs += compute(piece, loader.result(handle)) if piece.rows else []
+        if last:
+            yield c, outs
+            outs = []
+    if failure is not None:
+        raise failure
+
+
+def _pieces(chunks: Iterable[Chunk], limits: Limits | None) -> Iterator[tuple[Chunk, Chunk, bool]]:
+    """(chunk, piece, last piece of the chunk); a chunk within `limits` is its own single piece."""
+    for c in chunks:
+        if limits is None or not _over(c, limits):
+            yield c, c, True
+            continue
+        ps = list(plan(c.rows, limits))
+        for j, p in enumerate(ps):
+            yield c, p, j == len(ps) - 1
+
+
+def _over(c: Chunk, limits: Limits) -> bool:
+    if len(c.rows) > limits.rows:
+        return True
+    return len(c.images) > limits.images or len({r.text for r in c.rows if r.error is None}) > limits.texts
 
 
 @dataclass
@@ -101,9 +136,10 @@ class LocalExecutor:
     loader: Any
     compute: Callable[[Chunk, dict[str, Any]], list[dict[str, Any]]]
     prefetch: int = 2
+    limits: Limits | None = None  # pieces of a larger chunk are decoded and computed one at a time
 
     def run(self, chunks: Iterable[Chunk]) -> Iterator[tuple[int, list[dict[str, Any]]]]:
-        for c, outs in stream(chunks, self.loader, self.compute, self.prefetch):
+        for c, outs in stream(chunks, self.loader, self.compute, self.prefetch, self.limits):
             yield c.index, outs
 
 
@@ -177,18 +213,18 @@ def local_job(cfg: JobConfig) -> Summary:
     from btfast.preprocess import TextPreprocessor
     from btfast.score.engine import Context, compute_chunk, load_head, resolve_device, resolve_dtype
     from btfast.score.loader import ImageLoader, default_workers
-    from btfast.score.source import ListSource, PairsSource
+    from btfast.score.source import source_for
 
     embed = cfg.command == "embed"
-    source = ListSource(cfg) if embed else PairsSource(cfg)
+    source = source_for(cfg)
     source.check()  # a missing column or a wrong image root: fatal, before the model loads
     dev = resolve_device(cfg.device)
     dt = resolve_dtype(cfg.dtype, dev)
     batch_size = cfg.batch_size or default_batch_size(dev.type)
-    parquet = output_format(cfg.out) == "parquet"
+    parquet = is_url(cfg.out) or output_format(cfg.out) == "parquet"
     id_type = cfg.id_type(parquet)
     schema = output_schema(cfg, id_type) if parquet else None
-    sink = ChunkSink(cfg.out, cfg.header(dtype=str(dt), batch_size=batch_size), overwrite=cfg.overwrite, schema=schema)
+    sink = open_sink(cfg, cfg.header(dtype=str(dt), batch_size=batch_size), schema)
     images = cfg.image_preprocessor()
     loader = None
     try:
@@ -201,9 +237,13 @@ def local_job(cfg: JobConfig) -> Summary:
         total = source.total()
         with loader:
             summary = run_chunks(
-                source.chunks(),
+                source.chunks(wanted(cfg, sink)),
                 sink,
-                LocalExecutor(loader, lambda c, canvases: compute_chunk(ctx, cfg.command, id_type, c.rows, canvases)),
+                LocalExecutor(
+                    loader,
+                    lambda c, canvases: compute_chunk(ctx, cfg.command, id_type, c.rows, canvases),
+                    limits=cfg.limits,  # a tar shard is computed in pieces within the chunk limits
+                ),
                 shard=cfg.shard,
                 total_rows=None if total is None else -(-total // cfg.shard[1]),
                 desc="embed" if embed else f"score {cfg.head}",
@@ -211,7 +251,7 @@ def local_job(cfg: JobConfig) -> Summary:
                 progress=cfg.progress,
                 interrupt=cfg.interrupt,
             )
-        summary.stats = dict(ctx.stats)
+        summary.stats = {**ctx.stats, **shard_stats(source)}
         return summary
     finally:
         if loader is not None:
@@ -224,6 +264,28 @@ def output_schema(cfg: JobConfig, id_type: str) -> Any:
     if cfg.command == "embed":
         return embed_schema()
     return score_schema(cfg.head, id_type, cfg.with_text)
+
+
+def open_sink(cfg: JobConfig, header: dict[str, Any], schema: Any) -> Sink:
+    """A `.jsonl` / `.parquet` file: `ChunkSink`; a folder URL (s3://bucket/scores/): a folder of Parquet parts,
+    one per chunk or tar shard, each written whole (`btfast.score.parts.PartStore`, on any fsspec store)."""
+    if is_url(cfg.out):
+        from btfast.score.parts import PartStore
+
+        return PartStore(cfg.out, header, overwrite=cfg.overwrite, schema=schema)
+    return ChunkSink(cfg.out, header, overwrite=cfg.overwrite, schema=schema)
+
+
+def wanted(cfg: JobConfig, sink: Sink) -> Callable[[int], bool]:
+    """The chunks this run computes: those of its `--shard` that the sink has not recorded."""
+    i, n = cfg.shard
+    return lambda k: k % n == i and k not in sink.done
+
+
+def shard_stats(source: Any) -> dict[str, int]:
+    """`shards truncated` for the summary line (a tar shard that ended early: its readable rows were written)."""
+    truncated = getattr(source, "truncated", None)
+    return {"shards_truncated": len(truncated)} if truncated else {}
 
 
 def default_batch_size(device_type: str) -> int:
@@ -246,7 +308,7 @@ PATHS = ("model", "itc_model", "out", "pairs", "images", "texts", "image_root")
 
 def score(
     model: str | os.PathLike,
-    pairs: str | os.PathLike,
+    pairs: str | os.PathLike | None,
     out: str | os.PathLike,
     *,
     shard: str | None = None,
@@ -254,7 +316,8 @@ def score(
     fields: tuple[str, str, str] = ("image", "text", "id"),
     **options: Any,
 ) -> Summary:
-    """Score every (image, text) row of `pairs` with the `head` ("itm" or "itc") model in folder `model`.
+    """Score every (image, text) row of `pairs` with the `head` ("itm" or "itc") model in folder `model`; or,
+    with `pairs=None, shards="shards/{00000..00099}.tar"`, every sample of WebDataset tar shards.
 
     Writes `out` (.jsonl or .parquet): per input row its `row` number, `id`, `image`, `status` ("ok" or
     "error"), `error` (the reason), `text_truncated`, and the scores (ITM: `itm_logit`, `itm_prob`; ITC:

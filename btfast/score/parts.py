@@ -1,19 +1,21 @@
-"""Resumable folder output (`--ray` runs): deterministic parts, each written atomically, finished parts skipped.
+"""Resumable folder output (`--ray` runs, and any run whose `--out` is a folder URL such as s3://bucket/scores/):
+deterministic parts, each written atomically, finished parts skipped.
 
-The driver cuts the input into parts with the same planner as the single-process scorer (`btfast.score.plan`),
-so a part's rows depend only on the input and the chunk limits: every run, resumed or not, cuts the same parts.
-Output rows come back from Ray in any order; the driver gathers them by part and, once a part holds all its
-rows, writes it:
+The driver cuts the input into parts with the same planner as the single-process scorer (`btfast.score.plan`), or
+one part per tar shard, so a part's rows depend only on the input and the chunk limits: every run, resumed or
+not, cuts the same parts. Output rows come back from Ray in any order; the driver gathers them by part and, once
+a part holds all its rows, writes it:
 
     OUT/part-00000042.parquet      one file per part, rows sorted by `row`; present means complete
     OUT/_btfast_job.json           the job's header (command, model, input, options); `finished` once done
     OUT/_SUCCESS                   written last, when every part is there
-    OUT/.btfast-lock               held (flock) by the running driver; released by the kernel if it dies
+    OUT/.btfast-lock               (local folders) held (flock) by the running driver; released if it dies
 
-A part is written to a hidden temporary name, fsynced, renamed into place and the folder fsynced: a driver
-killed at any moment leaves complete parts and at most a temporary file (deleted on restart). A rerun of the
-same command skips the parts present; a rerun with different settings is refused unless `overwrite`. Each part
-records its row and error counts in its Parquet metadata, so resuming reads only file footers.
+OUT is a path or an fsspec URL (`btfast.io.fs`). A local part is written to a hidden temporary name, fsynced,
+renamed into place and the folder fsynced; an object-store part is one PUT, which the store makes atomic: a
+driver killed at any moment leaves complete parts and at most a temporary file (deleted on restart). A rerun of
+the same command skips the parts present; a rerun with different settings is refused unless `overwrite`. Each
+part records its row and error counts in its Parquet metadata, so resuming reads only file footers.
 
 Parquet readers (pyarrow, pandas, Spark, `ray.data.read_parquet`) read the folder as one table: names starting
 with `_` or `.` are skipped.
@@ -28,7 +30,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from btfast.score.sink import ResumeError, fsync_dir, same_job, write_parquet_atomic
+from btfast.io import fs
+from btfast.score.sink import ResumeError, same_job, write_parquet_atomic
 
 JOB_FILE = "_btfast_job.json"
 SUCCESS_FILE = "_SUCCESS"
@@ -42,98 +45,112 @@ def part_name(k: int) -> str:
     return f"part-{k:08d}.parquet"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 def _ours(name: str) -> bool:
     return bool(
         PART_RE.match(name)
         or TMP_RE.match(name)
         or name in (JOB_FILE, SUCCESS_FILE, LOCK_FILE)
-        or name == f".{JOB_FILE}.tmp"
+        or name.startswith(f".{JOB_FILE}.tmp")
     )
 
 
 class PartStore:
-    """The output folder of one job: which parts are done (with their row / error counts), writing new ones."""
+    """The output folder of one job (a path, or a folder URL on any fsspec store: s3://bucket/scores/): which
+    parts are done (with their row / error counts), writing new ones (`btfast.io.fs.write_atomic`: a local part is
+    renamed into place, an object-store part is one PUT). A local folder is locked against a second writer; an
+    object store has no locks: do not point two runs at one folder URL."""
 
-    def __init__(self, folder: str | os.PathLike, header: dict[str, Any], overwrite: bool = False) -> None:
-        self.folder = self.out = Path(folder)
+    def __init__(
+        self, folder: str | os.PathLike, header: dict[str, Any], overwrite: bool = False, schema: Any = None
+    ) -> None:
+        self.url = os.fspath(folder)
+        self.local = not fs.is_url(self.url)
+        self.out = Path(self.url) if self.local else fs.display(self.url)
         self.header = json.loads(json.dumps(header))
+        self.schema = schema  # pyarrow schema for parts given as rows (None: they come as tables)
         self.done: dict[int, dict[str, int]] = {}
         self.finished = False
         self._lock_fd: int | None = None
-        if self.folder.exists() and not self.folder.is_dir():
-            raise ResumeError(f"{self.folder} is a file: with --ray, --out is a folder of Parquet files")
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._lock()
+        if fs.isfile(self.url):
+            raise ResumeError(f"{self.out} is a file: --out is a folder of Parquet files here")
+        if self.local:
+            os.makedirs(self.url, exist_ok=True)
+            self._lock()
         try:
             self._open(overwrite)
         except BaseException:
             self.close()
             raise
 
+    def _join(self, name: str) -> str:
+        return fs.join(self.url, name)
+
+    def _names(self) -> list[str]:
+        if not fs.exists(self.url):
+            return []
+        return [fs.basename(n) for n in fs.listdir(self.url)]
+
+    def _remove(self, name: str) -> None:
+        if self.local:
+            (Path(self.url) / name).unlink(missing_ok=True)
+        else:
+            filesystem, p = fs.filesystem(self._join(name))
+            filesystem.rm_file(p)
+
     # ---- start / resume --------------------------------------------------------------------------------------
     def _lock(self) -> None:
         import fcntl
 
-        fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(os.path.join(self.url, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
-            raise ResumeError(f"{self.folder}: another btfast run is writing this folder") from None
+            raise ResumeError(f"{self.out}: another btfast run is writing this folder") from None
         self._lock_fd = fd
 
     def _open(self, overwrite: bool) -> None:
-        names = [p.name for p in self.folder.iterdir()]
+        names = self._names()
         foreign = sorted(n for n in names if not _ours(n))
         if foreign:
             shown = ", ".join(foreign[:3]) + (" ..." if len(foreign) > 3 else "")
             raise ResumeError(
-                f"{self.folder} holds files btfast did not write ({shown}): give an empty or new folder for --out"
+                f"{self.out} holds files btfast did not write ({shown}): give an empty or new folder for --out"
             )
-        job = self.folder / JOB_FILE
         if not any(PART_RE.match(n) for n in names):
             overwrite = True  # nothing written yet (a run that failed at its start): no output to protect
-        if job.exists() and not overwrite:
+        if JOB_FILE in names and not overwrite:
             try:
-                record = json.loads(job.read_text(encoding="utf-8"))
+                record = json.loads(fs.read_bytes(self._join(JOB_FILE)))
                 old = record["header"]
             except (ValueError, KeyError, TypeError):
-                raise ResumeError(f"{job}: damaged; pass --overwrite to start again") from None
-            same_job(old, self.header, self.folder)
+                raise ResumeError(f"{self.out}/{JOB_FILE}: damaged; pass --overwrite to start again") from None
+            same_job(old, self.header, self.out)
             self.finished = bool(record.get("finished"))
         else:  # a fresh job (or --overwrite): clear what an earlier job left, then record the header
             for n in names:
                 if n != LOCK_FILE:
-                    (self.folder / n).unlink()
-            _write_atomic(job, (json.dumps({"header": self.header}, indent=1) + "\n").encode())
-        for n in os.listdir(self.folder):
+                    self._remove(n)
+            names = []
+            fs.write_atomic(self._join(JOB_FILE), (json.dumps({"header": self.header}, indent=1) + "\n").encode())
+        for n in names:
             if TMP_RE.match(n):  # a part being written when the last run died
-                (self.folder / n).unlink()
-        for n in os.listdir(self.folder):
+                self._remove(n)
             m = PART_RE.match(n)
             if m:
-                info = self._read_meta(self.folder / n)
+                info = self._read_meta(self._join(n))
                 if info is None:  # unreadable: cannot be ours and complete; redo it
-                    (self.folder / n).unlink()
+                    self._remove(n)
                 else:
                     self.done[int(m.group(1))] = info
 
     @staticmethod
-    def _read_meta(path: Path) -> dict[str, int] | None:
+    def _read_meta(path: str) -> dict[str, int] | None:
         import pyarrow.parquet as pq
 
         try:
-            md = pq.read_metadata(path)
+            with fs.open_file(path, "rb") as f:
+                md = pq.read_metadata(f)
             info = json.loads((md.metadata or {})[META_KEY])
             if int(info["rows"]) != md.num_rows:
                 return None
@@ -142,26 +159,30 @@ class PartStore:
             return None
 
     # ---- write -----------------------------------------------------------------------------------------------
-    def path(self, k: int) -> Path:
-        return self.folder / part_name(k)
+    def path(self, k: int) -> str:
+        return self._join(part_name(k))
 
     def write(self, k: int, table: Any) -> dict[str, int]:
-        """Write part k (a pyarrow Table) atomically; its row and error counts go into the file's metadata."""
+        """Write part k (a pyarrow Table, or rows as dicts with `schema`) whole; its row and error counts go into
+        the file's metadata, so that a present part is a complete one and resuming reads only footers."""
+        import pyarrow as pa
         import pyarrow.compute as pc
 
+        if not isinstance(table, pa.Table):
+            table = pa.Table.from_pylist(list(table), schema=self.schema)
         errors = table.num_rows - int(pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0)
         info = {"part": k, "rows": table.num_rows, "errors": errors}
         meta = dict(table.schema.metadata or {})
         meta[META_KEY] = json.dumps(info).encode()
         table = table.replace_schema_metadata(meta)
-        final = self.path(k)
-        write_parquet_atomic(table, final, final.with_name(f".{final.name}.tmp"))
+        write_parquet_atomic(table, self.path(k))
         self.done[k] = {"rows": info["rows"], "errors": errors}
         return self.done[k]
 
     def discard(self, k: int) -> None:
         """Forget part k (its file does not match the plan): it will be computed again."""
-        self.path(k).unlink(missing_ok=True)
+        if k in self.done or fs.exists(self.path(k)):
+            self._remove(part_name(k))
         self.done.pop(k, None)
 
     def finish(self, parts: Iterable[int]) -> None:
@@ -169,7 +190,7 @@ class PartStore:
         parts = sorted(parts)
         missing = [k for k in parts if k not in self.done]
         if missing:
-            raise RuntimeError(f"cannot finish {self.folder}: {len(missing)} parts missing (first {missing[0]})")
+            raise RuntimeError(f"cannot finish {self.out}: {len(missing)} parts missing (first {missing[0]})")
         if self.finished:
             return
         record = {
@@ -179,8 +200,8 @@ class PartStore:
             "rows": self.rows_done,
             "errors": self.errors_done,
         }
-        _write_atomic(self.folder / JOB_FILE, (json.dumps(record, indent=1) + "\n").encode())
-        _write_atomic(self.folder / SUCCESS_FILE, b"")
+        fs.write_atomic(self._join(JOB_FILE), (json.dumps(record, indent=1) + "\n").encode())
+        fs.write_atomic(self._join(SUCCESS_FILE), b"")
         self.finished = True
 
     def close(self) -> None:

@@ -291,10 +291,17 @@ def retrieve_job(cfg: JobConfig) -> Summary:
     batch_size = cfg.batch_size or default_batch_size(dev.type)
     workers = default_workers() if cfg.workers is None else cfg.workers
 
-    ListSource(cfg).check()  # a missing column or a wrong image root: fatal, before any model loads
-    c = cfg.columns
-    image_rows = list(read_images(cfg.images, cfg.image_root, image_field=c.image, id_field=c.id))
-    text_rows = list(read_texts(cfg.texts, text_field=c.text, id_field=c.id))
+    if cfg.shards is not None:  # each sample's image and text, from tar shards
+        from btfast.score.source import ShardsSource
+
+        source = ShardsSource(cfg, ("image", "text"))
+        source.check()
+        image_rows, text_rows = source.lists()
+    else:
+        ListSource(cfg).check()  # a missing column or a wrong image root: fatal, before any model loads
+        c = cfg.columns
+        image_rows = list(read_images(cfg.images, cfg.image_root, image_field=c.image, id_field=c.id))
+        text_rows = list(read_texts(cfg.texts, text_field=c.text, id_field=c.id))
     header = cfg.header(dtype=str(dt), batch_size=batch_size)
     schema = retrieve_schema() if output_format(cfg.out) == "parquet" else None
     sink = ChunkSink(cfg.out, header, overwrite=cfg.overwrite, schema=schema)

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
+import posixpath
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from btfast.io import fs
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".jfif"}
 
@@ -67,7 +71,7 @@ def iter_records(
     """(record, None) per row, or (None, reason) for a row that cannot be parsed. Order = file order."""
     fmt = input_format(path)
     if fmt == "jsonl":
-        with open(path, "rb") as f:
+        with fs.open_file(path, "rb") as f:
             for raw in f:
                 line = raw.strip()
                 if not line:
@@ -83,7 +87,7 @@ def iter_records(
                 yield rec, None
     elif fmt in ("csv", "tsv"):
         csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        with _text(path, newline="") as f:
             reader = csv.reader(f, delimiter="\t" if fmt == "tsv" else ",")
             header = next(reader, None)
             if header is None:
@@ -99,15 +103,20 @@ def iter_records(
     elif fmt == "parquet":
         import pyarrow.parquet as pq
 
-        pf = pq.ParquetFile(path)
-        for batch in pf.iter_batches(batch_size=8192):
-            yield from ((rec, None) for rec in batch.to_pylist())
+        with fs.open_file(path, "rb") as raw:
+            for batch in pq.ParquetFile(raw).iter_batches(batch_size=8192):
+                yield from ((rec, None) for rec in batch.to_pylist())
     else:  # txt: one value per line, for image lists and text lists
-        with open(path, encoding="utf-8", errors="replace") as f:
+        with _text(path) as f:
             for line in f:
                 line = line.rstrip("\n").rstrip("\r")
                 if line.strip():
                     yield {text_field: line}, None
+
+
+def _text(path: str | os.PathLike, newline: str | None = None) -> io.TextIOWrapper:
+    """`path` (a path or a URL) as UTF-8 text; undecodable bytes replaced."""
+    return io.TextIOWrapper(fs.open_file(path, "rb"), encoding="utf-8", errors="replace", newline=newline)
 
 
 def count_records(path: str | os.PathLike) -> int:
@@ -116,9 +125,10 @@ def count_records(path: str | os.PathLike) -> int:
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
-        return pq.ParquetFile(path).metadata.num_rows
+        with fs.open_file(path, "rb") as raw:
+            return pq.ParquetFile(raw).metadata.num_rows
     n = 0
-    with open(path, "rb") as f:
+    with fs.open_file(path, "rb") as f:
         for line in f:
             if line.strip():
                 n += 1
@@ -135,7 +145,9 @@ class ImageResolver:
 
     def __init__(self, root: str | os.PathLike | None, base: str | os.PathLike | None = None) -> None:
         self.confine = root is not None
-        self.root = os.path.abspath(root if root is not None else (base or "."))
+        where = os.fspath(root if root is not None else (base or "."))
+        self.url = fs.is_url(where)  # a folder URL (s3://bucket/images): names join under it
+        self.root = where.rstrip("/") if self.url else os.path.abspath(where)
 
     def __call__(self, value: Any) -> tuple[str | bytes, str, str]:
         if isinstance(value, (bytes, bytearray, memoryview)):
@@ -153,14 +165,29 @@ class ImageResolver:
         name = value.strip()
         if not name:
             raise ValueError("empty image path")
-        if "://" in name:
-            raise ValueError("URLs are not supported: download the images and give paths")
         if "\x00" in name:
             raise ValueError("image path contains a NUL byte")
+        if fs.is_url(name) or self.url:
+            return self._url(name, value)
         path = os.path.abspath(os.path.join(self.root, name))
         if self.confine and not (path == self.root or path.startswith(self.root.rstrip(os.sep) + os.sep)):
             raise ValueError(f"image path leaves --image-root: {name}")
         return path, path, value
+
+    def _url(self, name: str, value: str) -> tuple[str, str, str]:
+        """An image named by a URL, or by a relative name under a root (or list) that is a URL: read via fsspec."""
+        if fs.is_url(name) or name.startswith("/"):
+            if self.confine:
+                raise ValueError(f"image path leaves --image-root: {name}")
+            where = name if fs.is_url(name) else os.path.abspath(name)
+            return where, where, value
+        scheme, _, folder = self.root.partition("://")
+        folder = "/" + folder.strip("/")
+        joined = posixpath.normpath(posixpath.join(folder, name))
+        if self.confine and not joined.startswith(folder.rstrip("/") + "/"):
+            raise ValueError(f"image path leaves --image-root: {name}")
+        url = f"{scheme}://{joined.lstrip('/')}"
+        return url, url, value
 
 
 def _id_of(rec: dict[str, Any], id_field: str, row: int | None) -> Any:
@@ -215,7 +242,13 @@ def read_images(
     image_field: str = "image",
     id_field: str = "id",
 ) -> Iterator[Row]:
-    """Image rows from a folder (every image file below it, sorted) or a list file (.txt / JSONL / CSV / Parquet)."""
+    """Image rows from a folder (every image file below it, sorted) or a list file (.txt / JSONL / CSV / Parquet);
+    a list may be a URL (its relative names are then under the list's folder URL, or under `resolver_root`)."""
+    if fs.is_url(path_or_dir):
+        resolver = ImageResolver(resolver_root, fs.parent(path_or_dir))
+        for i, (rec, err) in enumerate(iter_records(path_or_dir, text_field=image_field)):
+            yield parse_record(rec, i, resolver, "image", image_field=image_field, id_field=id_field, error=err)
+        return
     p = Path(path_or_dir)
     if p.is_dir():
         root = Path(resolver_root) if resolver_root is not None else p
@@ -283,7 +316,8 @@ def columns_of(path: str | os.PathLike, sample: int = 1000) -> list[str] | None:
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
-        return list(pq.read_schema(path).names)
+        with fs.open_file(path, "rb") as raw:
+            return list(pq.read_schema(raw).names)
     seen: dict[str, None] = {}
     for k, (rec, _) in enumerate(iter_records(path)):
         if k >= sample:
@@ -321,7 +355,7 @@ def check_image_paths(rows: Iterator[Row], sample: int = 64) -> None:
             paths.append(r)
             if len(paths) >= sample:
                 break
-    if paths and not any(os.path.exists(r.image) for r in paths):  # type: ignore[arg-type]
+    if paths and not any(fs.exists(r.image) for r in paths):  # type: ignore[arg-type]
         r = paths[0]
         raise InputError(
             f"none of the first {len(paths)} images exists (e.g. {r.image_name!r} -> {r.image}): "

@@ -84,7 +84,10 @@ def id_type_of(path: str | os.PathLike | None, id_column: str = "id", schema: An
             return "string"
         import pyarrow.parquet as pq
 
-        schema = pq.read_schema(path)
+        from btfast.io import fs
+
+        with fs.open_file(path, "rb") as f:
+            schema = pq.read_schema(f)
     names = list(schema.names)
     if id_column not in names:
         return "int"

@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from btfast.io.fs import write_atomic
+
 PROGRESS_SUFFIX = ".btfast-progress"
 PARTS_SUFFIX = ".btfast-parts"
 
@@ -74,29 +76,15 @@ def _fsync(f: Any) -> None:
     os.fsync(f.fileno())
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename in folder `path` durable (where the platform has directory fds)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
+def write_parquet_atomic(table: Any, path: str | os.PathLike) -> None:
+    """Write `table` as Parquet at `path` (a path or URL) whole: present means complete (`btfast.io.fs`)."""
+    import io
 
-
-def write_parquet_atomic(table: Any, path: Path, tmp: Path) -> None:
-    """Write `table` to `tmp`, make it durable, then rename it to `path`: present means complete."""
     import pyarrow.parquet as pq
 
-    pq.write_table(table, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    write_atomic(path, buf.getvalue())
 
 
 class Sink(Protocol):
@@ -259,7 +247,7 @@ class ChunkSink:
             import pyarrow as pa
 
             table = pa.Table.from_pylist(list(rows), schema=self.schema)
-            write_parquet_atomic(table, self._part(chunk), self._part(chunk).with_suffix(".tmp"))
+            write_parquet_atomic(table, self._part(chunk))
         self._progress.write(json.dumps(rec) + "\n")
         _fsync(self._progress)
         self.done[chunk] = rec

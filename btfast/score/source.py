@@ -4,20 +4,25 @@ A source yields `Row`s (id, image source, text, or the reason the record is unus
 grouped into `Chunk`s. A chunk is the unit of work, of output and of resume: its `index` must depend only on the
 input and the job configuration, so that a resumed or sharded run (shard i of n takes the indices = i mod n) cuts
 the same chunks. Every executor (local worker processes, Ray Data) and every sink takes chunks from a source, so a
-new input kind (a folder, WebDataset tar shards, an fsspec URL) is one new `Source` class:
+new input kind is one new `Source` class (`ShardsSource`: WebDataset tar shards, one chunk per shard):
 
-    class TarShards:                        # e.g. one chunk per tar shard, index = the shard's position
-        def check(self) -> None: ...        # fatal input errors, before any model loads
-        def chunks(self) -> Iterator[Chunk]: ...
-        def total(self) -> int | None: ...  # rows, for the progress bar (None: unknown)
+    def check(self) -> None: ...                    # fatal input errors, before any model loads
+    def chunks(self, wanted=None) -> Iterator[Chunk]: ...
+    def total(self) -> int | None: ...              # rows, for the progress bar (None: unknown)
+
+`wanted(index)` says which chunks this run will compute (its shard of the job, not yet written): a source that
+can skip reading the others (tar shards on an object store) yields them as empty placeholders, so the driver
+still knows every index of its shard.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
+from btfast.io import fs
 from btfast.score.config import JobConfig
 from btfast.score.plan import Chunk, plan
 from btfast.score.rows import (
@@ -39,7 +44,7 @@ class Source(Protocol):
     def check(self) -> None:
         """Raise InputError for a problem that would make every row an error (a missing column, a wrong root)."""
 
-    def chunks(self) -> Iterator[Chunk]:
+    def chunks(self, wanted: Callable[[int], bool] | None = None) -> Iterator[Chunk]:
         """The units of work in order, each with an index that depends only on the input and the job."""
 
     def total(self) -> int | None:
@@ -53,7 +58,7 @@ class PairsSource:
         assert cfg.pairs is not None
         self.cfg = cfg
         self.path = cfg.pairs
-        self.resolver = ImageResolver(cfg.image_root, base=Path(cfg.pairs).parent)
+        self.resolver = ImageResolver(cfg.image_root, base=fs.parent(cfg.pairs))
 
     def rows(self) -> Iterator[Row]:
         c = self.cfg.columns
@@ -63,7 +68,7 @@ class PairsSource:
         check_columns(self.path, {"image": self.cfg.columns.image, "text": self.cfg.columns.text})
         check_image_paths(self.rows())
 
-    def chunks(self) -> Iterator[Chunk]:
+    def chunks(self, wanted: Callable[[int], bool] | None = None) -> Iterator[Chunk]:
         return plan(self.rows(), self.cfg.limits)
 
     def total(self) -> int | None:
@@ -89,7 +94,7 @@ class ListSource:
         c = self.cfg.columns
         return read_images(self.cfg.images, self.cfg.image_root, image_field=c.image, id_field=c.id)
 
-    def chunks(self) -> Iterator[Chunk]:
+    def chunks(self, wanted: Callable[[int], bool] | None = None) -> Iterator[Chunk]:
         c = self.cfg.columns
         k = 0
         for rows in (
@@ -103,6 +108,86 @@ class ListSource:
 
     def total(self) -> int | None:
         return None
+
+
+class ShardReadError(OSError):
+    """Shards that could not be read (missing, unreachable, not a tar): the others are written, a rerun retries."""
+
+
+class ShardsSource:
+    """WebDataset tar shards (`btfast.io.webdataset`): one chunk per shard, index = the shard's position in the
+    collection, so `--shard i/n` and Ray divide the work by shard files and a shard is written and resumed whole.
+
+    Only the wanted shards are fetched, the next one while this one is used. A truncated shard gives its readable
+    rows and is reported (`truncated`, and a warning); a shard that cannot be read at all is not written and
+    makes the job fail at its end with `ShardReadError` naming it, after every other shard is written.
+    """
+
+    def __init__(self, cfg: JobConfig, kinds: tuple[str, ...] | None = None) -> None:
+        from btfast.io.webdataset import ShardReader
+
+        assert cfg.shards is not None
+        self.reader = ShardReader(cfg.shards, kinds or cfg.shard_kinds(), cfg.caption_field)
+        self.truncated: dict[str, str] = {}  # shard -> why, for the shards read by this run
+
+    def check(self) -> None:
+        from btfast.errors import InputError
+
+        try:
+            self.reader.shards  # noqa: B018 - lists the collection (no shard is read)
+        except (OSError, ValueError) as e:
+            raise InputError(f"--shards: {e}") from None
+
+    def chunks(self, wanted: Callable[[int], bool] | None = None) -> Iterator[Chunk]:
+        n = len(self.reader.shards)
+        want = [k for k in range(n) if wanted is None or wanted(k)]
+        read = self.reader.read(set(want).__contains__)
+        failed: list[str] = []
+        for k in range(n):
+            if not want or k != want[0]:
+                yield Chunk(k)  # not this run's: a placeholder, never computed
+                continue
+            want.pop(0)
+            shard = next(read)
+            if shard.error is not None:
+                failed.append(f"{shard.name}: {shard.error}")
+                continue
+            if shard.truncated is not None:
+                self.truncated[shard.name] = shard.truncated
+                print(
+                    f"btfast: warning: shard {shard.name} is truncated ({shard.truncated}); its {len(shard.rows)} "
+                    "readable rows are written",
+                    file=sys.stderr,
+                )
+            name = shard.name.rpartition("/")[2]
+            for r in shard.rows:
+                r.image_name = f"{name}/{r.image_name}" if r.image_name else None
+            yield Chunk(k, shard.rows)
+        if failed:
+            reasons = "; ".join(failed)
+            raise ShardReadError(f"{len(failed)} shard(s) could not be read; the others are written, rerun: {reasons}")
+
+    def total(self) -> int | None:
+        return None
+
+    def lists(self) -> tuple[list[Row], list[Row]]:
+        """(image rows, text rows) of the whole collection, each numbered from 0 in collection order: the gallery
+        and the queries of `btfast retrieve`."""
+        images: list[Row] = []
+        texts: list[Row] = []
+        for c in self.chunks():
+            for r in c.rows:
+                side = images if r.kind == "image" else texts
+                r.row = len(side)
+                side.append(r)
+        return images, texts
+
+
+def source_for(cfg: JobConfig) -> Source:
+    """The source of job `cfg`: tar shards, a pairs file (score) or image / text lists (embed)."""
+    if cfg.shards is not None:
+        return ShardsSource(cfg)
+    return PairsSource(cfg) if cfg.command == "score" else ListSource(cfg)
 
 
 def _is_table(path: str) -> bool:
