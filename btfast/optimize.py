@@ -24,17 +24,19 @@ from btfast.weights import Weights, pack
 
 log = logging.getLogger("btfast")
 
-# Arguments the reference serves and btfast hands to it (with a one-time warning), rather than answer wrongly.
-_REFERENCE_ONLY = ("output_attentions", "output_hidden_states", "interpolate_pos_encoding", "image_embeds")
-
-
 class OptimizedBridgeTower(nn.Module):
     """A BridgeTower head with btfast's forward: same arguments, same output class, same numbers.
 
     The wrapped model stays available as `.model` and still works; its q/k/v parameters become views
     into packed tensors (no copy). `encode_text` / `encode_image` / `fuse` expose the three stages, so
-    each unique text or image can be encoded once and fused with many partners.
+    each unique text or image can be encoded once and fused with many partners. `OptimizedBridgeTower(model)`
+    builds the subclass of the model's head, whose forward has the reference's signature.
     """
+
+    def __new__(cls, model: nn.Module, *args: Any, **kwargs: Any) -> OptimizedBridgeTower:
+        if cls is OptimizedBridgeTower:
+            cls = _OPTIMIZED[read_spec(model).head]
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -240,36 +242,22 @@ class OptimizedBridgeTower(nn.Module):
             self._warned.add(key)
             log.warning(message)
 
-    @torch.no_grad()
-    def forward(
-        self,
-        input_ids: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        token_type_ids: Tensor | None = None,
-        pixel_values: Tensor | None = None,
-        pixel_mask: Tensor | None = None,
-        inputs_embeds: Tensor | None = None,
-        labels: Tensor | None = None,
-        return_loss: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        """As the wrapped head's forward. `token_type_ids` and `pixel_mask` are ignored, as by the reference."""
-        if inputs_embeds is not None:
-            raise InputError("inputs_embeds is not supported (nor by the reference): pass input_ids")
-        reference_only = [k for k in _REFERENCE_ONLY if kwargs.get(k)]
-        if reference_only:
-            return self._reference(
-                reference_only, input_ids, attention_mask, pixel_values, labels, return_loss, return_dict, kwargs
+    def _call(self, named: dict[str, Any], kwargs: dict[str, Any]) -> Any:
+        """The forward of every head: `named` holds the head's named arguments (its own signature, as the
+        reference's), `kwargs` the rest. Requests btfast does not compute go to the reference model whole."""
+        why = self._reference_reasons(named, kwargs)
+        if why:
+            self._warn_once(
+                "reference:" + ",".join(why),
+                f"btfast: {', '.join(why)} requested: served by the transformers reference model (slow path)",
             )
-        if kwargs.get("image_token_type_idx") not in (None, 1):
-            raise InputError("image_token_type_idx other than 1 is not supported by btfast")
-        unknown = set(kwargs) - set(_REFERENCE_ONLY) - {"image_token_type_idx", "use_cache"}
+            return self.model(**named, **kwargs)
+        if named.get("inputs_embeds") is not None:
+            raise InputError("inputs_embeds is not supported (nor by the reference): pass input_ids")
+        unknown = set(kwargs) - {"output_attentions", "output_hidden_states", "return_dict", "use_cache"}
         if unknown:
             raise InputError(f"unexpected arguments: {', '.join(sorted(unknown))}")
-        if return_loss and self.spec.head != "itc":
-            raise InputError("return_loss applies to BridgeTowerForContrastiveLearning; use labels for ITM / MLM")
-
+        input_ids, attention_mask, pixel_values = named["input_ids"], named["attention_mask"], named["pixel_values"]
         inputs.check_text(self.spec, self.weights.word.shape[0], input_ids, attention_mask)
         inputs.check_image(self.spec, pixel_values)
         inputs.check_pair(input_ids, pixel_values)
@@ -277,10 +265,30 @@ class OptimizedBridgeTower(nn.Module):
             input_ids.to(self.device),
             _key_mask(attention_mask, self.device),
             pixel_values.to(self.device, self.dtype),
-            labels,
-            bool(return_loss),
+            named.get("labels") if self.spec.head in ("itm", "mlm") else None,
+            bool(named.get("return_loss")),
         )
-        return out if return_dict is not False else out.to_tuple()
+        return out if self._flag(kwargs, "return_dict") else out.to_tuple()
+
+    def _flag(self, kwargs: dict[str, Any], name: str) -> bool:
+        """An output flag as transformers reads it: the keyword when given (not None), else the config's value."""
+        value = kwargs.get(name)
+        return bool(getattr(self.model.config, name, name == "return_dict") if value is None else value)
+
+    def _reference_reasons(self, named: dict[str, Any], kwargs: dict[str, Any]) -> list[str]:
+        """What in this call only the reference model serves (keyword or config flag), named for the warning."""
+        why = [
+            name if kwargs.get(name) is not None else f"config.{name}"
+            for name in ("output_hidden_states", "output_attentions")
+            if self._flag(kwargs, name)
+        ]
+        if named.get("image_embeds") is not None:
+            why.append("image_embeds")
+        if named.get("interpolate_pos_encoding"):
+            why.append("interpolate_pos_encoding")
+        if named.get("image_token_type_idx") not in (None, 0, 1):  # the reference reads 0 as 1 (`idx or 1`)
+            why.append("image_token_type_idx")
+        return why
 
     def run(
         self, input_ids: Tensor, key_mask: Tensor | None, pixel_values: Tensor, labels: Tensor | None, return_loss: bool
@@ -325,30 +333,6 @@ class OptimizedBridgeTower(nn.Module):
             heads.itc_cross(w, ops, pooled),
         )
 
-    def _reference(
-        self,
-        why: list[str],
-        input_ids: Any,
-        attention_mask: Any,
-        pixel_values: Any,
-        labels: Any,
-        return_loss: Any,
-        return_dict: Any,
-        kwargs: dict[str, Any],
-    ) -> Any:
-        self._warn_once(
-            "reference:" + ",".join(why),
-            f"btfast: {', '.join(why)} requested: served by the transformers reference model (slow path)",
-        )
-        extra: dict[str, Any] = dict(kwargs)
-        if labels is not None:
-            extra["labels"] = labels
-        if return_loss is not None:
-            extra["return_loss"] = return_loss
-        if return_dict is not None:
-            extra["return_dict"] = return_dict
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, **extra)
-
     # -- introspection -------------------------------------------------------------------------------
 
     def explain(self) -> str:
@@ -380,6 +364,97 @@ _HEAD_CLASS = {
     "mlm": "BridgeTowerForMaskedLM",
     "itc": "BridgeTowerForContrastiveLearning",
 }
+
+
+# One subclass per head, each with its reference's forward signature (names, order, defaults), so positional
+# calls mean what they mean to transformers. `token_type_ids` and `pixel_mask` are ignored, as by the reference.
+
+
+class OptimizedBridgeTowerModel(OptimizedBridgeTower):
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        pixel_values: Tensor | None = None,
+        pixel_mask: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        image_embeds: Tensor | None = None,
+        image_token_type_idx: int | None = None,
+        labels: Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """As BridgeTowerModel.forward (`labels` unused, as there)."""
+        return self._call(_named(locals()), kwargs)
+
+
+class OptimizedBridgeTowerForImageAndTextRetrieval(OptimizedBridgeTower):
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        pixel_values: Tensor | None = None,
+        pixel_mask: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        image_embeds: Tensor | None = None,
+        labels: Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """As BridgeTowerForImageAndTextRetrieval.forward."""
+        return self._call(_named(locals()), kwargs)
+
+
+class OptimizedBridgeTowerForMaskedLM(OptimizedBridgeTower):
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        pixel_values: Tensor | None = None,
+        pixel_mask: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        image_embeds: Tensor | None = None,
+        labels: Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """As BridgeTowerForMaskedLM.forward."""
+        return self._call(_named(locals()), kwargs)
+
+
+class OptimizedBridgeTowerForContrastiveLearning(OptimizedBridgeTower):
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        pixel_values: Tensor | None = None,
+        pixel_mask: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        image_embeds: Tensor | None = None,
+        return_loss: bool | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """As BridgeTowerForContrastiveLearning.forward."""
+        return self._call(_named(locals()), kwargs)
+
+
+_OPTIMIZED = {
+    "base": OptimizedBridgeTowerModel,
+    "itm": OptimizedBridgeTowerForImageAndTextRetrieval,
+    "mlm": OptimizedBridgeTowerForMaskedLM,
+    "itc": OptimizedBridgeTowerForContrastiveLearning,
+}
+
+
+def _named(values: dict[str, Any]) -> dict[str, Any]:
+    """A forward's named arguments from its locals()."""
+    return {k: v for k, v in values.items() if k not in ("self", "kwargs")}
 
 
 def _key_mask(attention_mask: Tensor | None, device: torch.device) -> Tensor | None:

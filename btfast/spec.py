@@ -109,6 +109,12 @@ def read_spec(model: nn.Module) -> ModelSpec:
             "BridgeTowerForContrastiveLearning with share_cross_modal_transformer_layers=False is undefined "
             "(the reference calls the per-layer transform list as one module and crashes)"
         )
+    if head == "itc" and vc.hidden_size != cfg.hidden_size:
+        problems.append(
+            f"BridgeTowerForContrastiveLearning with vision_config.hidden_size ({vc.hidden_size}) != hidden_size "
+            f"({cfg.hidden_size}) is undefined (the reference adds a hidden_size token-type embedding to the "
+            "vision-sized image features and crashes)"
+        )
     image_size, patch_size = vc.image_size, vc.patch_size
     if not isinstance(image_size, int) or not isinstance(patch_size, int):
         problems.append(f"non-square image_size/patch_size ({image_size}, {patch_size}) are not supported")
