@@ -24,6 +24,7 @@ from btfast.weights import Weights, pack
 
 log = logging.getLogger("btfast")
 
+
 class OptimizedBridgeTower(nn.Module):
     """A BridgeTower head with btfast's forward: same arguments, same output class, same numbers.
 
