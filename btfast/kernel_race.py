@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from btfast.model.attention import split_heads
+from btfast.model import split_heads
 from btfast.ops import Ops, torch_add_layernorm, torch_attention, torch_linear
 from btfast.runtime import capture_graph
 from btfast.spec import ModelSpec

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from functools import partial
 from typing import Any
 
 import torch
@@ -15,7 +16,7 @@ from transformers.models.bridgetower.modeling_bridgetower import BridgeTowerCont
 from btfast import inputs
 from btfast.errors import InputError
 from btfast.kernel_race import Workload, race
-from btfast.model import fusion, heads, text, vision
+from btfast.model import BridgeTower, Layers, itc_embedding, itc_loss
 from btfast.ops import Ops
 from btfast.runtime import Arg, Buckets, Runtime, as_buckets
 from btfast.spec import ModelSpec, read_spec
@@ -83,17 +84,24 @@ class OptimizedBridgeTower(nn.Module):
             graphs = False
         if on_cuda and not self.ops.explicit:  # the default set: each kernel serves only where it beats torch
             race(self.ops, Workload.of(self.spec), self.device, self.dtype, compile, graphs)
-        # Each compiled / captured function, how its inputs are padded and where its outputs hold the text length.
+        # The forward with every layer type compiled once (dynamic batch and text length), and the same forward
+        # eager: the runtime calls it once per bucket so the op table keeps its books outside dynamo's guards.
+        eager = BridgeTower(self.weights, self.ops, self.spec)
+        backend = "inductor" if compile is True else compile
+        fast = BridgeTower(self.weights, self.ops, self.spec, Layers.compiled(backend)) if compile else eager
+        self.forward_model = fast
+        # Each stage, how its inputs are padded and where its outputs hold the text length.
         ids, mask, pixels = Arg(self.spec.pad_id, 1), Arg(False, 1), Arg(0.0)
         heads_out = {"base": (1, None, None), "itm": (None,), "mlm": (1,), "itc": (None, None, None)}
         plan = {
-            "forward": (self._raw_forward, (ids, mask, pixels), heads_out[self.spec.head]),
-            "text": (self._raw_text, (ids, mask), (2, None)),
-            "image": (self._raw_image, (pixels,), (None,)),
-            "fuse": (self._raw_fuse, (Arg(0.0, 2), mask, Arg(0.0)), (1, None, None)),
+            "forward": (BridgeTower.forward, (ids, mask, pixels), heads_out[self.spec.head]),
+            "text": (_text_stage, (ids, mask), (2, None)),
+            "image": (_image_stage, (pixels,), (None,)),
+            "fuse": (BridgeTower.fuse, (Arg(0.0, 2), mask, Arg(0.0)), (1, None, None)),
         }
         return {
-            name: Runtime(fn, ins, outs, buckets, compile, graphs, name=name) for name, (fn, ins, outs) in plan.items()
+            name: Runtime(partial(fn, fast), ins, outs, buckets, compile, graphs, name=name, eager=partial(fn, eager))
+            for name, (fn, ins, outs) in plan.items()
         }
 
     def warmup(
@@ -155,43 +163,12 @@ class OptimizedBridgeTower(nn.Module):
         bridges, cls = runtime(ids, _mask_for(runtime, key_mask, ids))
         return TextStates(bridges, key_mask, cls)
 
-    def _raw_text(self, input_ids: Tensor, key_mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        ts = self._encode_text(input_ids, key_mask)
-        return ts.bridges, ts.cls
-
-    def _encode_text(self, input_ids: Tensor, key_mask: Tensor | None) -> TextStates:
-        w, ops, spec = self.weights, self.ops, self.spec
-        x = text.embed(w, ops, spec, input_ids)
-        split = spec.split
-        for layer in w.text_layers[:split]:
-            x = text.layer(layer, ops, spec, x, key_mask)
-        bridges = [ops.linear(x, w.text_transform[0])]
-        for j, layer in enumerate(w.text_layers[split:], start=1):
-            x = text.layer(layer, ops, spec, x, key_mask)
-            bridges.append(ops.linear(x, w.text_transform[j]))
-        return TextStates(torch.stack(bridges, dim=1), key_mask, x[:, 0])
-
     @torch.no_grad()
     def encode_image(self, pixel_values: Tensor) -> ImageStates:
         """Run the vision tower on (B, 3, S, S) normalised pixels."""
         inputs.check_image(self.spec, pixel_values)
         (bridges,) = self.runtimes["image"](pixel_values.to(self.device, self.dtype))
         return ImageStates(bridges)
-
-    def _raw_image(self, pixel_values: Tensor) -> tuple[Tensor]:
-        return (self._encode_image(pixel_values).bridges,)
-
-    def _encode_image(self, pixel_values: Tensor) -> ImageStates:
-        w, ops, spec = self.weights, self.ops, self.spec
-        x = vision.embed(w, ops, spec, pixel_values)
-        split = spec.split
-        for blk in w.vision_blocks[:split]:
-            x = vision.block(blk, ops, spec, x)
-        bridges = [ops.linear(ops.layer_norm(x, w.ln_post), w.image_transform[0])]
-        for j, blk in enumerate(w.vision_blocks[split:], start=1):
-            x = vision.block(blk, ops, spec, x)
-            bridges.append(ops.linear(ops.layer_norm(x, w.ln_post), w.image_transform[j]))
-        return ImageStates(torch.stack(bridges, dim=1))
 
     @torch.no_grad()
     def fuse(self, text_states: TextStates, image_states: ImageStates) -> FusionOutput:
@@ -201,11 +178,6 @@ class OptimizedBridgeTower(nn.Module):
         runtime = self.runtimes["fuse"]
         mask = _mask_for(runtime, text_states.key_mask, text_states.bridges[:, 0, :, 0])
         return FusionOutput(*runtime(text_states.bridges, mask, image_states.bridges))
-
-    def _raw_fuse(self, text_bridges: Tensor, key_mask: Tensor | None, image_bridges: Tensor) -> tuple[Tensor, ...]:
-        w, ops = self.weights, self.ops
-        t, v = fusion.fuse(w, ops, self.spec, text_bridges, key_mask, image_bridges)
-        return t, v, heads.pooler(w, ops, t, v)
 
     # -- head-level helpers for scoring ---------------------------------------------------------------
 
@@ -217,7 +189,7 @@ class OptimizedBridgeTower(nn.Module):
     def itm_logits(self, text_states: TextStates, image_states: ImageStates) -> Tensor:
         """(B, 2) image-text matching logits of row-wise pairs; logit 1 is 'match'."""
         self._need_head("itm", "itm_logits")
-        return heads.itm_logits(self.weights, self.ops, self.fuse(text_states, image_states).pooler_output)
+        return self.ops.linear(self.fuse(text_states, image_states).pooler_output, self.weights.itm)
 
     @torch.no_grad()
     def itc_embeddings(
@@ -226,15 +198,16 @@ class OptimizedBridgeTower(nn.Module):
         """Normalised unimodal ITC embeddings (text, image): no fusion needed, the first stage of retrieval."""
         self._need_head("itc", "itc_embeddings")
         w, ops = self.weights, self.ops
-        t = None if text is None else heads.itc_text(w, ops, text.cls)
-        v = None if image is None else heads.itc_image(w, ops, image.bridges[:, -1, 0])
+        t = None if text is None else itc_embedding(ops, text.cls, w.itc_text)
+        v = None if image is None else itc_embedding(ops, image.bridges[:, -1, 0], w.itc_image)
         return t, v
 
     @torch.no_grad()
     def cross_embeddings(self, text_states: TextStates, image_states: ImageStates) -> Tensor:
         """Normalised ITC embedding of the fused pair (row-wise)."""
         self._need_head("itc", "cross_embeddings")
-        return heads.itc_cross(self.weights, self.ops, self.fuse(text_states, image_states).pooler_output)
+        pooled = self.fuse(text_states, image_states).pooler_output
+        return itc_embedding(self.ops, pooled, self.weights.itc_cross)
 
     # -- the drop-in forward --------------------------------------------------------------------------
 
@@ -311,27 +284,9 @@ class OptimizedBridgeTower(nn.Module):
                 loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.to(logits.device).view(-1))
             return MaskedLMOutput(loss=loss, logits=logits)
         t, v, c = raw
-        loss = heads.itc_loss(t, v, c, self.weights.logit_scale) if return_loss else None
+        loss = itc_loss(t, v, c, self.weights.logit_scale) if return_loss else None
         return BridgeTowerContrastiveOutput(
             loss=loss, logits=torch.stack([t, v, c], dim=-2), text_embeds=t, image_embeds=v, cross_embeds=c
-        )
-
-    def _raw_forward(self, input_ids: Tensor, key_mask: Tensor | None, pixel_values: Tensor) -> tuple[Tensor, ...]:
-        """The head's output tensors (no loss): the function the runtime compiles and captures per bucket."""
-        w, ops, head = self.weights, self.ops, self.spec.head
-        ts = self._encode_text(input_ids, key_mask)
-        im = self._encode_image(pixel_values)
-        t, v, pooled = self._raw_fuse(ts.bridges, key_mask, im.bridges)
-        if head == "base":
-            return t, v, pooled
-        if head == "itm":
-            return (heads.itm_logits(w, ops, pooled),)
-        if head == "mlm":
-            return (heads.mlm_logits(w, ops, self.spec, t),)
-        return (
-            heads.itc_text(w, ops, ts.cls),
-            heads.itc_image(w, ops, im.bridges[:, -1, 0]),
-            heads.itc_cross(w, ops, pooled),
         )
 
     # -- introspection -------------------------------------------------------------------------------
@@ -451,6 +406,15 @@ _OPTIMIZED = {
     "mlm": OptimizedBridgeTowerForMaskedLM,
     "itc": OptimizedBridgeTowerForContrastiveLearning,
 }
+
+
+def _text_stage(model: BridgeTower, input_ids: Tensor, key_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    ts = model.encode_text(input_ids, key_mask)
+    return ts.bridges, ts.cls
+
+
+def _image_stage(model: BridgeTower, pixel_values: Tensor) -> tuple[Tensor]:
+    return (model.encode_image(pixel_values).bridges,)
 
 
 def _named(values: dict[str, Any]) -> dict[str, Any]:

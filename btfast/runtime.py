@@ -1,10 +1,12 @@
-"""The runtime behind `optimize()`: static shape buckets, torch.compile and CUDA graphs.
+"""The runtime behind `optimize()`: static shape buckets over compiled layers, and CUDA graphs.
 
 A call's batch size and text length are rounded up to a bucket; inputs are padded (pad id for text,
-so RoBERTa positions stay right; masked keys; zero images) and outputs sliced back. Each bucket gets
-one compiled callable and, on CUDA, one captured CUDA graph, reused forever; all graphs share one
-memory pool, and outputs are copied out of it, so a result kept from one call is never overwritten by
-the next. Batches larger than the largest bucket are split into chunks and joined.
+so RoBERTa positions stay right; masked keys; zero images) and outputs sliced back. The forward it runs
+calls layers compiled once per layer type with the batch and text length dynamic (btfast.model.Layers),
+so a new bucket costs a run, not a compile; on CUDA each bucket is then captured as one CUDA graph,
+reused forever; all graphs share one memory pool, and outputs are copied out of it, so a result kept
+from one call is never overwritten by the next. Batches larger than the largest bucket are split into
+chunks and joined.
 """
 
 from __future__ import annotations
@@ -124,8 +126,9 @@ class Runtime:
     """Runs `forward(*inputs) -> tuple of tensors` through buckets; dim 0 of every input and output is the batch.
 
     `inputs` say how each input is padded (`Arg`); `outputs[i]` is the dim of output i holding the text length
-    (sliced back like the batch), or None. compile: False, True (inductor) or a torch.compile backend;
-    cuda_graphs: capture per bucket (CUDA only).
+    (sliced back like the batch), or None. compile: whether `forward` runs compiled layers (False, True = inductor,
+    or a backend), with `eager` the same function without them: called once per bucket (the op table keeps its
+    books outside dynamo's guards) and used alone if compiling fails. cuda_graphs: capture per bucket (CUDA only).
     """
 
     def __init__(
@@ -137,8 +140,10 @@ class Runtime:
         compile: bool | str | Callable = False,
         cuda_graphs: bool = False,
         name: str = "forward",
+        eager: Callable[..., tuple[Tensor, ...]] | None = None,
     ) -> None:
         self.forward = forward
+        self.eager = eager or forward
         self.inputs = tuple(inputs)
         self.outputs = tuple(outputs)
         self.buckets = buckets
@@ -148,7 +153,6 @@ class Runtime:
         self.entries: dict[tuple[int, int], _Entry] = {}
         self.stats = RuntimeStats()
         self._pool = None
-        self._compiled: Callable | None = None
         self.disabled: list[str] = []  # what failed on this machine and was turned off, with why
         self._text_arg = next((i for i, a in enumerate(self.inputs) if a.text_dim is not None), None)
         if compile:
@@ -160,12 +164,7 @@ class Runtime:
         return bool(self.compile or self.cuda_graphs)
 
     def _callable(self) -> Callable:
-        if not self.compile:
-            return self.forward
-        if self._compiled is None:
-            backend = "inductor" if self.compile is True else self.compile
-            self._compiled = torch.compile(self.forward, backend=backend, dynamic=False)
-        return self._compiled
+        return self.forward if self.compile else self.eager
 
     def _length(self, args: Sequence[Tensor]) -> int:
         if self._text_arg is None:
@@ -202,8 +201,8 @@ class Runtime:
             if e.what == "CUDA graphs":
                 self.cuda_graphs = False
             else:
-                self.compile, self._compiled = False, None
-            return self._build(key, like) if self.pads else _Entry(self.forward)
+                self.compile = False
+            return self._build(key, like) if self.pads else _Entry(self.eager)
 
     def _try_build(self, key: tuple[int, int], like: Sequence[Tensor]) -> _Entry:
         start = time.perf_counter()
@@ -214,7 +213,7 @@ class Runtime:
         with torch.inference_mode(False):
             sample = self._padded(key, [x[:1] for x in like])  # one real row, the rest padding
         if self.compile:
-            self.forward(*sample)  # once eagerly: the op table keeps its books (which backend serves what) here
+            self.eager(*sample)  # once eagerly: the op table keeps its books (which backend serves what) here
         graphs = self.cuda_graphs and like[0].is_cuda
         try:
             if graphs:
@@ -262,7 +261,7 @@ class Runtime:
 
     def _run_chunk(self, args: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
         if not self.pads:
-            return tuple(self.forward(*args))
+            return tuple(self.eager(*args))
         b, n = args[0].shape[0], self._length(args)
         key = self._key(b, n)
         entry = self._entry(key, args)
