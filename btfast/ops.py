@@ -11,16 +11,13 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from btfast.weights import Linear, Link, Norm
-
-if TYPE_CHECKING:
-    from btfast.kernel_race import Lap
 
 log = logging.getLogger("btfast")
 
@@ -81,6 +78,42 @@ def torch_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = N
 
 
 KERNEL_OPS = ("add_layernorm", "linear", "attention")
+LOST = "lost the kernel race"
+
+
+@dataclass(frozen=True)
+class Lap:
+    """An op's race result: milliseconds per forward on each side (calls × time per call, summed over cases)."""
+
+    triton_ms: float
+    torch_ms: float
+
+    @property
+    def speedup(self) -> float:
+        return self.torch_ms / self.triton_ms if self.triton_ms > 0 else float("inf")
+
+    @property
+    def triton_wins(self) -> bool:
+        return self.triton_ms < self.torch_ms
+
+
+@dataclass
+class Verdicts:
+    """What a kernel race (btfast.kernel_race) found, for the op table to take: per op its times, or why it
+    could not be timed; `where` says at which shapes and how long the race took."""
+
+    laps: dict[str, Lap] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    where: str = ""
+
+    def off(self) -> dict[str, str]:
+        """Why each op that lost or failed the race is served by torch."""
+        lost = {
+            op: f"{LOST}: Triton {lap.triton_ms:.3f} ms vs torch {lap.torch_ms:.3f} ms per forward at {self.where}"
+            for op, lap in self.laps.items()
+            if not lap.triton_wins
+        }
+        return {**lost, **self.failed}
 
 
 def _resolve(kernels: bool | str | Iterable[str] | None) -> tuple[tuple[str, ...], bool]:
@@ -129,8 +162,7 @@ class Ops:
                     self.off[op] = f"btfast.kernels cannot be imported ({type(e).__name__}: {e})"
         self.used: Counter[str] = Counter()
         self.fallbacks: Counter[str] = Counter()
-        self.laps: dict[str, Lap] = {}  # op -> its kernel race result, when the kernels raced torch
-        self.race_note = ""
+        self.verdicts = Verdicts()  # the last kernel race's, when the kernels raced torch
 
     # -- bookkeeping -------------------------------------------------------------------------------
 
@@ -154,17 +186,36 @@ class Ops:
         self.fallbacks[reason] += 1
         return False
 
+    def racing(self) -> tuple[str, ...]:
+        """The ops a kernel race would time: kernels on, apart from an earlier race's verdicts (a new device or
+        dtype races anew)."""
+        earlier = self.verdicts.off()
+        return (
+            tuple(op for op in KERNEL_OPS if self.off.get(op, earlier.get(op)) == earlier.get(op))
+            if self.kernels
+            else ()
+        )
+
+    def take(self, verdicts: Verdicts) -> None:
+        """Serve each op as a kernel race decided: the losers and the failures by torch, with the figures."""
+        for op in self.verdicts.off():
+            self.off.pop(op, None)
+        self.verdicts = verdicts
+        for op, why in verdicts.off().items():
+            self.off[op] = why
+            log.info("btfast: Triton %s kernel off: %s", op, why)
+
     def reasons(self) -> list[str]:
         """Human-readable lines: which backend served which op, and every fallback with its reason."""
         lines = [f"{k} ({n} calls)" for k, n in sorted(self.used.items())]
         lines += [f"fallback {k} ({n} calls)" for k, n in sorted(self.fallbacks.items())]
         lines += [f"{op}: torch ({why})" for op, why in self.off.items()]
-        if self.laps:
-            lines.append(self.race_note + ":")
+        if self.verdicts.laps:
+            lines.append(f"kernel race at {self.verdicts.where}, ms per forward:")
             lines += [
                 f"  {op}: Triton {lap.triton_ms:.3f} vs torch {lap.torch_ms:.3f} ({lap.speedup:.2f}x) -> "
                 f"{'Triton' if op not in self.off else 'torch'}"
-                for op, lap in self.laps.items()
+                for op, lap in self.verdicts.laps.items()
             ]
         return lines
 

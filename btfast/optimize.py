@@ -83,7 +83,7 @@ class OptimizedBridgeTower(nn.Module):
             self._warn_once("graphs-off-cuda", "btfast: cuda_graphs=True ignored: the model is not on CUDA")
             graphs = False
         if on_cuda and not self.ops.explicit:  # the default set: each kernel serves only where it beats torch
-            race(self.ops, Workload.of(self.spec), self.device, self.dtype, compile, graphs)
+            self.ops.take(race(self.ops, Workload.of(self.spec), self.device, self.dtype, compile, graphs))
         # The forward with every layer type compiled once (dynamic batch and text length), and the same forward
         # eager: the runtime calls it once per bucket so the op table keeps its books outside dynamo's guards.
         eager = BridgeTower(self.weights, self.ops, self.spec)

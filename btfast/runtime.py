@@ -12,6 +12,7 @@ chunks and joined.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 log = logging.getLogger("btfast")
 
@@ -233,6 +235,7 @@ class Runtime:
         if like[0].is_cuda:
             torch.cuda.synchronize()
         entry.build_s = time.perf_counter() - start
+        log.info("btfast %s: bucket %s built in %.2fs", self.name, key, entry.build_s)
         if self._text_arg is not None and key[1] not in self.buckets.text:
             self.stats.new_shapes.append(key)
             log.warning("btfast: text length %d is past the largest bucket: compiled an extra shape", key[1])
@@ -295,18 +298,19 @@ class Runtime:
         return tuple(torch.cat(outs, dim=0) for outs in zip(*parts))
 
     def warmup(self, batch_sizes: Sequence[int], text_lengths: Sequence[int], like: Sequence[Tensor]) -> dict:
-        """Build the buckets covering these sizes now (`like`: one example row per input); returns seconds per
-        bucket built."""
+        """Build the buckets covering these sizes now (`like`: one example row per input), with a progress bar on
+        stderr; returns seconds per bucket built."""
         if not self.pads:
             return {}
         lengths = text_lengths if self._text_arg is not None else [0]
+        keys = {self._key(min(b, self.buckets.max_batch), n) for b in batch_sizes for n in lengths}
+        todo = sorted(keys - set(self.entries))
         costs = {}
-        for b in batch_sizes:
-            for n in lengths:
-                key = self._key(min(b, self.buckets.max_batch), n)
-                if key not in self.entries:
-                    self.entries[key] = self._build(key, like)
-                    costs[key] = self.entries[key].build_s
+        with tqdm(todo, desc=f"btfast {self.name} buckets", unit="bucket", file=sys.stderr, disable=not todo) as bar:
+            for key in bar:
+                bar.set_postfix_str(f"batch {key[0]}" + (f" x text {key[1]}" if self._text_arg is not None else ""))
+                self.entries[key] = self._build(key, like)
+                costs[key] = self.entries[key].build_s
         return costs
 
     def describe(self) -> list[str]:
