@@ -23,7 +23,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from btfast.model import split_heads
-from btfast.ops import Lap, Ops, Verdicts, torch_add_layernorm, torch_attention, torch_linear
+from btfast.ops import OPS, Lap, Ops, Verdicts
 from btfast.runtime import capture_graph
 from btfast.spec import ModelSpec
 from btfast.weights import Linear, Norm
@@ -119,7 +119,7 @@ def cases(ops: Ops, w: Workload, device: torch.device, dtype: torch.dtype) -> li
             f"{side} {tokens}x{width}",
             calls,
             lambda x=x, r=r, n=n: k.add_layernorm(x, r, n.weight, n.bias, n.eps),
-            lambda x=x, r=r, n=n: torch_add_layernorm(x, r, n),
+            lambda x=x, r=r, n=n: OPS["add_layernorm"].torch(x, r, n),
         )
 
     # attention: self per layer on each side (+ the cross layers' self attention), cross both ways per cross layer
@@ -136,7 +136,7 @@ def cases(ops: Ops, w: Workload, device: torch.device, dtype: torch.dtype) -> li
             f"{name} {lq}x{lk}",
             calls,
             lambda q=q, kk=kk, v=v, m=key_mask: k.attention(q, kk, v, key_mask=m),
-            lambda q=q, kk=kk, v=v, m=key_mask: torch_attention(q, kk, v, m),
+            lambda q=q, kk=kk, v=v, m=key_mask: OPS["attention"].torch(q, kk, v, m),
         )
 
     # GEMMs: QKV, MLP up (with its activation) and MLP down (+ residual on the vision side), per side
@@ -155,7 +155,7 @@ def cases(ops: Ops, w: Workload, device: torch.device, dtype: torch.dtype) -> li
                 f"{side} {name} {b * tokens}x{weights.weight.shape[1]}x{weights.weight.shape[0]}",
                 calls,
                 lambda x=xin, li=weights, a=a, r=res: k.linear(x, li.weight, li.bias, activation=a, residual=r),
-                lambda x=xin, li=weights, a=a, r=res: torch_linear(x, li, a, r),
+                lambda x=xin, li=weights, a=a, r=res: OPS["linear"].torch(x, li, a, r),
             )
     return out
 

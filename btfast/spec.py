@@ -21,7 +21,7 @@ HEADS: dict[type, str] = {
     BridgeTowerForContrastiveLearning: "itc",
 }
 
-# HF activation names -> the names of btfast's fused epilogues (see ops.ACTIVATIONS).
+# HF activation names -> the names of btfast's fused epilogues (see btfast.kernels.ACTIVATIONS).
 ACTIVATIONS = {
     "gelu": "gelu",
     "gelu_new": "gelu_tanh",
