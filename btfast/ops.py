@@ -169,6 +169,11 @@ class Ops:
         self.fallbacks[reason] += 1
         return False
 
+    def may_serve(self, x: Tensor) -> bool:
+        """Whether a Triton kernel may serve calls on tensors like `x` (else torch serves every op, no books kept)."""
+        on = self.kernels is not None and any(op not in self.off for op in KERNEL_OPS)
+        return on and (x.is_cuda or (self.interpret and self.explicit))
+
     def racing(self) -> tuple[str, ...]:
         """The ops a kernel race would time: kernels on, apart from an earlier race's verdicts (a new device or
         dtype races anew)."""

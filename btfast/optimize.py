@@ -100,7 +100,9 @@ class OptimizedBridgeTower(nn.Module):
             "fuse": (BridgeTower.fuse, (Arg(0.0, 2), mask, Arg(0.0)), (1, None, None)),
         }
         return {
-            name: Runtime(partial(fn, fast), ins, outs, buckets, compile, graphs, name=name, eager=partial(fn, eager))
+            name: Runtime(
+                partial(fn, fast), ins, outs, buckets, compile, graphs, name, partial(fn, eager), self.ops.may_serve
+            )
             for name, (fn, ins, outs) in plan.items()
         }
 

@@ -129,8 +129,9 @@ class Runtime:
 
     `inputs` say how each input is padded (`Arg`); `outputs[i]` is the dim of output i holding the text length
     (sliced back like the batch), or None. compile: whether `forward` runs compiled layers (False, True = inductor,
-    or a backend), with `eager` the same function without them: called once per bucket (the op table keeps its
-    books outside dynamo's guards) and used alone if compiling fails. cuda_graphs: capture per bucket (CUDA only).
+    or a backend), with `eager` the same function without them: used alone if compiling fails, and called once per
+    bucket where `books(first input)` says kernels may serve (the op table keeps its books outside dynamo's
+    guards). cuda_graphs: capture per bucket (CUDA only).
     """
 
     def __init__(
@@ -143,9 +144,11 @@ class Runtime:
         cuda_graphs: bool = False,
         name: str = "forward",
         eager: Callable[..., tuple[Tensor, ...]] | None = None,
+        books: Callable[[Tensor], bool] = lambda x: True,
     ) -> None:
         self.forward = forward
         self.eager = eager or forward
+        self.books = books
         self.inputs = tuple(inputs)
         self.outputs = tuple(outputs)
         self.buckets = buckets
@@ -214,7 +217,7 @@ class Runtime:
         # inference tensors that a later call outside it cannot refill: make them ordinary tensors.
         with torch.inference_mode(False):
             sample = self._padded(key, [x[:1] for x in like])  # one real row, the rest padding
-        if self.compile:
+        if self.compile and self.books(like[0]):
             self.eager(*sample)  # once eagerly: the op table keeps its books (which backend serves what) here
         graphs = self.cuda_graphs and like[0].is_cuda
         try:
