@@ -85,11 +85,10 @@ class OptimizedBridgeTower(nn.Module):
         if on_cuda and not self.ops.explicit:  # the default set: each kernel serves only where it beats torch
             self.ops.take(race(self.ops, Workload.of(self.spec), self.device, self.dtype, compile, graphs))
         # The forward with every layer type compiled once (dynamic batch and text length), and the same forward
-        # eager: the runtime calls it once per bucket so the op table keeps its books outside dynamo's guards.
+        # eager: what serves if compiling fails, and where kernels may serve, the op table keeps its books in it.
         eager = BridgeTower(self.weights, self.ops, self.spec)
         backend = "inductor" if compile is True else compile
         fast = BridgeTower(self.weights, self.ops, self.spec, Layers.compiled(backend)) if compile else eager
-        self.forward_model = fast
         # Each stage, how its inputs are padded and where its outputs hold the text length.
         ids, mask, pixels = Arg(self.spec.pad_id, 1), Arg(False, 1), Arg(0.0)
         heads_out = {"base": (1, None, None), "itm": (None,), "mlm": (1,), "itc": (None, None, None)}
@@ -452,7 +451,8 @@ def optimize(
     beats torch when timed at this model's shapes (the kernel race, in explain()); True / "all" = every
     kernel, False = torch only, or a list of op names (served as asked, no race).
     buckets: `btfast.Buckets(batch=..., text=...)` or a dict of the same; calls are padded up to them.
-    compile: torch.compile each bucket (default: on CUDA only; True = inductor, or a backend name).
+    compile: torch.compile each layer type once, batch and text length dynamic (default: on CUDA only; True =
+    inductor, or a backend name or callable).
     cuda_graphs: capture and replay a CUDA graph per bucket (default: on CUDA).
     """
     if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):

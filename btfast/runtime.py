@@ -116,14 +116,6 @@ class RuntimeStats:
     new_shapes: list[tuple[int, int]] = field(default_factory=list)
 
 
-def _set_recompile_limit(n: int) -> None:
-    """Dynamo compiles each bucket shape once; let it keep that many instead of falling back to eager."""
-    cfg = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
-        if hasattr(cfg, name) and getattr(cfg, name) < n:
-            setattr(cfg, name, n)
-
-
 class Runtime:
     """Runs `forward(*inputs) -> tuple of tensors` through buckets; dim 0 of every input and output is the batch.
 
@@ -160,8 +152,6 @@ class Runtime:
         self._pool = None
         self.disabled: list[str] = []  # what failed on this machine and was turned off, with why
         self._text_arg = next((i for i, a in enumerate(self.inputs) if a.text_dim is not None), None)
-        if compile:
-            _set_recompile_limit(4 * len(buckets.batch) * len(buckets.text))
 
     @property
     def pads(self) -> bool:
