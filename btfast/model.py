@@ -9,6 +9,7 @@ every layer of its type and every bucket. DESIGN.md §1 is the reference's meani
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -193,7 +194,10 @@ class _Compiled:
     """
 
     def __init__(self, fn: Callable[..., Any], dynamic: dict[int, tuple[int, ...]], backend: Any) -> None:
-        self.compiled = torch.compile(fn, backend=backend)
+        # A copy of the function's code object: dynamo keeps its compiled graphs (and its recompile limit) per code
+        # object, so every optimized model starts from its own, not from those of models built before it.
+        own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+        self.compiled = torch.compile(own, backend=backend)
         self.dynamic = dynamic
 
     def __call__(self, *args: Any) -> Any:
