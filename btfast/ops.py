@@ -186,8 +186,9 @@ class Ops:
 
     def take(self, verdicts: Verdicts) -> None:
         """Serve each op as a kernel race decided: the losers and the failures by torch, with the figures."""
-        for op in self.verdicts.off():
-            self.off.pop(op, None)
+        for op, why in self.verdicts.off().items():
+            if self.off.get(op) == why:  # an earlier race's verdict, not a later self-check's
+                del self.off[op]
         self.verdicts = verdicts
         for op, why in verdicts.off().items():
             self.off[op] = why
