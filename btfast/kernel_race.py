@@ -22,8 +22,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from btfast.model import split_heads
-from btfast.ops import OPS, Lap, Ops, Verdicts
+from btfast.ops import OPS, Lap, Ops, Verdicts, split_heads
 from btfast.runtime import capture_graph
 from btfast.spec import ModelSpec
 from btfast.weights import Linear, Norm

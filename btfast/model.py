@@ -18,24 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from btfast.ops import Ops
+from btfast.ops import Ops, merge_heads, split_heads
 from btfast.spec import ModelSpec
 from btfast.states import ImageStates, TextStates
 from btfast.weights import CrossLayer, Linear, TextLayer, VisionBlock, Weights
 
 # -- attention over packed projections --------------------------------------------------------------------------
-
-
-def split_heads(x: Tensor, parts: int, heads: int) -> list[Tensor]:
-    """(B, L, parts·H) -> `parts` views of shape (B, heads, L, H/heads), no copy."""
-    b, n, _ = x.shape
-    return list(x.view(b, n, parts, heads, -1).permute(2, 0, 3, 1, 4).unbind(0))
-
-
-def merge_heads(x: Tensor) -> Tensor:
-    """(B, heads, L, D) -> (B, L, heads·D)."""
-    b, h, n, d = x.shape
-    return x.transpose(1, 2).reshape(b, n, h * d)
 
 
 def self_attention(ops: Ops, x: Tensor, qkv: Linear, heads: int, key_mask: Tensor | None) -> Tensor:

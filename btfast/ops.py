@@ -24,6 +24,18 @@ from btfast.weights import Linear, Link, Norm
 log = logging.getLogger("btfast")
 
 
+def split_heads(x: Tensor, parts: int, heads: int) -> list[Tensor]:
+    """(B, L, parts·H) -> `parts` views of shape (B, heads, L, H/heads), no copy: the layout `Ops.attention` takes."""
+    b, n, _ = x.shape
+    return list(x.view(b, n, parts, heads, -1).permute(2, 0, 3, 1, 4).unbind(0))
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """(B, heads, L, D) -> (B, L, heads·D)."""
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
 def _link_coefficients(link: Link | None) -> tuple[Tensor | float, Tensor | float]:
     if link is None:
         return 1.0, 1.0
