@@ -10,6 +10,9 @@ from btfast.spec import ModelSpec
 
 
 def check_text(spec: ModelSpec, vocab_size: int, input_ids: Tensor | None, attention_mask: Tensor | None) -> None:
+    """Shape, dtype and id range of a call's text, checked where the ids are, before they move to the model's
+    device: the tokenizer's CPU tensor costs no device sync; ids already on a device are checked there
+    asynchronously (no host sync per call)."""
     if input_ids is None:
         raise InputError("input_ids is required (btfast, like the reference, does not take inputs_embeds)")
     if input_ids.dim() != 2:
@@ -22,10 +25,7 @@ def check_text(spec: ModelSpec, vocab_size: int, input_ids: Tensor | None, atten
         raise InputError(
             f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
         )
-    lo, hi = torch.aminmax(input_ids)
-    if int(lo) < 0 or int(hi) >= vocab_size:
-        raise InputError(f"input_ids must be in [0, {vocab_size}); got values in [{int(lo)}, {int(hi)}]")
-    if input_ids.shape[1] > spec.max_text_len:
+    if input_ids.shape[1] > spec.max_text_len:  # reads values (a sync on a device) only past the table
         longest = int(input_ids.ne(spec.pad_id).sum(dim=1).max())
         if longest > spec.max_text_len:
             raise InputError(
@@ -33,6 +33,16 @@ def check_text(spec: ModelSpec, vocab_size: int, input_ids: Tensor | None, atten
                 f"({spec.max_positions} positions = at most {spec.max_text_len} tokens); truncate it "
                 f"(e.g. tokenizer(..., truncation=True, max_length={spec.max_text_len}))"
             )
+
+    if input_ids.device.type != "cpu":
+        # On the device: no host sync per call (reading a device value back would cost one). A bad id fails
+        # asynchronously, at the next sync; pass the tokenizer's CPU tensor to get the error below, at once.
+        in_range = ((input_ids >= 0) & (input_ids < vocab_size)).all()
+        torch._assert_async(in_range, f"btfast: input_ids must be in [0, {vocab_size})")
+        return
+    lo, hi = torch.aminmax(input_ids)
+    if int(lo) < 0 or int(hi) >= vocab_size:
+        raise InputError(f"input_ids must be in [0, {vocab_size}); got values in [{int(lo)}, {int(hi)}]")
 
 
 def check_image(spec: ModelSpec, pixel_values: Tensor | None) -> None:

@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import logging
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
-from btfast.model.attention import split_heads
-from btfast.ops import Ops, torch_add_layernorm, torch_attention, torch_linear
+from btfast.ops import OPS, Lap, Ops, Verdicts, split_heads
 from btfast.runtime import capture_graph
 from btfast.spec import ModelSpec
 from btfast.weights import Linear, Norm
@@ -31,7 +32,6 @@ log = logging.getLogger("btfast")
 # Timed calls: REPS samples of INNER back-to-back calls each; the median sample counts.
 REPS, INNER = 15, 10
 
-LOST = "lost the kernel race"
 Timer = Callable[[Callable[[], object]], float]  # milliseconds per call of a function
 
 
@@ -80,22 +80,6 @@ class Case:
     torch: Callable[[], Tensor]
 
 
-@dataclass(frozen=True)
-class Lap:
-    """An op's race result: milliseconds per forward on each side (calls × time per call, summed over cases)."""
-
-    triton_ms: float
-    torch_ms: float
-
-    @property
-    def speedup(self) -> float:
-        return self.torch_ms / self.triton_ms if self.triton_ms > 0 else float("inf")
-
-    @property
-    def triton_wins(self) -> bool:
-        return self.triton_ms < self.torch_ms
-
-
 def cases(ops: Ops, w: Workload, device: torch.device, dtype: torch.dtype) -> list[Case]:
     """The calls a forward makes, per op, at the workload's shapes (random inputs, model-shaped weights)."""
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -134,7 +118,7 @@ def cases(ops: Ops, w: Workload, device: torch.device, dtype: torch.dtype) -> li
             f"{side} {tokens}x{width}",
             calls,
             lambda x=x, r=r, n=n: k.add_layernorm(x, r, n.weight, n.bias, n.eps),
-            lambda x=x, r=r, n=n: torch_add_layernorm(x, r, n),
+            lambda x=x, r=r, n=n: OPS["add_layernorm"].torch(x, r, n),
         )
 
     # attention: self per layer on each side (+ the cross layers' self attention), cross both ways per cross layer
@@ -151,7 +135,7 @@ def cases(ops: Ops, w: Workload, device: torch.device, dtype: torch.dtype) -> li
             f"{name} {lq}x{lk}",
             calls,
             lambda q=q, kk=kk, v=v, m=key_mask: k.attention(q, kk, v, key_mask=m),
-            lambda q=q, kk=kk, v=v, m=key_mask: torch_attention(q, kk, v, m),
+            lambda q=q, kk=kk, v=v, m=key_mask: OPS["attention"].torch(q, kk, v, m),
         )
 
     # GEMMs: QKV, MLP up (with its activation) and MLP down (+ residual on the vision side), per side
@@ -170,7 +154,7 @@ def cases(ops: Ops, w: Workload, device: torch.device, dtype: torch.dtype) -> li
                 f"{side} {name} {b * tokens}x{weights.weight.shape[1]}x{weights.weight.shape[0]}",
                 calls,
                 lambda x=xin, li=weights, a=a, r=res: k.linear(x, li.weight, li.bias, activation=a, residual=r),
-                lambda x=xin, li=weights, a=a, r=res: torch_linear(x, li, a, r),
+                lambda x=xin, li=weights, a=a, r=res: OPS["linear"].torch(x, li, a, r),
             )
     return out
 
@@ -215,7 +199,7 @@ def cuda_timer(graphs: bool) -> Timer:
     return timer
 
 
-_CACHE: dict[tuple, dict[str, Lap]] = {}
+_CACHE: dict[tuple, Verdicts] = {}
 
 
 def race(
@@ -226,38 +210,26 @@ def race(
     compiled: bool | str | Callable,
     graphs: bool,
     timer: Timer | None = None,
-) -> dict[str, Lap]:
-    """Time every Triton kernel still on in `ops` against torch at `workload`; switch off the ones that lose.
+) -> Verdicts:
+    """Time every Triton kernel `ops` would race against torch at `workload`; the verdicts, for `ops.take`.
 
     `compiled`: time the torch side of add+LayerNorm and the GEMM compiled (True = inductor, or a backend),
     as the runtime will run them. `timer` defaults to CUDA events (tests pass their own). A kernel whose timing
-    fails is switched off with the reason, like a failed self-check.
+    fails gets that reason (it does not serve, like a failed self-check). Results are cached per process.
     """
-    for op in [op for op, why in ops.off.items() if why.startswith(LOST)]:  # a new device or dtype races anew
-        del ops.off[op]
-    ops.laps.clear()
-    racing = tuple(op for op in ("add_layernorm", "attention", "linear") if op not in ops.off)
-    if ops.kernels is None or not racing:
-        return {}
+    racing = ops.racing()
+    if not racing:
+        return Verdicts()
     key = (str(device), torch.cuda.get_device_name(device) if device.type == "cuda" else "", dtype, workload,
            compiled, graphs, racing)  # fmt: skip
-    laps = _CACHE.get(key) if timer is None else None
-    began, cached = time.perf_counter(), laps is not None
-    if laps is None:
-        laps = _run(ops, workload, device, dtype, compiled, cuda_timer(graphs) if timer is None else timer, racing)
+    verdicts = _CACHE.get(key) if timer is None else None
+    began = time.perf_counter()
+    if verdicts is None:
+        verdicts = _run(ops, workload, device, dtype, compiled, cuda_timer(graphs) if timer is None else timer, racing)
+        verdicts.where = f"{workload.describe()} ({time.perf_counter() - began:.1f} s)"
         if timer is None:
-            _CACHE[key] = laps
-    took = "cached" if cached else f"{time.perf_counter() - began:.1f} s"
-    ops.race_note = f"kernel race at {workload.describe()} ({took}), ms per forward"
-    for op, lap in laps.items():
-        ops.laps[op] = lap
-        if not lap.triton_wins and op not in ops.off:
-            ops.off[op] = (
-                f"{LOST}: Triton {lap.triton_ms:.3f} ms vs torch {lap.torch_ms:.3f} ms per forward "
-                f"at {workload.describe()}"
-            )
-            log.info("btfast: Triton %s kernel off: %s", op, ops.off[op])
-    return laps
+            _CACHE[key] = verdicts
+    return verdicts
 
 
 def _run(
@@ -268,21 +240,21 @@ def _run(
     compiled: bool | str | Callable,
     timer: Timer,
     racing: tuple[str, ...],
-) -> dict[str, Lap]:
-    laps: dict[str, Lap] = {}
+) -> Verdicts:
+    verdicts = Verdicts()
     all_cases = cases(ops, w, device, dtype)
-    for op in racing:
+    for op in tqdm(racing, desc="btfast kernel race", unit="op", file=sys.stderr):
         triton_ms = torch_ms = 0.0
         try:
             for case in (c for c in all_cases if c.op == op):
                 triton_ms += case.calls * timer(case.triton)
                 torch_ms += case.calls * _time_reference(case, compiled, timer)
         except Exception as e:  # a kernel that cannot even be timed does not serve
-            ops.off[op] = f"kernel race failed: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
-            log.warning("btfast: Triton %s kernel off for this model: %s", op, ops.off[op])
+            verdicts.failed[op] = f"kernel race failed: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
+            log.warning("btfast: Triton %s kernel off for this model: %s", op, verdicts.failed[op])
             continue
-        laps[op] = Lap(triton_ms, torch_ms)
-    return laps
+        verdicts.laps[op] = Lap(triton_ms, torch_ms)
+    return verdicts
 
 
 def _time_reference(case: Case, compiled: bool | str | Callable, timer: Timer) -> float:

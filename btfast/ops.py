@@ -1,6 +1,8 @@
 """The engine's op table: every primitive the forward uses, served by Triton on CUDA, torch elsewhere.
 
-The model code (btfast/model/) calls only these methods, so the backend is chosen in one place.
+The model (btfast/model.py) calls only these methods, so the backend is chosen in one place. Each op has one
+record (`OPS`): its kernel, the kernel's `unsupported_reasons` check and its torch path, which is the kernel's
+own test reference; the kernel race's verdicts (`Verdicts`) say where a kernel serves.
 Each time a Triton kernel cannot serve a call, the table falls back to torch and records why, once
 per reason (a log line and `reasons()` for `explain()`), never silently.
 """
@@ -8,38 +10,30 @@ per reason (a log line and `reasons()` for `explain()`), never silently.
 from __future__ import annotations
 
 import logging
-import math
 from collections import Counter
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+import btfast.kernels as K
+from btfast.kernels._common import INTERPRET, TRITON_IMPORT_ERROR
 from btfast.weights import Linear, Link, Norm
-
-if TYPE_CHECKING:
-    from btfast.kernel_race import Lap
 
 log = logging.getLogger("btfast")
 
-ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "relu")
+
+def split_heads(x: Tensor, parts: int, heads: int) -> list[Tensor]:
+    """(B, L, parts·H) -> `parts` views of shape (B, heads, L, H/heads), no copy: the layout `Ops.attention` takes."""
+    b, n, _ = x.shape
+    return list(x.view(b, n, parts, heads, -1).permute(2, 0, 3, 1, 4).unbind(0))
 
 
-def _activate(x: Tensor, activation: str | None) -> Tensor:
-    if activation is None:
-        return x
-    if activation == "gelu":
-        return F.gelu(x)
-    if activation == "gelu_tanh":
-        # HF's NewGELUActivation, written out so fp32 matches it exactly
-        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
-    if activation == "quick_gelu":
-        return x * torch.sigmoid(1.702 * x)
-    if activation == "relu":
-        return F.relu(x)
-    raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+def merge_heads(x: Tensor) -> Tensor:
+    """(B, heads, L, D) -> (B, L, heads·D)."""
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
 
 
 def _link_coefficients(link: Link | None) -> tuple[Tensor | float, Tensor | float]:
@@ -52,35 +46,73 @@ def _link_coefficients(link: Link | None) -> tuple[Tensor | float, Tensor | floa
     return 1.0, 1.0
 
 
-def torch_add_layernorm(
+def _torch_add_layernorm(
     x: Tensor, residual: Tensor | None, norm: Norm, alpha: Tensor | float = 1.0, beta: Tensor | float = 1.0
 ) -> Tensor:
-    """The torch path of `Ops.add_layernorm`: LayerNorm(alpha·x + beta·residual), in fp32 for half inputs."""
-    s = x if isinstance(alpha, float) and alpha == 1.0 else x * alpha
-    if residual is not None:
-        s = s + (residual if isinstance(beta, float) and beta == 1.0 else residual * beta)
-    if s.dtype == torch.float32:
-        return F.layer_norm(s, s.shape[-1:], norm.weight, norm.bias, norm.eps)
-    out = F.layer_norm(s.float(), s.shape[-1:], norm.weight.float(), norm.bias.float(), norm.eps)
-    return out.to(x.dtype)
+    return K.add_layernorm_reference(x, residual, norm.weight, norm.bias, norm.eps, alpha, beta, upcast=False)[0]
 
 
-def torch_linear(x: Tensor, lin: Linear, activation: str | None = None, residual: Tensor | None = None) -> Tensor:
-    """The torch path of `Ops.linear`: act(x·Wᵀ + b) + residual."""
-    y = _activate(F.linear(x, lin.weight, lin.bias), activation)
-    return y if residual is None else y + residual
+def _torch_linear(x: Tensor, lin: Linear, activation: str | None = None, residual: Tensor | None = None) -> Tensor:
+    return K.linear_reference(x, lin.weight, lin.bias, activation, residual, upcast=False)
 
 
-def torch_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -> Tensor:
-    """The torch path of `Ops.attention`: SDPA with the reference's additive mask."""
-    bias = None
-    if key_mask is not None:
-        bias = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device)
-        bias = bias.masked_fill(~key_mask, torch.finfo(q.dtype).min)[:, None, None, :]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+def _torch_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -> Tensor:
+    return K.attention_reference(q, k, v, key_mask, upcast=False)
 
 
-KERNEL_OPS = ("add_layernorm", "linear", "attention")
+@dataclass(frozen=True)
+class OpRecord:
+    """One op of the forward: its Triton kernel and the check saying why the kernel cannot serve a call (names in
+    `btfast.kernels`), and its one torch path: the kernel's own test reference (`btfast.kernels.*_reference`), run
+    in the inputs' dtype (PyTorch's LayerNorm and SDPA accumulate half inputs in fp32)."""
+
+    kernel: str
+    unsupported_reasons: str
+    torch: Callable[..., Tensor]
+
+
+OPS: dict[str, OpRecord] = {
+    "add_layernorm": OpRecord("add_layernorm", "add_layernorm_unsupported_reasons", _torch_add_layernorm),
+    "linear": OpRecord("linear", "linear_unsupported_reasons", _torch_linear),
+    "attention": OpRecord("attention", "attention_unsupported_reasons", _torch_attention),
+}
+KERNEL_OPS = tuple(OPS)
+LOST = "lost the kernel race"
+
+
+@dataclass(frozen=True)
+class Lap:
+    """An op's race result: milliseconds per forward on each side (calls × time per call, summed over cases)."""
+
+    triton_ms: float
+    torch_ms: float
+
+    @property
+    def speedup(self) -> float:
+        return self.torch_ms / self.triton_ms if self.triton_ms > 0 else float("inf")
+
+    @property
+    def triton_wins(self) -> bool:
+        return self.triton_ms < self.torch_ms
+
+
+@dataclass
+class Verdicts:
+    """What a kernel race (btfast.kernel_race) found, for the op table to take: per op its times, or why it
+    could not be timed; `where` says at which shapes and how long the race took."""
+
+    laps: dict[str, Lap] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    where: str = ""
+
+    def off(self) -> dict[str, str]:
+        """Why each op that lost or failed the race is served by torch."""
+        lost = {
+            op: f"{LOST}: Triton {lap.triton_ms:.3f} ms vs torch {lap.torch_ms:.3f} ms per forward at {self.where}"
+            for op, lap in self.laps.items()
+            if not lap.triton_wins
+        }
+        return {**lost, **self.failed}
 
 
 def _resolve(kernels: bool | str | Iterable[str] | None) -> tuple[tuple[str, ...], bool]:
@@ -118,29 +150,24 @@ class Ops:
         for op in KERNEL_OPS:
             if op not in wanted:
                 self.off[op] = f"not asked for (optimize(..., kernels={kernels!r}))"
-        if wanted:
-            try:
-                import btfast.kernels as kernels_module
-                from btfast.kernels._common import INTERPRET
-
-                self.kernels, self.interpret = kernels_module, INTERPRET
-            except Exception as e:  # triton missing or broken: say so, run torch
-                for op in wanted:
-                    self.off[op] = f"btfast.kernels cannot be imported ({type(e).__name__}: {e})"
+        if wanted and TRITON_IMPORT_ERROR is not None:  # say so, run torch
+            for op in wanted:
+                self.off[op] = f"Triton cannot be imported ({TRITON_IMPORT_ERROR})"
+        elif wanted:
+            self.kernels, self.interpret = K, INTERPRET
         self.used: Counter[str] = Counter()
         self.fallbacks: Counter[str] = Counter()
-        self.laps: dict[str, Lap] = {}  # op -> its kernel race result, when the kernels raced torch
-        self.race_note = ""
+        self.verdicts = Verdicts()  # the last kernel race's, when the kernels raced torch
 
     # -- bookkeeping -------------------------------------------------------------------------------
 
-    def _triton_ok(self, op: str, x: Tensor, reasons_fn_name: str, *args: object) -> bool:
+    def _triton_ok(self, op: str, x: Tensor, *args: object) -> bool:
         """Whether the Triton kernel serves this call; otherwise record (and log once) why not."""
         if op in self.off:
             return False
         if not x.is_cuda and not (self.interpret and self.explicit):
             return False  # off CUDA torch is the intended path, not a fallback
-        why = getattr(self.kernels, reasons_fn_name)(*args)
+        why = getattr(self.kernels, OPS[op].unsupported_reasons)(*args)
         if torch.compiler.is_compiling():
             # traced: keep no books (dynamo would guard on the counts and compile again every call); the
             # runtime calls each bucket once eagerly first, and those calls keep them
@@ -154,17 +181,42 @@ class Ops:
         self.fallbacks[reason] += 1
         return False
 
+    def may_serve(self, x: Tensor) -> bool:
+        """Whether a Triton kernel may serve calls on tensors like `x` (else torch serves every op, no books kept)."""
+        on = self.kernels is not None and any(op not in self.off for op in KERNEL_OPS)
+        return on and (x.is_cuda or (self.interpret and self.explicit))
+
+    def racing(self) -> tuple[str, ...]:
+        """The ops a kernel race would time: kernels on, apart from an earlier race's verdicts (a new device or
+        dtype races anew)."""
+        earlier = self.verdicts.off()
+        return (
+            tuple(op for op in KERNEL_OPS if self.off.get(op, earlier.get(op)) == earlier.get(op))
+            if self.kernels
+            else ()
+        )
+
+    def take(self, verdicts: Verdicts) -> None:
+        """Serve each op as a kernel race decided: the losers and the failures by torch, with the figures."""
+        for op, why in self.verdicts.off().items():
+            if self.off.get(op) == why:  # an earlier race's verdict, not a later self-check's
+                del self.off[op]
+        self.verdicts = verdicts
+        for op, why in verdicts.off().items():
+            self.off[op] = why
+            log.info("btfast: Triton %s kernel off: %s", op, why)
+
     def reasons(self) -> list[str]:
         """Human-readable lines: which backend served which op, and every fallback with its reason."""
         lines = [f"{k} ({n} calls)" for k, n in sorted(self.used.items())]
         lines += [f"fallback {k} ({n} calls)" for k, n in sorted(self.fallbacks.items())]
         lines += [f"{op}: torch ({why})" for op, why in self.off.items()]
-        if self.laps:
-            lines.append(self.race_note + ":")
+        if self.verdicts.laps:
+            lines.append(f"kernel race at {self.verdicts.where}, ms per forward:")
             lines += [
                 f"  {op}: Triton {lap.triton_ms:.3f} vs torch {lap.torch_ms:.3f} ({lap.speedup:.2f}x) -> "
                 f"{'Triton' if op not in self.off else 'torch'}"
-                for op, lap in self.laps.items()
+                for op, lap in self.verdicts.laps.items()
             ]
         return lines
 
@@ -219,23 +271,21 @@ class Ops:
     def add_layernorm(self, x: Tensor, residual: Tensor | None, norm: Norm, link: Link | None = None) -> Tensor:
         """LayerNorm(alpha·x + beta·residual) in fp32; alpha/beta from a bridge `link` (1 otherwise)."""
         alpha, beta = _link_coefficients(link)
-        if self._triton_ok(
-            "add_layernorm", x, "add_layernorm_unsupported_reasons", x, residual, norm.weight, norm.bias, alpha, beta
-        ):
+        if self._triton_ok("add_layernorm", x, x, residual, norm.weight, norm.bias, alpha, beta):
             return self.kernels.add_layernorm(x, residual, norm.weight, norm.bias, norm.eps, alpha=alpha, beta=beta)
-        return torch_add_layernorm(x, residual, norm, alpha, beta)
+        return OPS["add_layernorm"].torch(x, residual, norm, alpha, beta)
 
     def linear(self, x: Tensor, lin: Linear, activation: str | None = None, residual: Tensor | None = None) -> Tensor:
         """act(x·Wᵀ + b) + residual."""
-        if self._triton_ok("linear", x, "linear_unsupported_reasons", x, lin.weight, lin.bias, activation, residual):
+        if self._triton_ok("linear", x, x, lin.weight, lin.bias, activation, residual):
             return self.kernels.linear(x, lin.weight, lin.bias, activation=activation, residual=residual)
-        return torch_linear(x, lin, activation, residual)
+        return OPS["linear"].torch(x, lin, activation, residual)
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -> Tensor:
         """Non-causal softmax(q·kᵀ/√d)·v over (B, H, L, D); `key_mask` (B, Lk) bool, True = attend.
 
         A row whose keys are all masked averages all values, as the reference's additive mask does.
         """
-        if self._triton_ok("attention", q, "attention_unsupported_reasons", q, k, v, key_mask):
+        if self._triton_ok("attention", q, q, k, v, key_mask):
             return self.kernels.attention(q, k, v, key_mask=key_mask)
-        return torch_attention(q, k, v, key_mask)
+        return OPS["attention"].torch(q, k, v, key_mask)

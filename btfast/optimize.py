@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from functools import partial
 from typing import Any
 
 import torch
@@ -15,7 +16,7 @@ from transformers.models.bridgetower.modeling_bridgetower import BridgeTowerCont
 from btfast import inputs
 from btfast.errors import InputError
 from btfast.kernel_race import Workload, race
-from btfast.model import fusion, heads, text, vision
+from btfast.model import BridgeTower, Layers, itc_embedding, itc_loss
 from btfast.ops import Ops
 from btfast.runtime import Arg, Buckets, Runtime, as_buckets
 from btfast.spec import ModelSpec, read_spec
@@ -24,17 +25,20 @@ from btfast.weights import Weights, pack
 
 log = logging.getLogger("btfast")
 
-# Arguments the reference serves and btfast hands to it (with a one-time warning), rather than answer wrongly.
-_REFERENCE_ONLY = ("output_attentions", "output_hidden_states", "interpolate_pos_encoding", "image_embeds")
-
 
 class OptimizedBridgeTower(nn.Module):
     """A BridgeTower head with btfast's forward: same arguments, same output class, same numbers.
 
     The wrapped model stays available as `.model` and still works; its q/k/v parameters become views
     into packed tensors (no copy). `encode_text` / `encode_image` / `fuse` expose the three stages, so
-    each unique text or image can be encoded once and fused with many partners.
+    each unique text or image can be encoded once and fused with many partners. `OptimizedBridgeTower(model)`
+    builds the subclass of the model's head, whose forward has the reference's signature.
     """
+
+    def __new__(cls, model: nn.Module, *args: Any, **kwargs: Any) -> OptimizedBridgeTower:
+        if cls is OptimizedBridgeTower:
+            cls = _OPTIMIZED[read_spec(model).head]
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -79,18 +83,26 @@ class OptimizedBridgeTower(nn.Module):
             self._warn_once("graphs-off-cuda", "btfast: cuda_graphs=True ignored: the model is not on CUDA")
             graphs = False
         if on_cuda and not self.ops.explicit:  # the default set: each kernel serves only where it beats torch
-            race(self.ops, Workload.of(self.spec), self.device, self.dtype, compile, graphs)
-        # Each compiled / captured function, how its inputs are padded and where its outputs hold the text length.
+            self.ops.take(race(self.ops, Workload.of(self.spec), self.device, self.dtype, compile, graphs))
+        # The forward with every layer type compiled once (dynamic batch and text length), and the same forward
+        # eager: what serves if compiling fails, and where kernels may serve, the op table keeps its books in it.
+        eager = BridgeTower(self.weights, self.ops, self.spec)
+        backend = "inductor" if compile is True else compile
+        fast = BridgeTower(self.weights, self.ops, self.spec, Layers.compiled(backend)) if compile else eager
+        # Each stage, how its inputs are padded and where its outputs hold the text length.
         ids, mask, pixels = Arg(self.spec.pad_id, 1), Arg(False, 1), Arg(0.0)
         heads_out = {"base": (1, None, None), "itm": (None,), "mlm": (1,), "itc": (None, None, None)}
         plan = {
-            "forward": (self._raw_forward, (ids, mask, pixels), heads_out[self.spec.head]),
-            "text": (self._raw_text, (ids, mask), (2, None)),
-            "image": (self._raw_image, (pixels,), (None,)),
-            "fuse": (self._raw_fuse, (Arg(0.0, 2), mask, Arg(0.0)), (1, None, None)),
+            "forward": (BridgeTower.forward, (ids, mask, pixels), heads_out[self.spec.head]),
+            "text": (_text_stage, (ids, mask), (2, None)),
+            "image": (_image_stage, (pixels,), (None,)),
+            "fuse": (BridgeTower.fuse, (Arg(0.0, 2), mask, Arg(0.0)), (1, None, None)),
         }
         return {
-            name: Runtime(fn, ins, outs, buckets, compile, graphs, name=name) for name, (fn, ins, outs) in plan.items()
+            name: Runtime(
+                partial(fn, fast), ins, outs, buckets, compile, graphs, name, partial(fn, eager), self.ops.may_serve
+            )
+            for name, (fn, ins, outs) in plan.items()
         }
 
     def warmup(
@@ -152,43 +164,12 @@ class OptimizedBridgeTower(nn.Module):
         bridges, cls = runtime(ids, _mask_for(runtime, key_mask, ids))
         return TextStates(bridges, key_mask, cls)
 
-    def _raw_text(self, input_ids: Tensor, key_mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        ts = self._encode_text(input_ids, key_mask)
-        return ts.bridges, ts.cls
-
-    def _encode_text(self, input_ids: Tensor, key_mask: Tensor | None) -> TextStates:
-        w, ops, spec = self.weights, self.ops, self.spec
-        x = text.embed(w, ops, spec, input_ids)
-        split = spec.split
-        for layer in w.text_layers[:split]:
-            x = text.layer(layer, ops, spec, x, key_mask)
-        bridges = [ops.linear(x, w.text_transform[0])]
-        for j, layer in enumerate(w.text_layers[split:], start=1):
-            x = text.layer(layer, ops, spec, x, key_mask)
-            bridges.append(ops.linear(x, w.text_transform[j]))
-        return TextStates(torch.stack(bridges, dim=1), key_mask, x[:, 0])
-
     @torch.no_grad()
     def encode_image(self, pixel_values: Tensor) -> ImageStates:
         """Run the vision tower on (B, 3, S, S) normalised pixels."""
         inputs.check_image(self.spec, pixel_values)
         (bridges,) = self.runtimes["image"](pixel_values.to(self.device, self.dtype))
         return ImageStates(bridges)
-
-    def _raw_image(self, pixel_values: Tensor) -> tuple[Tensor]:
-        return (self._encode_image(pixel_values).bridges,)
-
-    def _encode_image(self, pixel_values: Tensor) -> ImageStates:
-        w, ops, spec = self.weights, self.ops, self.spec
-        x = vision.embed(w, ops, spec, pixel_values)
-        split = spec.split
-        for blk in w.vision_blocks[:split]:
-            x = vision.block(blk, ops, spec, x)
-        bridges = [ops.linear(ops.layer_norm(x, w.ln_post), w.image_transform[0])]
-        for j, blk in enumerate(w.vision_blocks[split:], start=1):
-            x = vision.block(blk, ops, spec, x)
-            bridges.append(ops.linear(ops.layer_norm(x, w.ln_post), w.image_transform[j]))
-        return ImageStates(torch.stack(bridges, dim=1))
 
     @torch.no_grad()
     def fuse(self, text_states: TextStates, image_states: ImageStates) -> FusionOutput:
@@ -198,11 +179,6 @@ class OptimizedBridgeTower(nn.Module):
         runtime = self.runtimes["fuse"]
         mask = _mask_for(runtime, text_states.key_mask, text_states.bridges[:, 0, :, 0])
         return FusionOutput(*runtime(text_states.bridges, mask, image_states.bridges))
-
-    def _raw_fuse(self, text_bridges: Tensor, key_mask: Tensor | None, image_bridges: Tensor) -> tuple[Tensor, ...]:
-        w, ops = self.weights, self.ops
-        t, v = fusion.fuse(w, ops, self.spec, text_bridges, key_mask, image_bridges)
-        return t, v, heads.pooler(w, ops, t, v)
 
     # -- head-level helpers for scoring ---------------------------------------------------------------
 
@@ -214,7 +190,7 @@ class OptimizedBridgeTower(nn.Module):
     def itm_logits(self, text_states: TextStates, image_states: ImageStates) -> Tensor:
         """(B, 2) image-text matching logits of row-wise pairs; logit 1 is 'match'."""
         self._need_head("itm", "itm_logits")
-        return heads.itm_logits(self.weights, self.ops, self.fuse(text_states, image_states).pooler_output)
+        return self.ops.linear(self.fuse(text_states, image_states).pooler_output, self.weights.itm)
 
     @torch.no_grad()
     def itc_embeddings(
@@ -223,15 +199,16 @@ class OptimizedBridgeTower(nn.Module):
         """Normalised unimodal ITC embeddings (text, image): no fusion needed, the first stage of retrieval."""
         self._need_head("itc", "itc_embeddings")
         w, ops = self.weights, self.ops
-        t = None if text is None else heads.itc_text(w, ops, text.cls)
-        v = None if image is None else heads.itc_image(w, ops, image.bridges[:, -1, 0])
+        t = None if text is None else itc_embedding(ops, text.cls, w.itc_text)
+        v = None if image is None else itc_embedding(ops, image.bridges[:, -1, 0], w.itc_image)
         return t, v
 
     @torch.no_grad()
     def cross_embeddings(self, text_states: TextStates, image_states: ImageStates) -> Tensor:
         """Normalised ITC embedding of the fused pair (row-wise)."""
         self._need_head("itc", "cross_embeddings")
-        return heads.itc_cross(self.weights, self.ops, self.fuse(text_states, image_states).pooler_output)
+        pooled = self.fuse(text_states, image_states).pooler_output
+        return itc_embedding(self.ops, pooled, self.weights.itc_cross)
 
     # -- the drop-in forward --------------------------------------------------------------------------
 
@@ -240,36 +217,22 @@ class OptimizedBridgeTower(nn.Module):
             self._warned.add(key)
             log.warning(message)
 
-    @torch.no_grad()
-    def forward(
-        self,
-        input_ids: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        token_type_ids: Tensor | None = None,
-        pixel_values: Tensor | None = None,
-        pixel_mask: Tensor | None = None,
-        inputs_embeds: Tensor | None = None,
-        labels: Tensor | None = None,
-        return_loss: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        """As the wrapped head's forward. `token_type_ids` and `pixel_mask` are ignored, as by the reference."""
-        if inputs_embeds is not None:
-            raise InputError("inputs_embeds is not supported (nor by the reference): pass input_ids")
-        reference_only = [k for k in _REFERENCE_ONLY if kwargs.get(k)]
-        if reference_only:
-            return self._reference(
-                reference_only, input_ids, attention_mask, pixel_values, labels, return_loss, return_dict, kwargs
+    def _call(self, named: dict[str, Any], kwargs: dict[str, Any]) -> Any:
+        """The forward of every head: `named` holds the head's named arguments (its own signature, as the
+        reference's), `kwargs` the rest. Requests btfast does not compute go to the reference model whole."""
+        why = self._reference_reasons(named, kwargs)
+        if why:
+            self._warn_once(
+                "reference:" + ",".join(why),
+                f"btfast: {', '.join(why)} requested: served by the transformers reference model (slow path)",
             )
-        if kwargs.get("image_token_type_idx") not in (None, 1):
-            raise InputError("image_token_type_idx other than 1 is not supported by btfast")
-        unknown = set(kwargs) - set(_REFERENCE_ONLY) - {"image_token_type_idx", "use_cache"}
+            return self.model(**named, **kwargs)
+        if named.get("inputs_embeds") is not None:
+            raise InputError("inputs_embeds is not supported (nor by the reference): pass input_ids")
+        unknown = set(kwargs) - {"output_attentions", "output_hidden_states", "return_dict", "use_cache"}
         if unknown:
             raise InputError(f"unexpected arguments: {', '.join(sorted(unknown))}")
-        if return_loss and self.spec.head != "itc":
-            raise InputError("return_loss applies to BridgeTowerForContrastiveLearning; use labels for ITM / MLM")
-
+        input_ids, attention_mask, pixel_values = named["input_ids"], named["attention_mask"], named["pixel_values"]
         inputs.check_text(self.spec, self.weights.word.shape[0], input_ids, attention_mask)
         inputs.check_image(self.spec, pixel_values)
         inputs.check_pair(input_ids, pixel_values)
@@ -277,10 +240,30 @@ class OptimizedBridgeTower(nn.Module):
             input_ids.to(self.device),
             _key_mask(attention_mask, self.device),
             pixel_values.to(self.device, self.dtype),
-            labels,
-            bool(return_loss),
+            named.get("labels") if self.spec.head in ("itm", "mlm") else None,
+            bool(named.get("return_loss")),
         )
-        return out if return_dict is not False else out.to_tuple()
+        return out if self._flag(kwargs, "return_dict") else out.to_tuple()
+
+    def _flag(self, kwargs: dict[str, Any], name: str) -> bool:
+        """An output flag as transformers reads it: the keyword when given (not None), else the config's value."""
+        value = kwargs.get(name)
+        return bool(getattr(self.model.config, name, name == "return_dict") if value is None else value)
+
+    def _reference_reasons(self, named: dict[str, Any], kwargs: dict[str, Any]) -> list[str]:
+        """What in this call only the reference model serves (keyword or config flag), named for the warning."""
+        why = [
+            name if kwargs.get(name) is not None else f"config.{name}"
+            for name in ("output_hidden_states", "output_attentions")
+            if self._flag(kwargs, name)
+        ]
+        if named.get("image_embeds") is not None:
+            why.append("image_embeds")
+        if named.get("interpolate_pos_encoding"):
+            why.append("interpolate_pos_encoding")
+        if named.get("image_token_type_idx") not in (None, 0, 1):  # the reference reads 0 as 1 (`idx or 1`)
+            why.append("image_token_type_idx")
+        return why
 
     def run(
         self, input_ids: Tensor, key_mask: Tensor | None, pixel_values: Tensor, labels: Tensor | None, return_loss: bool
@@ -302,52 +285,10 @@ class OptimizedBridgeTower(nn.Module):
                 loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.to(logits.device).view(-1))
             return MaskedLMOutput(loss=loss, logits=logits)
         t, v, c = raw
-        loss = heads.itc_loss(t, v, c, self.weights.logit_scale) if return_loss else None
+        loss = itc_loss(t, v, c, self.weights.logit_scale) if return_loss else None
         return BridgeTowerContrastiveOutput(
             loss=loss, logits=torch.stack([t, v, c], dim=-2), text_embeds=t, image_embeds=v, cross_embeds=c
         )
-
-    def _raw_forward(self, input_ids: Tensor, key_mask: Tensor | None, pixel_values: Tensor) -> tuple[Tensor, ...]:
-        """The head's output tensors (no loss): the function the runtime compiles and captures per bucket."""
-        w, ops, head = self.weights, self.ops, self.spec.head
-        ts = self._encode_text(input_ids, key_mask)
-        im = self._encode_image(pixel_values)
-        t, v, pooled = self._raw_fuse(ts.bridges, key_mask, im.bridges)
-        if head == "base":
-            return t, v, pooled
-        if head == "itm":
-            return (heads.itm_logits(w, ops, pooled),)
-        if head == "mlm":
-            return (heads.mlm_logits(w, ops, self.spec, t),)
-        return (
-            heads.itc_text(w, ops, ts.cls),
-            heads.itc_image(w, ops, im.bridges[:, -1, 0]),
-            heads.itc_cross(w, ops, pooled),
-        )
-
-    def _reference(
-        self,
-        why: list[str],
-        input_ids: Any,
-        attention_mask: Any,
-        pixel_values: Any,
-        labels: Any,
-        return_loss: Any,
-        return_dict: Any,
-        kwargs: dict[str, Any],
-    ) -> Any:
-        self._warn_once(
-            "reference:" + ",".join(why),
-            f"btfast: {', '.join(why)} requested: served by the transformers reference model (slow path)",
-        )
-        extra: dict[str, Any] = dict(kwargs)
-        if labels is not None:
-            extra["labels"] = labels
-        if return_loss is not None:
-            extra["return_loss"] = return_loss
-        if return_dict is not None:
-            extra["return_dict"] = return_dict
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, **extra)
 
     # -- introspection -------------------------------------------------------------------------------
 
@@ -382,6 +323,106 @@ _HEAD_CLASS = {
 }
 
 
+# One subclass per head, each with its reference's forward signature (names, order, defaults), so positional
+# calls mean what they mean to transformers. `token_type_ids` and `pixel_mask` are ignored, as by the reference.
+
+
+class OptimizedBridgeTowerModel(OptimizedBridgeTower):
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        pixel_values: Tensor | None = None,
+        pixel_mask: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        image_embeds: Tensor | None = None,
+        image_token_type_idx: int | None = None,
+        labels: Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """As BridgeTowerModel.forward (`labels` unused, as there)."""
+        return self._call(_named(locals()), kwargs)
+
+
+class OptimizedBridgeTowerForImageAndTextRetrieval(OptimizedBridgeTower):
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        pixel_values: Tensor | None = None,
+        pixel_mask: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        image_embeds: Tensor | None = None,
+        labels: Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """As BridgeTowerForImageAndTextRetrieval.forward."""
+        return self._call(_named(locals()), kwargs)
+
+
+class OptimizedBridgeTowerForMaskedLM(OptimizedBridgeTower):
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        pixel_values: Tensor | None = None,
+        pixel_mask: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        image_embeds: Tensor | None = None,
+        labels: Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """As BridgeTowerForMaskedLM.forward."""
+        return self._call(_named(locals()), kwargs)
+
+
+class OptimizedBridgeTowerForContrastiveLearning(OptimizedBridgeTower):
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        pixel_values: Tensor | None = None,
+        pixel_mask: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        image_embeds: Tensor | None = None,
+        return_loss: bool | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """As BridgeTowerForContrastiveLearning.forward."""
+        return self._call(_named(locals()), kwargs)
+
+
+_OPTIMIZED = {
+    "base": OptimizedBridgeTowerModel,
+    "itm": OptimizedBridgeTowerForImageAndTextRetrieval,
+    "mlm": OptimizedBridgeTowerForMaskedLM,
+    "itc": OptimizedBridgeTowerForContrastiveLearning,
+}
+
+
+def _text_stage(model: BridgeTower, input_ids: Tensor, key_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    ts = model.encode_text(input_ids, key_mask)
+    return ts.bridges, ts.cls
+
+
+def _image_stage(model: BridgeTower, pixel_values: Tensor) -> tuple[Tensor]:
+    return (model.encode_image(pixel_values).bridges,)
+
+
+def _named(values: dict[str, Any]) -> dict[str, Any]:
+    """A forward's named arguments from its locals()."""
+    return {k: v for k, v in values.items() if k not in ("self", "kwargs")}
+
+
 def _key_mask(attention_mask: Tensor | None, device: torch.device) -> Tensor | None:
     return None if attention_mask is None else attention_mask.to(device).bool()
 
@@ -410,7 +451,8 @@ def optimize(
     beats torch when timed at this model's shapes (the kernel race, in explain()); True / "all" = every
     kernel, False = torch only, or a list of op names (served as asked, no race).
     buckets: `btfast.Buckets(batch=..., text=...)` or a dict of the same; calls are padded up to them.
-    compile: torch.compile each bucket (default: on CUDA only; True = inductor, or a backend name).
+    compile: torch.compile each layer type once, batch and text length dynamic (default: on CUDA only; True =
+    inductor, or a backend name or callable).
     cuda_graphs: capture and replay a CUDA graph per bucket (default: on CUDA).
     """
     if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):

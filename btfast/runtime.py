@@ -1,15 +1,18 @@
-"""The runtime behind `optimize()`: static shape buckets, torch.compile and CUDA graphs.
+"""The runtime behind `optimize()`: static shape buckets over compiled layers, and CUDA graphs.
 
 A call's batch size and text length are rounded up to a bucket; inputs are padded (pad id for text,
-so RoBERTa positions stay right; masked keys; zero images) and outputs sliced back. Each bucket gets
-one compiled callable and, on CUDA, one captured CUDA graph, reused forever; all graphs share one
-memory pool, and outputs are copied out of it, so a result kept from one call is never overwritten by
-the next. Batches larger than the largest bucket are split into chunks and joined.
+so RoBERTa positions stay right; masked keys; zero images) and outputs sliced back. The forward it runs
+calls layers compiled once per layer type with the batch and text length dynamic (btfast.model.Layers),
+so a new bucket costs a run, not a compile; on CUDA each bucket is then captured as one CUDA graph,
+reused forever; all graphs share one memory pool, and outputs are copied out of it, so a result kept
+from one call is never overwritten by the next. Batches larger than the largest bucket are split into
+chunks and joined.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 log = logging.getLogger("btfast")
 
@@ -112,20 +116,14 @@ class RuntimeStats:
     new_shapes: list[tuple[int, int]] = field(default_factory=list)
 
 
-def _set_recompile_limit(n: int) -> None:
-    """Dynamo compiles each bucket shape once; let it keep that many instead of falling back to eager."""
-    cfg = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
-        if hasattr(cfg, name) and getattr(cfg, name) < n:
-            setattr(cfg, name, n)
-
-
 class Runtime:
     """Runs `forward(*inputs) -> tuple of tensors` through buckets; dim 0 of every input and output is the batch.
 
     `inputs` say how each input is padded (`Arg`); `outputs[i]` is the dim of output i holding the text length
-    (sliced back like the batch), or None. compile: False, True (inductor) or a torch.compile backend;
-    cuda_graphs: capture per bucket (CUDA only).
+    (sliced back like the batch), or None. compile: whether `forward` runs compiled layers (False, True = inductor,
+    or a backend), with `eager` the same function without them: used alone if compiling fails, and called once per
+    bucket where `books(first input)` says kernels may serve (the op table keeps its books outside dynamo's
+    guards). cuda_graphs: capture per bucket (CUDA only).
     """
 
     def __init__(
@@ -137,8 +135,12 @@ class Runtime:
         compile: bool | str | Callable = False,
         cuda_graphs: bool = False,
         name: str = "forward",
+        eager: Callable[..., tuple[Tensor, ...]] | None = None,
+        books: Callable[[Tensor], bool] = lambda x: True,
     ) -> None:
         self.forward = forward
+        self.eager = eager or forward
+        self.books = books
         self.inputs = tuple(inputs)
         self.outputs = tuple(outputs)
         self.buckets = buckets
@@ -148,11 +150,8 @@ class Runtime:
         self.entries: dict[tuple[int, int], _Entry] = {}
         self.stats = RuntimeStats()
         self._pool = None
-        self._compiled: Callable | None = None
         self.disabled: list[str] = []  # what failed on this machine and was turned off, with why
         self._text_arg = next((i for i, a in enumerate(self.inputs) if a.text_dim is not None), None)
-        if compile:
-            _set_recompile_limit(4 * len(buckets.batch) * len(buckets.text))
 
     @property
     def pads(self) -> bool:
@@ -160,12 +159,7 @@ class Runtime:
         return bool(self.compile or self.cuda_graphs)
 
     def _callable(self) -> Callable:
-        if not self.compile:
-            return self.forward
-        if self._compiled is None:
-            backend = "inductor" if self.compile is True else self.compile
-            self._compiled = torch.compile(self.forward, backend=backend, dynamic=False)
-        return self._compiled
+        return self.forward if self.compile else self.eager
 
     def _length(self, args: Sequence[Tensor]) -> int:
         if self._text_arg is None:
@@ -202,8 +196,8 @@ class Runtime:
             if e.what == "CUDA graphs":
                 self.cuda_graphs = False
             else:
-                self.compile, self._compiled = False, None
-            return self._build(key, like) if self.pads else _Entry(self.forward)
+                self.compile = False
+            return self._build(key, like) if self.pads else _Entry(self.eager)
 
     def _try_build(self, key: tuple[int, int], like: Sequence[Tensor]) -> _Entry:
         start = time.perf_counter()
@@ -213,8 +207,8 @@ class Runtime:
         # inference tensors that a later call outside it cannot refill: make them ordinary tensors.
         with torch.inference_mode(False):
             sample = self._padded(key, [x[:1] for x in like])  # one real row, the rest padding
-        if self.compile:
-            self.forward(*sample)  # once eagerly: the op table keeps its books (which backend serves what) here
+        if self.compile and self.books(like[0]):
+            self.eager(*sample)  # once eagerly: the op table keeps its books (which backend serves what) here
         graphs = self.cuda_graphs and like[0].is_cuda
         try:
             if graphs:
@@ -234,6 +228,7 @@ class Runtime:
         if like[0].is_cuda:
             torch.cuda.synchronize()
         entry.build_s = time.perf_counter() - start
+        log.info("btfast %s: bucket %s built in %.2fs", self.name, key, entry.build_s)
         if self._text_arg is not None and key[1] not in self.buckets.text:
             self.stats.new_shapes.append(key)
             log.warning("btfast: text length %d is past the largest bucket: compiled an extra shape", key[1])
@@ -262,7 +257,7 @@ class Runtime:
 
     def _run_chunk(self, args: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
         if not self.pads:
-            return tuple(self.forward(*args))
+            return tuple(self.eager(*args))
         b, n = args[0].shape[0], self._length(args)
         key = self._key(b, n)
         entry = self._entry(key, args)
@@ -296,18 +291,19 @@ class Runtime:
         return tuple(torch.cat(outs, dim=0) for outs in zip(*parts))
 
     def warmup(self, batch_sizes: Sequence[int], text_lengths: Sequence[int], like: Sequence[Tensor]) -> dict:
-        """Build the buckets covering these sizes now (`like`: one example row per input); returns seconds per
-        bucket built."""
+        """Build the buckets covering these sizes now (`like`: one example row per input), with a progress bar on
+        stderr; returns seconds per bucket built."""
         if not self.pads:
             return {}
         lengths = text_lengths if self._text_arg is not None else [0]
+        keys = {self._key(min(b, self.buckets.max_batch), n) for b in batch_sizes for n in lengths}
+        todo = sorted(keys - set(self.entries))
         costs = {}
-        for b in batch_sizes:
-            for n in lengths:
-                key = self._key(min(b, self.buckets.max_batch), n)
-                if key not in self.entries:
-                    self.entries[key] = self._build(key, like)
-                    costs[key] = self.entries[key].build_s
+        with tqdm(todo, desc=f"btfast {self.name} buckets", unit="bucket", file=sys.stderr, disable=not todo) as bar:
+            for key in bar:
+                bar.set_postfix_str(f"batch {key[0]}" + (f" x text {key[1]}" if self._text_arg is not None else ""))
+                self.entries[key] = self._build(key, like)
+                costs[key] = self.entries[key].build_s
         return costs
 
     def describe(self) -> list[str]:

@@ -21,7 +21,7 @@ HEADS: dict[type, str] = {
     BridgeTowerForContrastiveLearning: "itc",
 }
 
-# HF activation names -> the names of btfast's fused epilogues (see ops.ACTIVATIONS).
+# HF activation names -> the names of btfast's fused epilogues (see btfast.kernels.ACTIVATIONS).
 ACTIVATIONS = {
     "gelu": "gelu",
     "gelu_new": "gelu_tanh",
@@ -108,6 +108,12 @@ def read_spec(model: nn.Module) -> ModelSpec:
         problems.append(
             "BridgeTowerForContrastiveLearning with share_cross_modal_transformer_layers=False is undefined "
             "(the reference calls the per-layer transform list as one module and crashes)"
+        )
+    if head == "itc" and vc.hidden_size != cfg.hidden_size:
+        problems.append(
+            f"BridgeTowerForContrastiveLearning with vision_config.hidden_size ({vc.hidden_size}) != hidden_size "
+            f"({cfg.hidden_size}) is undefined (the reference adds a hidden_size token-type embedding to the "
+            "vision-sized image features and crashes)"
         )
     image_size, patch_size = vc.image_size, vc.patch_size
     if not isinstance(image_size, int) or not isinstance(patch_size, int):

@@ -255,15 +255,19 @@ def add_layernorm_reference(
     beta: float | torch.Tensor = 1.0,
     upcast: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain PyTorch ``(LayerNorm(alpha * x + beta * residual), sum)``.
+    """Plain PyTorch ``(LayerNorm(alpha * x + beta * residual), sum)``: the engine's torch path for this op
+    (``upcast=True``, the output cast back to x's dtype) and the kernel's test reference.
 
-    ``upcast=True``: everything in fp32 (the ground truth tests compare against). ``upcast=False``: the ops the
-    kernel replaces, in the inputs' dtype, as the model runs them (their error sets the tolerance).
+    ``upcast=True``: everything in fp32 (the ground truth tests compare against). ``upcast=False``: in the inputs'
+    dtype (its error against fp32 sets the tests' tolerance). A factor of exactly 1.0 is not multiplied.
     """
 
     def cast(t: torch.Tensor | float | None) -> torch.Tensor | float | None:
         return t.float() if upcast and isinstance(t, torch.Tensor) else t
 
+    def scaled(t: torch.Tensor, s: torch.Tensor | float) -> torch.Tensor:
+        return t if isinstance(s, float) and s == 1.0 else t * s
+
     x, residual, weight, bias, alpha, beta = map(cast, (x, residual, weight, bias, alpha, beta))
-    total = x * alpha if residual is None else x * alpha + residual * beta
+    total = scaled(x, alpha) if residual is None else scaled(x, alpha) + scaled(residual, beta)
     return F.layer_norm(total, (x.shape[-1],), weight, bias, eps), total

@@ -18,6 +18,7 @@ for the output projection costs no copy.
 import math
 
 import torch
+import torch.nn.functional as F
 
 from ._common import (
     CUSTOM_OPS,
@@ -267,12 +268,13 @@ def attention_reference(
     scale: float | None = None,
     upcast: bool = True,
 ) -> torch.Tensor:
-    """HF eager attention: scores + ``finfo(dtype).min`` at masked keys, softmax, @ v; fp32 if ``upcast``."""
+    """HF eager attention's math through SDPA: ``finfo(dtype).min`` added at masked keys (a row with every key
+    masked averages all values, as the reference's), softmax, @ v. In fp32 if ``upcast`` (the kernel's test
+    reference), else in q's dtype (the engine's torch path for this op)."""
     if upcast:
         q, k, v = q.float(), k.float(), v.float()
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    bias = None
     if key_mask is not None:
         masked = (key_mask == 0)[:, None, None, :]
-        scores = scores + masked.to(scores.dtype) * torch.finfo(scores.dtype).min
-    return torch.matmul(torch.softmax(scores, dim=-1), v)
+        bias = masked.to(q.dtype) * torch.finfo(q.dtype).min
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)

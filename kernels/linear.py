@@ -12,6 +12,8 @@ programs are grouped GROUP_M tiles tall so that neighbours share rows of x and c
 use exact fp32 products (``input_precision="ieee"``, no TF32) so results match torch to ~1e-5.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -290,7 +292,8 @@ def linear_reference(
     residual: torch.Tensor | None = None,
     upcast: bool = True,
 ) -> torch.Tensor:
-    """Plain PyTorch ``act(F.linear(x, weight, bias)) + residual``: in fp32 if ``upcast``, else in x's dtype."""
+    """Plain PyTorch ``act(F.linear(x, weight, bias)) + residual``: in fp32 if ``upcast`` (the kernel's test
+    reference), else in x's dtype (the engine's torch path for this op)."""
     if upcast:
         x, weight = x.float(), weight.float()
         bias = bias.float() if bias is not None else None
@@ -298,10 +301,12 @@ def linear_reference(
     y = F.linear(x, weight, bias.to(x.dtype) if bias is not None else None)
     if activation == "gelu":
         y = F.gelu(y)
-    elif activation == "gelu_tanh":
-        y = F.gelu(y, approximate="tanh")
+    elif activation == "gelu_tanh":  # transformers' NewGELUActivation written out, so fp32 matches it exactly
+        y = 0.5 * y * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (y + 0.044715 * torch.pow(y, 3.0))))
     elif activation == "quick_gelu":
         y = y * torch.sigmoid(1.702 * y)
     elif activation == "relu":
         y = F.relu(y)
+    elif activation is not None:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
     return y if residual is None else y + residual

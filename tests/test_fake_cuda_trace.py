@@ -28,6 +28,7 @@ SCRIPT = textwrap.dedent(
     import torch, transformers
     from torch._subclasses.fake_tensor import FakeTensorMode
     import btfast
+    from btfast.model import BridgeTower
     from btfast.testing import build, random_inputs, tiny_config
 
     head, dtype, stage = sys.argv[1], getattr(torch, sys.argv[2]), sys.argv[3]
@@ -46,7 +47,7 @@ SCRIPT = textwrap.dedent(
             return type(obj)(fake(o) for o in obj)
         return obj
 
-    fast.weights = fake(fast.weights)
+    m = BridgeTower(fake(fast.weights), fast.ops, fast.spec)  # the forward the runtime runs, eager layers
     x = random_inputs(cfg, batch=2, seq_len=7, lengths=[7, 4])
     ids, mask, pixels = fake(x["input_ids"]), fake(x["attention_mask"].bool()), fake(x["pixel_values"])
     s = fast.spec
@@ -54,10 +55,10 @@ SCRIPT = textwrap.dedent(
         text_bridges = torch.empty(2, s.cross_layers, 7, s.hidden, dtype=dtype, device="cuda")
         image_bridges = torch.empty(2, s.cross_layers, s.image_tokens, s.hidden, dtype=dtype, device="cuda")
     fn, args = {
-        "forward": (fast._raw_forward, (ids, mask, pixels)),
-        "text": (fast._raw_text, (ids, mask)),
-        "image": (fast._raw_image, (pixels,)),
-        "fuse": (fast._raw_fuse, (text_bridges, mask, image_bridges)),
+        "forward": (m.forward, (ids, mask, pixels)),
+        "text": (lambda i, k: (lambda ts: (ts.bridges, ts.cls))(m.encode_text(i, k)), (ids, mask)),
+        "image": (lambda p: (m.encode_image(p).bridges,), (pixels,)),
+        "fuse": (m.fuse, (text_bridges, mask, image_bridges)),
     }[stage]
 
     class Stage(torch.nn.Module):

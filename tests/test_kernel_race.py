@@ -15,8 +15,8 @@ from transformers import BridgeTowerForImageAndTextRetrieval
 
 import btfast
 from btfast import kernel_race
-from btfast.kernel_race import LOST, Workload, cases, cuda_timer, race
-from btfast.ops import Ops
+from btfast.kernel_race import Workload, cases, cuda_timer, race
+from btfast.ops import LOST, Ops
 from btfast.spec import read_spec
 from btfast.testing import build, tiny_config
 
@@ -84,7 +84,12 @@ def test_losers_are_switched_off_with_their_figures_and_winners_stay():
         ("linear", "torch"): 1.0,  # a tie is not a win
     }
     seen: list[tuple[str, str]] = []
-    laps = race(ops, WORKLOAD, torch.device("cpu"), torch.float32, False, False, timer=_scripted_timer(calls, ms, seen))
+    verdicts = race(
+        ops, WORKLOAD, torch.device("cpu"), torch.float32, False, False, timer=_scripted_timer(calls, ms, seen)
+    )
+    assert ops.off == {}, "the race only returns verdicts; the op table takes them"
+    ops.take(verdicts)
+    laps = verdicts.laps
     assert set(laps) == {"add_layernorm", "attention", "linear"}
     per_op = {op: sum(c.calls for c in cases(Ops(), WORKLOAD, torch.device("cpu"), torch.float32) if c.op == op)
               for op in laps}  # fmt: skip
@@ -105,10 +110,14 @@ def test_a_new_race_starts_from_scratch():
     ops, calls = _spied_ops()
     ops_names = ("add_layernorm", "attention", "linear")
     slow = {(op, side): (2.0 if side == "triton" else 1.0) for op in ops_names for side in ("triton", "torch")}
-    race(ops, WORKLOAD, torch.device("cpu"), torch.float32, False, False, timer=_scripted_timer(calls, slow, []))
+    ops.take(
+        race(ops, WORKLOAD, torch.device("cpu"), torch.float32, False, False, timer=_scripted_timer(calls, slow, []))
+    )
     assert all(ops.off[op].startswith(LOST) for op in ops_names)
     fast = {key: 3.0 - t for key, t in slow.items()}  # now Triton wins everywhere (another dtype, say)
-    race(ops, WORKLOAD, torch.device("cpu"), torch.float32, False, False, timer=_scripted_timer(calls, fast, []))
+    ops.take(
+        race(ops, WORKLOAD, torch.device("cpu"), torch.float32, False, False, timer=_scripted_timer(calls, fast, []))
+    )
     assert ops.off == {}
 
 
@@ -122,15 +131,16 @@ def test_a_kernel_that_cannot_be_timed_is_switched_off():
             raise RuntimeError("out of resources: shared memory")
         return 1.0
 
-    laps = race(ops, WORKLOAD, torch.device("cpu"), torch.float32, False, False, timer=timer)
-    assert "attention" not in laps
+    verdicts = race(ops, WORKLOAD, torch.device("cpu"), torch.float32, False, False, timer=timer)
+    ops.take(verdicts)
+    assert "attention" not in verdicts.laps
     assert ops.off["attention"].startswith("kernel race failed: RuntimeError: out of resources")
 
 
 def test_torch_side_is_compiled_for_norms_and_gemms_in_one_graph_each():
     counter = CompileCounter()  # a real dynamo trace (fullgraph) of every norm and GEMM case
     ops = Ops()
-    laps = race(ops, WORKLOAD, torch.device("cpu"), torch.float32, counter, False, timer=_runs_once)
+    laps = race(ops, WORKLOAD, torch.device("cpu"), torch.float32, counter, False, timer=_runs_once).laps
     assert set(laps) == {"add_layernorm", "attention", "linear"}
     assert counter.frame_count == sum(
         c.op != "attention" for c in cases(ops, WORKLOAD, torch.device("cpu"), torch.float32)
@@ -142,7 +152,7 @@ def test_a_torch_side_that_fails_to_compile_is_timed_eagerly(monkeypatch):
         raise RuntimeError("no compiler here")
 
     monkeypatch.setattr(kernel_race.torch, "compile", no_compiler)
-    laps = race(Ops(), WORKLOAD, torch.device("cpu"), torch.float32, True, False, timer=_runs_once)
+    laps = race(Ops(), WORKLOAD, torch.device("cpu"), torch.float32, True, False, timer=_runs_once).laps
     assert set(laps) == {"add_layernorm", "attention", "linear"}
 
 

@@ -216,3 +216,15 @@ def test_default_config_is_bridgetower_base():
         )
     ).spec
     assert (spec.hidden, spec.image_tokens, spec.max_text_len, spec.split) == (768, 325, 512, 1)
+
+
+def test_token_id_check_reads_no_value_of_a_device_tensor():
+    """Ids already on a device are checked there, asynchronously: a meta tensor has no values, so any host read
+    (`int()`, `.item()`, `aminmax` back to Python) of it would raise here. CPU ids get the full, immediate check."""
+    from btfast import inputs
+    from btfast.spec import read_spec
+
+    spec = read_spec(build(BridgeTowerModel, tiny_config()))
+    inputs.check_text(spec, 120, torch.empty(2, 7, dtype=torch.long, device="meta"), None)
+    with pytest.raises(btfast.InputError, match=r"in \[0, 120\); got values in \[3, 120\]"):
+        inputs.check_text(spec, 120, torch.tensor([[3, 120]]), None)

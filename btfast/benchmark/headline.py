@@ -117,9 +117,10 @@ def verdicts(fast: Any) -> dict[str, Any]:
     ops = fast.ops
     laps = {
         op: dict(triton_ms=lap.triton_ms, torch_ms=lap.torch_ms, speedup=lap.speedup, serves=op not in ops.off)
-        for op, lap in ops.laps.items()
+        for op, lap in ops.verdicts.laps.items()
     }
-    return dict(note=ops.race_note or "no race (kernels asked for by name, or off CUDA)", laps=laps, off=dict(ops.off))
+    where = ops.verdicts.where or "no race (kernels asked for by name, or off CUDA)"
+    return dict(note=where, laps=laps, off=dict(ops.off))
 
 
 def profile(call: Callable[[], Any], device: torch.device) -> dict[str, Any]:
