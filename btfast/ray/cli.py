@@ -9,7 +9,7 @@ driver or an actor at any moment and run the same command again: every input row
 The job, its checks and its driver loop are the single-process ones (`btfast.score.config`, `.source`,
 `.job.run_chunks`); what is Ray's is here: connecting to the cluster, placing the actor pool (`stages.place`) and
 the executor that runs chunks on Ray Data. `btfast/cli.py` sends `--ray` here; the flags are declared in
-`btfast.score.cli_common.add_ray`. `python -m btfast.ray.cli score ...` is `btfast score --ray ...`.
+`btfast.score.cli.add_ray`. `python -m btfast.ray.cli score ...` is `btfast score --ray ...`.
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ from btfast.score.plan import Chunk, Limits
 def run(args: argparse.Namespace) -> int:
     """`btfast score|embed ... --ray` (dispatched by `btfast/cli.py`)."""
     from btfast.ray import RayMissingError
-    from btfast.score import cli_common
+    from btfast.score.cli import run as run_command
 
     job = functools.partial(ray_job, address=args.address, gpus_per_worker=args.gpus_per_worker)
     unit = "pairs" if args.command == "score" else "items"
-    return cli_common.run(
+    return run_command(
         args, args.command, job, unit, label=f"{args.command} --ray", errors=(PipelineError, RayMissingError)
     )
 

@@ -1,11 +1,172 @@
-"""Flags shared by `btfast score`, `btfast embed` and `btfast retrieve` (no heavy imports here)."""
+"""`btfast score`, `btfast embed` and `btfast retrieve`: one table of flags (no heavy imports here) and one run.
+
+`btfast/cli.py` takes `score`, `embed` and `retrieve` (each a `Command`) from here; `--ray` goes to `btfast.ray.cli`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
+
+EPILOGS = {
+    "score": """\
+input: JSONL, CSV/TSV or Parquet with columns image (a path, or bytes in Parquet), text and optionally id (other
+names: --image-column, --text-column, --id-column; a missing column stops the job before the model loads).
+output (.jsonl or .parquet), one row per input row: row (0-based input position), id (the input's, else row),
+image, text (with --with-text), status (ok / error), error (the reason), text_truncated, and
+  --head itm: itm_logit (logit of "match"), itm_prob (its softmax probability);
+  --head itc: itc_cosine (cosine of the unimodal ITC embeddings), itc_logit (exp(logit_scale) * cosine).
+Rows are written chunk by chunk, grouped by image; sort by `row` for input order.
+
+Every unique image and text in a chunk runs through its tower once and is fused with all its partners.
+Bad rows (missing / corrupt / truncated / huge images, empty texts, malformed rows) get status error and the run
+goes on. Over-long texts are truncated to the model's limit and flagged. Kill it at any moment and rerun the same
+command: it resumes, and the output holds every input row exactly once.
+
+exit status: 0 all rows scored, 3 done but some rows have status error, 1 fatal error, 2 bad arguments.
+""",
+    "embed": """\
+output (.jsonl or .parquet), one row per image and per text: kind (image / text), row (position in its list),
+id (the input's id, else the image's path or the row), image, text, status (ok / error), error, text_truncated,
+embedding (the L2-normalised ITC embedding: image_embeds / text_embeds of BridgeTowerForContrastiveLearning;
+cosine = dot product). Resumable and shardable like `btfast score`.
+
+exit status: 0 all rows embedded, 3 done but some rows have status error, 1 fatal error, 2 bad arguments.
+""",
+    "retrieve": """\
+models: BridgeTower's ITC and ITM heads are different checkpoints (BridgeTowerForContrastiveLearning,
+BridgeTowerForImageAndTextRetrieval). --model is the ITM folder, --itc-model the ITC folder; if --itc-model is
+left out, --model must hold both heads' weights. A folder without a head's weights is refused (transformers
+would fill them with random numbers).
+
+output (.jsonl or .parquet), one row per query, texts then images: direction (text_to_image / image_to_text),
+query_row, query_id, query (the text, or the image path), status, error, results: a list best first of
+{rank, row, id, item, itc_cosine, itm_logit, itm_prob}; item is the image path or the text.
+
+Rows are written --chunk-queries queries at a time. Kill it at any moment and rerun the same command: it
+resumes, and the output holds every query exactly once, with the results of an uninterrupted run (a rerun
+with other settings is refused). --shard I/N ranks 1/N of the queries of both directions against the whole
+gallery; the N outputs joined are the unsharded output. Every shard first embeds the whole gallery (all images
+and texts) with ITC; only the ranking (top-k and ITM) is split. Those embeddings are kept beside the output
+(OUT.btfast-gallery.npz) until the job finishes, so a resumed run does not embed the gallery again.
+
+exit status: 0 ok, 3 done but some queries have status error (an image or text that could not be used; its
+row says why), 1 fatal, 2 arguments.
+""",
+}
+
+MODEL_HELP = {
+    "score": "model folder (save_pretrained): weights (.safetensors), config, tokenizer and "
+    "BridgeTowerProcessor config (preprocessor_config.json / processor_config.json)",
+    "embed": "a BridgeTowerForContrastiveLearning folder (save_pretrained) with tokenizer and processor",
+    "retrieve": "ITM folder (BridgeTowerForImageAndTextRetrieval) that re-ranks the candidates",
+}
+OUT_HELP = {
+    "score": "output file: .jsonl or .parquet; or a folder URL (s3://bucket/scores/): a folder of Parquet parts",
+    "embed": "output file: .jsonl or .parquet; or a folder URL (s3://bucket/emb/): a folder of Parquet parts",
+    "retrieve": "output file: .jsonl or .parquet",
+}
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand, as `btfast/cli.py` wants it: `add_arguments(parser)` and `run(args) -> exit status`."""
+
+    name: str
+    unit: str  # what the summary line counts
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        add_arguments(parser, self.name)
+
+    def run(self, args: argparse.Namespace) -> int:
+        if self.name == "retrieve":
+            from btfast.score.retrieve import retrieve_job as job
+        else:
+            from btfast.score.job import local_job as job
+        return run(args, self.name, job, self.unit)
+
+
+score = Command("score", "pairs")
+embed = Command("embed", "items")
+retrieve = Command("retrieve", "queries")
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    """The flags of `btfast COMMAND`: what to read and write, then runtime, resume and (score, embed) Ray."""
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOGS[command]
+    g = parser.add_argument_group(f"what to {command}")
+    g.add_argument("--model", required=command != "retrieve", metavar="DIR", help=MODEL_HELP[command])
+    if command == "retrieve":
+        g.add_argument(
+            "--itc-model",
+            default=None,
+            metavar="DIR",
+            help="ITC folder (BridgeTowerForContrastiveLearning) that picks the candidates (default: --model)",
+        )
+    if command == "score":
+        g.add_argument(
+            "--pairs",
+            default=None,
+            metavar="FILE",
+            help="pairs file: .jsonl, .csv, .tsv or .parquet (a .tar name or pattern is taken as --shards)",
+        )
+    else:
+        add_inputs(g, single=", one image," if command == "embed" else "")
+    add_shards(g, embed=command == "embed")
+    g.add_argument("--out", required=True, metavar="FILE", help=OUT_HELP[command])
+    if command == "score":
+        g.add_argument(
+            "--image-root",
+            default=None,
+            metavar="DIR",
+            help="image paths are relative to DIR and may not leave it (default: relative to the pairs "
+            "file's folder; absolute paths allowed)",
+        )
+        g.add_argument(
+            "--head",
+            choices=["itm", "itc"],
+            default="itm",
+            help="itm: match probability and logit (BridgeTowerForImageAndTextRetrieval); itc: cosine "
+            "similarity (BridgeTowerForContrastiveLearning) (default: itm)",
+        )
+    add_columns(g)
+    if command == "score":
+        g.add_argument(
+            "--with-text",
+            action="store_true",
+            help="output rows carry the scored text (column text), so no join back to the input is needed",
+        )
+    if command == "retrieve":
+        g.add_argument(
+            "--top-k",
+            type=int,
+            default=16,
+            metavar="K",
+            help="ITC candidates per query, all re-ranked by ITM (the paper used 128 or 256; default: 16)",
+        )
+        g.add_argument("--no-rerank", action="store_true", help="ITC ranking only (no ITM model needed)")
+    add_runtime(parser)
+    add_chunks(parser, command)
+    if command == "score":
+        x = parser.add_argument_group("comparison")
+        x.add_argument(
+            "--no-dedup",
+            action="store_true",
+            help="run the whole model per pair (the pair-by-pair baseline) instead of encoding each unique "
+            "image and text once",
+        )
+        x.add_argument(
+            "--engine",
+            choices=["btfast", "hf"],
+            default="btfast",
+            help="btfast (default) or hf: the transformers model in eager mode (implies --no-dedup)",
+        )
+    if command != "retrieve":
+        add_ray(parser)
 
 
 def add_runtime(p: argparse.ArgumentParser) -> None:
@@ -72,8 +233,9 @@ def add_runtime(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar (the summary is still printed)")
 
 
-def add_resume(p: argparse.ArgumentParser, of: str = "the input") -> argparse._ArgumentGroup:
-    """--overwrite and --shard, in a group the caller adds its chunk flags to."""
+def add_chunks(p: argparse.ArgumentParser, command: str) -> None:
+    """--overwrite, --shard and the chunk limits: the unit written, resumed and sharded."""
+    of = "the queries" if command == "retrieve" else "the input"
     g = p.add_argument_group("resume, sharding, chunking")
     g.add_argument(
         "--overwrite",
@@ -89,18 +251,24 @@ def add_resume(p: argparse.ArgumentParser, of: str = "the input") -> argparse._A
         f"device. Chunks are dealt round robin, so a shard of {of} smaller than N chunks may be empty "
         "(default: all)",
     )
-    return g
-
-
-def add_job(p: argparse.ArgumentParser, what: str = "rows") -> None:
-    g = add_resume(p)
-    g.add_argument(
-        "--chunk-rows",
-        type=int,
-        default=16384,
-        metavar="N",
-        help=f"at most N {what} per chunk, the unit written (and resumed) at once (default: 16384)",
-    )
+    if command == "retrieve":
+        g.add_argument(
+            "--chunk-queries",
+            type=int,
+            default=1024,
+            metavar="N",
+            help="queries per chunk, the unit written (and resumed) at once; the ITM images are encoded once per "
+            "chunk, so larger chunks re-encode less (default: 1024)",
+        )
+    else:
+        what = "pairs" if command == "score" else "images or texts"
+        g.add_argument(
+            "--chunk-rows",
+            type=int,
+            default=16384,
+            metavar="N",
+            help=f"at most N {what} per chunk, the unit written (and resumed) at once (default: 16384)",
+        )
     g.add_argument(
         "--chunk-images",
         type=int,
@@ -113,11 +281,10 @@ def add_job(p: argparse.ArgumentParser, what: str = "rows") -> None:
     )
 
 
-def add_inputs(g: argparse._ArgumentGroup, required: bool, single: str = "") -> None:
+def add_inputs(g: argparse._ArgumentGroup, single: str = "") -> None:
     """--images, --texts and --image-root of `btfast embed` / `btfast retrieve`."""
     g.add_argument(
         "--images",
-        required=required,
         default=None,
         metavar="DIR_OR_FILE",
         help=f"a folder (every image below it, sorted){single} or a list: .txt (a path a line), "
@@ -125,7 +292,6 @@ def add_inputs(g: argparse._ArgumentGroup, required: bool, single: str = "") -> 
     )
     g.add_argument(
         "--texts",
-        required=required,
         default=None,
         metavar="FILE",
         help=".txt (a text a line) or .jsonl / .csv / .parquet with a text column (and optionally id)",
