@@ -281,8 +281,7 @@ def retrieve_job(cfg: JobConfig) -> Summary:
     from btfast.score.engine import resolve_device, resolve_dtype
     from btfast.score.job import default_batch_size
     from btfast.score.loader import default_workers
-    from btfast.score.rows import read_images, read_texts
-    from btfast.score.source import ListSource
+    from btfast.score.source import ListSource, ShardsSource
 
     t0 = time.perf_counter()
     shard_i, shard_n = cfg.shard
@@ -291,17 +290,9 @@ def retrieve_job(cfg: JobConfig) -> Summary:
     batch_size = cfg.batch_size or default_batch_size(dev.type)
     workers = default_workers() if cfg.workers is None else cfg.workers
 
-    if cfg.shards is not None:  # each sample's image and text, from tar shards
-        from btfast.score.source import ShardsSource
-
-        source = ShardsSource(cfg, ("image", "text"))
-        source.check()
-        image_rows, text_rows = source.lists()
-    else:
-        ListSource(cfg).check()  # a missing column or a wrong image root: fatal, before any model loads
-        c = cfg.columns
-        image_rows = list(read_images(cfg.images, cfg.image_root, image_field=c.image, id_field=c.id))
-        text_rows = list(read_texts(cfg.texts, text_field=c.text, id_field=c.id))
+    source = ShardsSource(cfg, ("image", "text")) if cfg.shards is not None else ListSource(cfg)
+    source.check()  # a missing column or a wrong image root: fatal, before any model loads
+    image_rows, text_rows = source.lists()
     header = cfg.header(dtype=str(dt), batch_size=batch_size)
     schema = retrieve_schema() if output_format(cfg.out) == "parquet" else None
     sink = ChunkSink(cfg.out, header, overwrite=cfg.overwrite, schema=schema)
