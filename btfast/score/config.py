@@ -174,6 +174,10 @@ class JobConfig:
             h.update(shards=display(self.shards), caption_field=self.caption_field, kinds=list(self.shard_kinds()))
         return json.loads(json.dumps(h))
 
+    def compute(self, batch_size: int) -> dict[str, Any]:
+        """`engine.Context.load`'s options of this job (score / embed)."""
+        return {"batch_size": batch_size, "engine": self.engine, "dedup": self.dedup, "with_text": self.with_text}
+
     def image_preprocessor(self, folder: str | os.PathLike | None = None) -> Any:
         """The image preprocessor of `folder` (default: the model) with this job's decoding options."""
         from btfast.preprocess import ImagePreprocessor

@@ -210,8 +210,7 @@ def run_chunks(
 
 def local_job(cfg: JobConfig) -> Summary:
     """Run the `btfast score` or `btfast embed` job `cfg`: this process computes, worker processes decode images."""
-    from btfast.preprocess import TextPreprocessor
-    from btfast.score.engine import Context, compute_chunk, load_head, resolve_device, resolve_dtype
+    from btfast.score.engine import Context, compute_chunk, resolve_device, resolve_dtype
     from btfast.score.loader import ImageLoader, default_workers
     from btfast.score.source import source_for
 
@@ -231,9 +230,7 @@ def local_job(cfg: JobConfig) -> Summary:
         if sink.finished:
             return run_chunks([], sink, LocalExecutor(None, lambda c, x: []), shard=cfg.shard, progress=False)
         loader = ImageLoader(images, default_workers() if cfg.workers is None else cfg.workers)  # start meanwhile
-        net = load_head(cfg.model, cfg.head, dev, dt, engine=cfg.engine)
-        texts = TextPreprocessor.from_pretrained(cfg.model)
-        ctx = Context(net, cfg.head, images, texts, batch_size=batch_size, dedup=cfg.dedup, with_text=cfg.with_text)
+        ctx = Context.load(cfg.model, cfg.head, dev, dt, images, **cfg.compute(batch_size))
         total = source.total()
         with loader:
             summary = run_chunks(

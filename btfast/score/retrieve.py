@@ -130,8 +130,7 @@ class _Ranker:
         """Embed the gallery (or take it from `cache`) and load the ITM model (`cfg.rerank=False`: ITC only)."""
         import torch
 
-        from btfast.preprocess import TextPreprocessor
-        from btfast.score.engine import Context, load_head
+        from btfast.score.engine import Context
         from btfast.score.loader import ImageLoader
 
         itc_model = cfg.itc_model or cfg.model
@@ -151,13 +150,7 @@ class _Ranker:
             if gallery is not None:
                 print(f"retrieve: the gallery's ITC embeddings are reused from {cache.path}", file=sys.stderr)
             else:
-                itc = Context(
-                    load_head(itc_model, "itc", device, dtype),
-                    "itc",
-                    itc_pre,
-                    TextPreprocessor.from_pretrained(itc_model),
-                    batch_size=batch_size,
-                )
+                itc = Context.load(itc_model, "itc", device, dtype, itc_pre, batch_size=batch_size)
                 with torch.inference_mode():
                     gallery = {
                         "image": _embed_all(itc, image_rows, self.loader, limits, "itc images", progress),
@@ -170,13 +163,7 @@ class _Ranker:
                 self.loader.close()
                 self.loader = None if itm_pre is None else ImageLoader(itm_pre, workers)
             if itm_model is not None:
-                self.itm = Context(
-                    load_head(itm_model, "itm", device, dtype),
-                    "itm",
-                    itm_pre,  # type: ignore[arg-type]
-                    TextPreprocessor.from_pretrained(itm_model),
-                    batch_size=batch_size,
-                )
+                self.itm = Context.load(itm_model, "itm", device, dtype, itm_pre, batch_size=batch_size)
         except BaseException:
             self.close()
             raise
