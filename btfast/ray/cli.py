@@ -262,14 +262,11 @@ def ray_job(cfg: JobConfig, *, address: str | None = None, gpus_per_worker: floa
         schema = score_schema(cfg.head, id_type, cfg.with_text) if score else embed_schema()
         with PartStore(cfg.out, header, overwrite=cfg.overwrite, schema=schema) as store:
             summary = run_chunks(
+                cfg,
                 source.chunks(wanted(cfg, store)),
                 store,
                 RayExecutor(make_output, id_type, bs, where.actors),
-                shard=cfg.shard,
                 desc=f"score {cfg.head} (ray)" if score else "embed (ray)",
-                unit="pair" if score else "item",
-                progress=cfg.progress,
-                interrupt=cfg.interrupt,
             )
         summary.stats = shard_stats(source)
         return summary

@@ -303,15 +303,13 @@ def retrieve_job(cfg: JobConfig) -> Summary:
                 cache=cache,
             )
         job = run_chunks(  # without a ranker every chunk of this shard is done: this only marks the job finished
+            cfg,
             chunks,
             sink,
             LocalExecutor(None, ranker or (lambda c, x: [])),
-            shard=cfg.shard,
             total_rows=sum(len(c.rows) for c in mine),
             desc="retrieve",
-            unit="query",
-            progress=cfg.progress and ranker is not None,
-            interrupt=cfg.interrupt,
+            progress=ranker is not None,
         )
     finally:
         if ranker is not None:
