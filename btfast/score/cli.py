@@ -381,13 +381,12 @@ def set_threads(cfg: Any) -> None:
     """On CPU, leave the image workers their cores: oversubscribed OpenMP threads wait on each other."""
     import torch
 
-    from btfast.score.engine import resolve_device
-    from btfast.score.loader import cpu_count, default_workers
+    from btfast.score.engine import Runtime
+    from btfast.score.loader import cpu_count
 
-    if resolve_device(cfg.device).type != "cpu":
-        return
-    workers = default_workers() if cfg.workers is None else cfg.workers
-    torch.set_num_threads(cfg.threads or max(1, cpu_count() - workers))
+    rt = Runtime.of(cfg)
+    if rt.device.type == "cpu":
+        torch.set_num_threads(cfg.threads or max(1, cpu_count() - rt.workers))
 
 
 def run(

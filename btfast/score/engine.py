@@ -42,6 +42,30 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     raise ValueError(f"dtype must be auto, fp32, bf16 or fp16; got {name}")
 
 
+@dataclass(frozen=True)
+class Runtime:
+    """What a local job's settings resolve to on this machine."""
+
+    device: torch.device
+    dtype: torch.dtype
+    batch_size: int  # images / texts per tower call and pairs per fusion call: 64 on CUDA, 16 on CPU by default
+    workers: int  # image decoding processes
+
+    @classmethod
+    def of(cls, cfg: Any) -> Runtime:
+        """The runtime of the job `cfg` (a `JobConfig`)."""
+        from btfast.score.job import default_batch_size
+        from btfast.score.loader import default_workers
+
+        dev = resolve_device(cfg.device)
+        workers = default_workers() if cfg.workers is None else cfg.workers
+        return cls(dev, resolve_dtype(cfg.dtype, dev), cfg.batch_size or default_batch_size(dev.type), workers)
+
+    def header(self, cfg: Any) -> dict[str, Any]:
+        """The job's resume header with what this runtime decided (dtype, batch size)."""
+        return cfg.header(dtype=str(self.dtype), batch_size=self.batch_size)
+
+
 def load_head(
     folder: str | os.PathLike, head: str, device: torch.device, dtype: torch.dtype, engine: str = "btfast"
 ) -> torch.nn.Module:

@@ -211,27 +211,25 @@ def run_chunks(
 
 def local_job(cfg: JobConfig) -> Summary:
     """Run the `btfast score` or `btfast embed` job `cfg`: this process computes, worker processes decode images."""
-    from btfast.score.engine import Context, compute_chunk, resolve_device, resolve_dtype
-    from btfast.score.loader import ImageLoader, default_workers
+    from btfast.score.engine import Context, Runtime, compute_chunk
+    from btfast.score.loader import ImageLoader
     from btfast.score.source import source_for
 
     embed = cfg.command == "embed"
     source = source_for(cfg)
     source.check()  # a missing column or a wrong image root: fatal, before the model loads
-    dev = resolve_device(cfg.device)
-    dt = resolve_dtype(cfg.dtype, dev)
-    batch_size = cfg.batch_size or default_batch_size(dev.type)
+    rt = Runtime.of(cfg)
     parquet = is_url(cfg.out) or output_format(cfg.out) == "parquet"
     id_type = cfg.id_type(parquet)
     schema = output_schema(cfg, id_type) if parquet else None
-    sink = open_sink(cfg, cfg.header(dtype=str(dt), batch_size=batch_size), schema)
+    sink = open_sink(cfg, rt.header(cfg), schema)
     images = cfg.image_preprocessor()
     loader = None
     try:
         if sink.finished:
             return run_chunks(cfg, [], sink, LocalExecutor(None, lambda c, x: []), progress=False)
-        loader = ImageLoader(images, default_workers() if cfg.workers is None else cfg.workers)  # start meanwhile
-        ctx = Context.load(cfg.model, cfg.head, dev, dt, images, **cfg.compute(batch_size))
+        loader = ImageLoader(images, rt.workers)  # the workers start while the model loads
+        ctx = Context.load(cfg.model, cfg.head, rt.device, rt.dtype, images, **cfg.compute(rt.batch_size))
         total = source.total()
         with loader:
             summary = run_chunks(

@@ -120,10 +120,7 @@ class _Ranker:
         image_rows: list[Row],
         text_rows: list[Row],
         *,
-        device: Any,
-        dtype: Any,
-        batch_size: int,
-        workers: int,
+        rt: Any,
         id_type: str,
         cache: _GalleryCache,
     ) -> None:
@@ -144,6 +141,7 @@ class _Ranker:
         self.pairs_reranked = 0
         itc_pre = cfg.image_preprocessor(itc_model)
         itm_pre = None if itm_model is None else cfg.image_preprocessor(itm_model)
+        device, dtype, batch_size, workers = rt.device, rt.dtype, rt.batch_size, rt.workers
         self.loader: Any = ImageLoader(itc_pre, workers)  # workers start while the model loads
         try:
             gallery = cache.load()
@@ -265,22 +263,17 @@ class _Ranker:
 
 def retrieve_job(cfg: JobConfig) -> Summary:
     """Ranked lists in both directions; see the module doc and `retrieve`."""
-    from btfast.score.engine import resolve_device, resolve_dtype
-    from btfast.score.job import default_batch_size
-    from btfast.score.loader import default_workers
+    from btfast.score.engine import Runtime
     from btfast.score.source import ListSource, ShardsSource
 
     t0 = time.perf_counter()
     shard_i, shard_n = cfg.shard
-    dev = resolve_device(cfg.device)
-    dt = resolve_dtype(cfg.dtype, dev)
-    batch_size = cfg.batch_size or default_batch_size(dev.type)
-    workers = default_workers() if cfg.workers is None else cfg.workers
+    rt = Runtime.of(cfg)
 
     source = ShardsSource(cfg, ("image", "text")) if cfg.shards is not None else ListSource(cfg)
     source.check()  # a missing column or a wrong image root: fatal, before any model loads
     image_rows, text_rows = source.lists()
-    header = cfg.header(dtype=str(dt), batch_size=batch_size)
+    header = rt.header(cfg)
     schema = retrieve_schema() if output_format(cfg.out) == "parquet" else None
     sink = ChunkSink(cfg.out, header, overwrite=cfg.overwrite, schema=schema)
     cache = _GalleryCache(cfg.out, header, image_rows + text_rows)
@@ -295,10 +288,7 @@ def retrieve_job(cfg: JobConfig) -> Summary:
                 cfg,
                 image_rows,
                 text_rows,
-                device=dev,
-                dtype=dt,
-                batch_size=batch_size,
-                workers=workers,
+                rt=rt,
                 id_type="string" if sink.fmt == "parquet" else "keep",
                 cache=cache,
             )
