@@ -31,13 +31,12 @@ from btfast.score.plan import Chunk, Limits
 def run(args: argparse.Namespace) -> int:
     """`btfast score|embed ... --ray` (dispatched by `btfast/cli.py`)."""
     from btfast.ray import RayMissingError
-    from btfast.score.cli import run as run_command
+    from btfast.score import cli
 
     job = functools.partial(ray_job, address=args.address, gpus_per_worker=args.gpus_per_worker)
-    unit = "pairs" if args.command == "score" else "items"
-    return run_command(
-        args, args.command, job, unit, label=f"{args.command} --ray", errors=(PipelineError, RayMissingError)
-    )
+    unit = getattr(cli, args.command).unit
+    errors = (PipelineError, RayMissingError)
+    return cli.run(args, args.command, job, unit, label=f"{args.command} --ray", errors=errors)
 
 
 class PipelineError(RuntimeError):
