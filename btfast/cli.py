@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import Any
 
-# subcommand -> module defining `add_arguments(parser)` and `run(args) -> int`
+# subcommand -> "module" or "module:name" whose `add_arguments(parser)` and `run(args) -> int` define it
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("btfast.benchmark.cli", "throughput, latency, memory and accuracy against HF eager and torch.compile"),
-    "score": ("btfast.score.cli_score", "score image-text pairs offline (ITM or ITC), resumable"),
-    "retrieve": ("btfast.score.cli_retrieve", "ITC top-k candidates re-ranked by ITM, in both directions"),
-    "embed": ("btfast.score.cli_embed", "ITC image and text embeddings, written once for indexing"),
+    "score": ("btfast.score.cli:score", "score image-text pairs offline (ITM or ITC), resumable"),
+    "retrieve": ("btfast.score.cli:retrieve", "ITC top-k candidates re-ranked by ITM, in both directions"),
+    "embed": ("btfast.score.cli:embed", "ITC image and text embeddings, written once for indexing"),
 }
 
 
@@ -24,7 +25,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
         if only is None or only == name:
-            importlib.import_module(module).add_arguments(p)
+            _load(module).add_arguments(p)
     return parser
 
 
@@ -38,8 +39,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     # --ray: the same job on Ray Data (score, embed)
-    module = importlib.import_module("btfast.ray.cli" if getattr(args, "ray", False) else SUBCOMMANDS[args.command][0])
+    module = _load("btfast.ray.cli" if getattr(args, "ray", False) else SUBCOMMANDS[args.command][0])
     return int(module.run(args) or 0)
+
+
+def _load(spec: str) -> Any:
+    """The module named by `spec`, or its attribute after a colon."""
+    module, _, name = spec.partition(":")
+    m = importlib.import_module(module)
+    return getattr(m, name) if name else m
 
 
 if __name__ == "__main__":

@@ -158,39 +158,41 @@ def pipeline(
     return out, where
 
 
-def _run(ds: Any, model_dir: str | os.PathLike, mode: str, kind: str, **kw: Any) -> Any:
-    """The pipeline of the Python API: `kw` holds `score` / `embed`'s arguments, the job's fields among them."""
-    fields = (kw.pop("image_field"), kw.pop("text_field"), kw.pop("id_field"))
-    keep, gpus, warmup, id_type = kw.pop("keep"), kw.pop("gpus_per_worker"), kw.pop("warmup"), kw.pop("id_type")
-    if kw["image_root"] is not None:
-        kw["image_root"] = os.fspath(kw["image_root"])
-    if kw["max_pixels"] is None:
-        del kw["max_pixels"]
-    cfg = JobConfig(command=mode, model=os.fspath(model_dir), out="", columns=Columns(*fields), **kw)
-    out, _ = pipeline(ds, cfg, mode=mode, kind=kind, keep=keep, id_type=id_type, gpus_per_worker=gpus, warmup=warmup)
-    return out
-
-
-def score(
+def _run(
     ds: Any,
     model_dir: str | os.PathLike,
-    head: str = "itm",
+    mode: str,
+    kind: str,
+    needed: Sequence[str],
+    outputs: Sequence[str],
     *,
+    schema: Any,
     image_root: str | os.PathLike | None = None,
     image_field: str = "image",
     text_field: str = "text",
     id_field: str = "id",
-    device: str = "auto",
-    dtype: str = "auto",
-    batch_size: int | None = None,
-    workers: int | None = None,
-    gpus_per_worker: float | None = None,
-    exact: bool = True,
     max_pixels: int | None = None,
-    exif_orientation: bool = True,
     keep: Sequence[str] = (),
+    gpus_per_worker: float | None = None,
     warmup: bool = True,
+    **job: Any,
 ) -> Any:
+    """The pipeline of the Python API: `score` / `embed`'s options (`needed`: the roles whose columns `ds` must
+    have; `job`: the other fields of `JobConfig`)."""
+    columns = Columns(image_field, text_field, id_field)
+    _check_columns(schema, [getattr(columns, role) for role in needed], keep, outputs)
+    id_type = "string" if mode == "embed" or not schema else id_type_of(None, id_field, schema=schema)
+    if max_pixels is not None:
+        job["max_pixels"] = max_pixels
+    root = None if image_root is None else os.fspath(image_root)
+    cfg = JobConfig(command=mode, model=os.fspath(model_dir), out="", columns=columns, image_root=root, **job)
+    out, _ = pipeline(
+        ds, cfg, mode=mode, kind=kind, keep=keep, id_type=id_type, gpus_per_worker=gpus_per_worker, warmup=warmup
+    )
+    return out
+
+
+def score(ds: Any, model_dir: str | os.PathLike, head: str = "itm", **options: Any) -> Any:
     """Score every (image, text) row of `ds` with the `head` ("itm" or "itc") model in `model_dir`.
 
     `ds` rows: `image` (a path, relative to `image_root` or else to the current folder, or bytes), `text`,
@@ -200,58 +202,35 @@ def score(
     plus the input columns named in `keep`. Bad rows become error rows; nothing is dropped. Output order is
     not input order (join on id or row).
 
-    workers: model actors (default: the cluster's GPUs / gpus_per_worker; without GPUs, CPUs // 4);
-    gpus_per_worker: GPUs per actor (default 1 when the cluster has GPUs, else 0: CPU actors);
-    batch_size: images / texts per tower call and pairs per fusion call, a runtime bucket (default 64 on
-    CUDA, 16 on CPU); exact (default True) preprocesses as BridgeTowerProcessor, bit for bit; False opts into
-    the faster reduced-scale JPEG decode of `btfast score --no-exact` (pixels differ by a few levels).
+    options: image_root, image_field / text_field / id_field (the input's column names), device, dtype,
+    batch_size (images / texts per tower call and pairs per fusion call, a runtime bucket; default 64 on CUDA, 16
+    on CPU), workers (model actors; default: the cluster's GPUs / gpus_per_worker, without GPUs CPUs // 4),
+    gpus_per_worker (default 1 when the cluster has GPUs, else 0: CPU actors), exact (default True: preprocess as
+    BridgeTowerProcessor, bit for bit; False: the faster reduced-scale JPEG decode of `btfast score --no-exact`),
+    max_pixels, exif_orientation, keep, warmup.
     """
-    options = {k: v for k, v in locals().items() if k not in ("ds", "model_dir", "kind")}  # the call's options
     if head not in ("itm", "itc"):
         raise ValueError(f"head must be itm or itc, got {head}")
-    schema = _schema(ds)
-    _check_columns(schema, (image_field, text_field), keep, score_columns(head))
-    id_type = id_type_of(None, id_field, schema=schema) if schema else "string"
-    return _run(ds, model_dir, "score", "pair", id_type=id_type, **options)
+    outputs = score_columns(head)
+    return _run(ds, model_dir, "score", "pair", ("image", "text"), outputs, schema=_schema(ds), head=head, **options)
 
 
-def embed(
-    ds: Any,
-    model_dir: str | os.PathLike,
-    kind: str | None = None,
-    *,
-    image_root: str | os.PathLike | None = None,
-    image_field: str = "image",
-    text_field: str = "text",
-    id_field: str = "id",
-    device: str = "auto",
-    dtype: str = "auto",
-    batch_size: int | None = None,
-    workers: int | None = None,
-    gpus_per_worker: float | None = None,
-    exact: bool = True,
-    max_pixels: int | None = None,
-    exif_orientation: bool = True,
-    keep: Sequence[str] = (),
-    warmup: bool = True,
-) -> Any:
+def embed(ds: Any, model_dir: str | os.PathLike, kind: str | None = None, **options: Any) -> Any:
     """Normalised ITC embeddings of the images (kind="image") or texts (kind="text") of `ds`.
 
     `model_dir` holds a BridgeTowerForContrastiveLearning. kind defaults to the one column `ds` has (an
     `image` or a `text` column). Returns a lazy Dataset with the columns of `btfast embed`: kind, row, id
     (a string), image, text, status, error, text_truncated, embedding (list of float32; cosine = dot product).
-    Embed the image collection once, write it, index it: the first stage of retrieval.
+    Embed the image collection once, write it, index it: the first stage of retrieval. `options` as `score`'s.
     """
-    options = {k: v for k, v in locals().items() if k not in ("ds", "model_dir", "kind")}  # the call's options
     schema = _schema(ds)
     cols = None if schema is None else list(schema.names)
     if kind is None:
-        has_i = cols is not None and image_field in cols
-        has_t = cols is not None and text_field in cols
+        has_i = cols is not None and options.get("image_field", "image") in cols
+        has_t = cols is not None and options.get("text_field", "text") in cols
         if has_i == has_t:
             raise ValueError(f"pass kind='image' or kind='text' (the dataset has columns {cols})")
         kind = "image" if has_i else "text"
     if kind not in ("image", "text"):
         raise ValueError(f"kind must be image or text, got {kind}")
-    _check_columns(schema, (image_field,) if kind == "image" else (text_field,), keep, EMBED)
-    return _run(ds, model_dir, "embed", kind, head="itc", id_type="string", **options)
+    return _run(ds, model_dir, "embed", kind, (kind,), EMBED, schema=schema, head="itc", **options)

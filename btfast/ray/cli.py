@@ -9,7 +9,7 @@ driver or an actor at any moment and run the same command again: every input row
 The job, its checks and its driver loop are the single-process ones (`btfast.score.config`, `.source`,
 `.job.run_chunks`); what is Ray's is here: connecting to the cluster, placing the actor pool (`stages.place`) and
 the executor that runs chunks on Ray Data. `btfast/cli.py` sends `--ray` here; the flags are declared in
-`btfast.score.cli_common.add_ray`. `python -m btfast.ray.cli score ...` is `btfast score --ray ...`.
+`btfast.score.cli.add_ray`. `python -m btfast.ray.cli score ...` is `btfast score --ray ...`.
 """
 
 from __future__ import annotations
@@ -31,13 +31,12 @@ from btfast.score.plan import Chunk, Limits
 def run(args: argparse.Namespace) -> int:
     """`btfast score|embed ... --ray` (dispatched by `btfast/cli.py`)."""
     from btfast.ray import RayMissingError
-    from btfast.score import cli_common
+    from btfast.score import cli
 
     job = functools.partial(ray_job, address=args.address, gpus_per_worker=args.gpus_per_worker)
-    unit = "pairs" if args.command == "score" else "items"
-    return cli_common.run(
-        args, args.command, job, unit, label=f"{args.command} --ray", errors=(PipelineError, RayMissingError)
-    )
+    unit = getattr(cli, args.command).unit
+    errors = (PipelineError, RayMissingError)
+    return cli.run(args, args.command, job, unit, label=f"{args.command} --ray", errors=errors)
 
 
 class PipelineError(RuntimeError):
@@ -262,14 +261,11 @@ def ray_job(cfg: JobConfig, *, address: str | None = None, gpus_per_worker: floa
         schema = score_schema(cfg.head, id_type, cfg.with_text) if score else embed_schema()
         with PartStore(cfg.out, header, overwrite=cfg.overwrite, schema=schema) as store:
             summary = run_chunks(
+                cfg,
                 source.chunks(wanted(cfg, store)),
                 store,
                 RayExecutor(make_output, id_type, bs, where.actors),
-                shard=cfg.shard,
                 desc=f"score {cfg.head} (ray)" if score else "embed (ray)",
-                unit="pair" if score else "item",
-                progress=cfg.progress,
-                interrupt=cfg.interrupt,
             )
         summary.stats = shard_stats(source)
         return summary

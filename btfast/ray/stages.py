@@ -127,9 +127,6 @@ def decode_batch(
 # ---- stage 2: the model (an actor pool) --------------------------------------------------------------------------
 
 
-DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-
-
 class ModelWorker:
     """One per actor: the model loaded once, then `__call__(decoded rows) -> output rows` (pyarrow Tables).
 
@@ -152,31 +149,22 @@ class ModelWorker:
     ) -> None:
         import torch
 
-        from btfast.preprocess import TextPreprocessor
-        from btfast.score.engine import Context, load_head, resolve_device, resolve_dtype
+        from btfast.score.engine import Context, resolve_device, resolve_dtype
 
         if threads >= 1:
             torch.set_num_threads(int(threads))
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         head = "itc" if mode == "embed" else cfg.head
-        net = load_head(cfg.model, head, dev, dt, engine=cfg.engine)
         self.mode, self.id_type, self.keep = mode, id_type, tuple(keep)
         self.pre = cfg.image_preprocessor()
-        self.ctx = Context(
-            net,
-            head,
-            self.pre,
-            TextPreprocessor.from_pretrained(cfg.model),
-            batch_size=batch_size,
-            dedup=cfg.dedup,
-            with_text=cfg.with_text,
-        )
+        self.ctx = Context.load(cfg.model, head, dev, dt, self.pre, **cfg.compute(batch_size))
         self.schema = embed_schema() if mode == "embed" else score_schema(head, id_type, cfg.with_text)
         self.cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self.cache_bytes, self.cached = cache_bytes, 0
         self.redecoded = 0
         self.warmup_s = 0.0
+        net = self.ctx.model
         if warmup and dev.type == "cuda" and hasattr(net, "warmup"):
             self.warmup_s = sum(net.warmup(batch_sizes=(batch_size,), text_lengths=(16, 40, 64)).values())
 
@@ -342,7 +330,7 @@ def dtype_name(dtype: str | None, device: str) -> str:
     """The precision the actors will use (resolved where the driver may have no GPU)."""
     import torch
 
-    from btfast.score.engine import resolve_dtype
+    from btfast.score.engine import DTYPES, resolve_dtype
 
     dt = resolve_dtype(dtype, torch.device(device))
-    return DTYPE_NAMES[str(dt).replace("torch.", "")]
+    return next(k for k, v in DTYPES.items() if v == dt)

@@ -174,6 +174,10 @@ class JobConfig:
             h.update(shards=display(self.shards), caption_field=self.caption_field, kinds=list(self.shard_kinds()))
         return json.loads(json.dumps(h))
 
+    def compute(self, batch_size: int) -> dict[str, Any]:
+        """`engine.Context.load`'s options of this job (score / embed)."""
+        return {"batch_size": batch_size, "engine": self.engine, "dedup": self.dedup, "with_text": self.with_text}
+
     def image_preprocessor(self, folder: str | os.PathLike | None = None) -> Any:
         """The image preprocessor of `folder` (default: the model) with this job's decoding options."""
         from btfast.preprocess import ImagePreprocessor
@@ -263,45 +267,35 @@ def from_args(command: str, args: argparse.Namespace) -> JobConfig:
         if len(set(tars.values())) > 1 or len(tars) < sum(v is not None for v in (images, texts)):
             raise UsageError("--images and --texts name tar shards: give one collection to both, or use --shards")
         shards, images, texts, kinds = next(iter(tars.values())), None, None, tuple(tars)
+    same = {k: v for k, v in vars(args).items() if k in JOB_FIELDS}  # flags named as the field they set
     try:
         cfg = JobConfig(
-            command=command,
-            model=args.model,
-            out=args.out,
-            head={"score": get("head", "itm"), "embed": "itc"}.get(command, "itm"),
-            pairs=pairs,
-            shards=shards,
-            caption_field=get("caption_field", None),
-            embed_kinds=kinds,
-            images=images,
-            texts=texts,
-            image_root=args.image_root,
-            columns=Columns(get("image_field", "image"), get("text_field", "text"), get("id_field", "id")),
-            device=args.device,
-            dtype=args.dtype,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            threads=args.threads,
-            shard=parse_shard(args.shard),
-            overwrite=args.overwrite,
-            limits=Limits(rows=get("chunk_rows", Limits.rows), images=args.chunk_images, texts=args.chunk_texts),
-            exact=args.exact,
-            max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
-            exif_orientation=args.exif_orientation,
-            dedup=not (get("no_dedup", False) or engine == "hf"),
-            engine=engine,
-            with_text=get("with_text", False),
-            progress=not args.no_progress,
-            itc_model=get("itc_model", None),
-            top_k=get("top_k", 16),
-            rerank=not get("no_rerank", False),
-            chunk_queries=get("chunk_queries", 1024),
-            interrupt=interrupt_from_env(),
+            **{
+                **same,
+                "command": command,
+                "head": {"score": get("head", "itm"), "embed": "itc"}.get(command, "itm"),
+                "pairs": pairs,
+                "shards": shards,
+                "embed_kinds": kinds,
+                "images": images,
+                "texts": texts,
+                "columns": Columns(get("image_field", "image"), get("text_field", "text"), get("id_field", "id")),
+                "shard": parse_shard(args.shard),
+                "limits": Limits(rows=get("chunk_rows", Limits.rows), images=args.chunk_images, texts=args.chunk_texts),
+                "max_pixels": args.max_pixels or DEFAULT_MAX_PIXELS,
+                "dedup": not (get("no_dedup", False) or engine == "hf"),
+                "progress": not args.no_progress,
+                "rerank": not get("no_rerank", False),
+                "interrupt": interrupt_from_env(),
+            }
         )
     except ValueError as e:  # --shard, chunk limits
         raise UsageError(str(e)) from None
     cfg.check(ray=get("ray", False))
     return cfg
+
+
+JOB_FIELDS = {f.name for f in dataclasses.fields(JobConfig)}
 
 
 def output_format_or_none(path: str) -> str | None:

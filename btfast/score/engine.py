@@ -19,7 +19,7 @@ from btfast.preprocess import ImagePreprocessor, TextPreprocessor, TokenizedText
 from btfast.score.rows import ImageResolver, Row, image_sources, parse_record
 from btfast.score.schema import EMBED, id_value, score_columns
 
-HEADS = ("itm", "itc")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtype names
 HEAD_CLASS = {"itm": "BridgeTowerForImageAndTextRetrieval", "itc": "BridgeTowerForContrastiveLearning"}
 
 
@@ -36,17 +36,34 @@ def resolve_device(name: str | None) -> torch.device:
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     if name in (None, "", "auto"):
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {
-        "fp32": torch.float32,
-        "float32": torch.float32,
-        "bf16": torch.bfloat16,
-        "bfloat16": torch.bfloat16,
-        "fp16": torch.float16,
-        "float16": torch.float16,
-    }
-    if name not in table:
-        raise ValueError(f"dtype must be auto, fp32, bf16 or fp16; got {name}")
-    return table[name]
+    for short, dt in DTYPES.items():
+        if name in (short, str(dt).removeprefix("torch.")):
+            return dt
+    raise ValueError(f"dtype must be auto, fp32, bf16 or fp16; got {name}")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What a local job's settings resolve to on this machine."""
+
+    device: torch.device
+    dtype: torch.dtype
+    batch_size: int  # images / texts per tower call and pairs per fusion call: 64 on CUDA, 16 on CPU by default
+    workers: int  # image decoding processes
+
+    @classmethod
+    def of(cls, cfg: Any) -> Runtime:
+        """The runtime of the job `cfg` (a `JobConfig`)."""
+        from btfast.score.job import default_batch_size
+        from btfast.score.loader import default_workers
+
+        dev = resolve_device(cfg.device)
+        workers = default_workers() if cfg.workers is None else cfg.workers
+        return cls(dev, resolve_dtype(cfg.dtype, dev), cfg.batch_size or default_batch_size(dev.type), workers)
+
+    def header(self, cfg: Any) -> dict[str, Any]:
+        """The job's resume header with what this runtime decided (dtype, batch size)."""
+        return cfg.header(dtype=str(self.dtype), batch_size=self.batch_size)
 
 
 def load_head(
@@ -100,6 +117,14 @@ class Context:
     dedup: bool = True  # False: every pair runs the whole model (the pair-by-pair baseline)
     with_text: bool = False  # output rows carry the scored text
     stats: dict[str, int] = field(default_factory=lambda: {"images_encoded": 0, "texts_encoded": 0})
+
+    @classmethod
+    def load(
+        cls, folder: str | os.PathLike, head: str, device: torch.device, dtype: torch.dtype, images: Any, **kw: Any
+    ) -> Context:
+        """The `head` model of `folder` (`load_head`; kw `engine` goes there) with its tokenizer; `kw`: the rest."""
+        net = load_head(folder, head, device, dtype, engine=kw.pop("engine", "btfast"))
+        return cls(net, head, images, TextPreprocessor.from_pretrained(folder), **kw)
 
     @property
     def device(self) -> torch.device:
@@ -352,9 +377,8 @@ class Scorer:
     ) -> None:
         dev = resolve_device(device)
         images = ImagePreprocessor.from_pretrained(model_dir, exact=exact)
-        net = load_head(model_dir, head, dev, resolve_dtype(dtype, dev))
-        texts = TextPreprocessor.from_pretrained(model_dir)
-        self.ctx = Context(net, head, images, texts, batch_size=batch_size, dedup=dedup)
+        dt = resolve_dtype(dtype, dev)
+        self.ctx = Context.load(model_dir, head, dev, dt, images, batch_size=batch_size, dedup=dedup)
         self.resolver = ImageResolver(image_root, os.getcwd())
 
     def rows(self, records: Sequence[dict[str, Any]], row_offset: int = 0) -> list[Row]:

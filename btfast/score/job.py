@@ -143,28 +143,29 @@ class LocalExecutor:
             yield c.index, outs
 
 
+UNITS = {"score": "pair", "embed": "item", "retrieve": "query"}
+
+
 def run_chunks(
+    cfg: JobConfig,
     chunks: Iterable[Chunk],
     sink: Sink,
     executor: Executor,
     *,
-    shard: tuple[int, int] = (0, 1),
     total_rows: int | None = None,
     desc: str = "btfast",
-    unit: str = "pair",
     progress: bool = True,
-    interrupt: tuple[int, int] | None = None,
 ) -> Summary:
-    """The one driver loop: run every chunk of this shard that the sink has not recorded, write each as it
-    completes, then mark the job finished.
+    """The one driver loop: run every chunk of the job `cfg`'s shard that the sink has not recorded, write each as
+    it completes, then mark the job finished.
 
-    `interrupt` (tests only, `JobConfig.interrupt`): (n, signal) sends this process the signal once n chunks of this
-    run are durable."""
+    `cfg.interrupt` (tests only): (n, signal) sends this process the signal once n chunks of this run are durable."""
     from tqdm import tqdm
 
     summary = Summary(out=str(sink.out), resumed_rows=sink.rows_done)
     t0 = time.perf_counter()
-    i, n = shard
+    i, n = cfg.shard
+    interrupt, unit = cfg.interrupt, UNITS[cfg.command]
     if not sink.finished:
         indices: list[int] = []
 
@@ -181,7 +182,7 @@ def run_chunks(
             initial=sink.rows_done,
             unit=unit,
             desc=desc,
-            disable=not progress,
+            disable=not (progress and cfg.progress),
             dynamic_ncols=True,
             smoothing=0.05,
             file=sys.stderr,
@@ -210,33 +211,29 @@ def run_chunks(
 
 def local_job(cfg: JobConfig) -> Summary:
     """Run the `btfast score` or `btfast embed` job `cfg`: this process computes, worker processes decode images."""
-    from btfast.preprocess import TextPreprocessor
-    from btfast.score.engine import Context, compute_chunk, load_head, resolve_device, resolve_dtype
-    from btfast.score.loader import ImageLoader, default_workers
+    from btfast.score.engine import Context, Runtime, compute_chunk
+    from btfast.score.loader import ImageLoader
     from btfast.score.source import source_for
 
     embed = cfg.command == "embed"
     source = source_for(cfg)
     source.check()  # a missing column or a wrong image root: fatal, before the model loads
-    dev = resolve_device(cfg.device)
-    dt = resolve_dtype(cfg.dtype, dev)
-    batch_size = cfg.batch_size or default_batch_size(dev.type)
+    rt = Runtime.of(cfg)
     parquet = is_url(cfg.out) or output_format(cfg.out) == "parquet"
     id_type = cfg.id_type(parquet)
     schema = output_schema(cfg, id_type) if parquet else None
-    sink = open_sink(cfg, cfg.header(dtype=str(dt), batch_size=batch_size), schema)
+    sink = open_sink(cfg, rt.header(cfg), schema)
     images = cfg.image_preprocessor()
     loader = None
     try:
         if sink.finished:
-            return run_chunks([], sink, LocalExecutor(None, lambda c, x: []), shard=cfg.shard, progress=False)
-        loader = ImageLoader(images, default_workers() if cfg.workers is None else cfg.workers)  # start meanwhile
-        net = load_head(cfg.model, cfg.head, dev, dt, engine=cfg.engine)
-        texts = TextPreprocessor.from_pretrained(cfg.model)
-        ctx = Context(net, cfg.head, images, texts, batch_size=batch_size, dedup=cfg.dedup, with_text=cfg.with_text)
+            return run_chunks(cfg, [], sink, LocalExecutor(None, lambda c, x: []), progress=False)
+        loader = ImageLoader(images, rt.workers)  # the workers start while the model loads
+        ctx = Context.load(cfg.model, cfg.head, rt.device, rt.dtype, images, **cfg.compute(rt.batch_size))
         total = source.total()
         with loader:
             summary = run_chunks(
+                cfg,
                 source.chunks(wanted(cfg, sink)),
                 sink,
                 LocalExecutor(
@@ -244,12 +241,8 @@ def local_job(cfg: JobConfig) -> Summary:
                     lambda c, canvases: compute_chunk(ctx, cfg.command, id_type, c.rows, canvases),
                     limits=cfg.limits,  # a tar shard is computed in pieces within the chunk limits
                 ),
-                shard=cfg.shard,
                 total_rows=None if total is None else -(-total // cfg.shard[1]),
                 desc="embed" if embed else f"score {cfg.head}",
-                unit="item" if embed else "pair",
-                progress=cfg.progress,
-                interrupt=cfg.interrupt,
             )
         summary.stats = {**ctx.stats, **shard_stats(source)}
         return summary

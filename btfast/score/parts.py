@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from btfast.io import fs
-from btfast.score.sink import ResumeError, same_job, write_parquet_atomic
+from btfast.score.sink import ResumeError, Written, same_job, write_parquet_atomic
 
 JOB_FILE = "_btfast_job.json"
 SUCCESS_FILE = "_SUCCESS"
@@ -54,7 +54,7 @@ def _ours(name: str) -> bool:
     )
 
 
-class PartStore:
+class PartStore(Written):
     """The output folder of one job (a path, or a folder URL on any fsspec store: s3://bucket/scores/): which
     parts are done (with their row / error counts), writing new ones (`btfast.io.fs.write_atomic`: a local part is
     renamed into place, an object-store part is one PUT). A local folder is locked against a second writer; an
@@ -179,12 +179,6 @@ class PartStore:
         self.done[k] = {"rows": info["rows"], "errors": errors}
         return self.done[k]
 
-    def discard(self, k: int) -> None:
-        """Forget part k (its file does not match the plan): it will be computed again."""
-        if k in self.done or fs.exists(self.path(k)):
-            self._remove(part_name(k))
-        self.done.pop(k, None)
-
     def finish(self, parts: Iterable[int]) -> None:
         """Mark the job complete once every one of `parts` is written."""
         parts = sorted(parts)
@@ -208,17 +202,3 @@ class PartStore:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
-
-    def __enter__(self) -> PartStore:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    @property
-    def rows_done(self) -> int:
-        return sum(v["rows"] for v in self.done.values())
-
-    @property
-    def errors_done(self) -> int:
-        return sum(v["errors"] for v in self.done.values())

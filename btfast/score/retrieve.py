@@ -120,18 +120,14 @@ class _Ranker:
         image_rows: list[Row],
         text_rows: list[Row],
         *,
-        device: Any,
-        dtype: Any,
-        batch_size: int,
-        workers: int,
+        rt: Any,
         id_type: str,
         cache: _GalleryCache,
     ) -> None:
         """Embed the gallery (or take it from `cache`) and load the ITM model (`cfg.rerank=False`: ITC only)."""
         import torch
 
-        from btfast.preprocess import TextPreprocessor
-        from btfast.score.engine import Context, load_head
+        from btfast.score.engine import Context
         from btfast.score.loader import ImageLoader
 
         itc_model = cfg.itc_model or cfg.model
@@ -145,19 +141,14 @@ class _Ranker:
         self.pairs_reranked = 0
         itc_pre = cfg.image_preprocessor(itc_model)
         itm_pre = None if itm_model is None else cfg.image_preprocessor(itm_model)
+        device, dtype, batch_size, workers = rt.device, rt.dtype, rt.batch_size, rt.workers
         self.loader: Any = ImageLoader(itc_pre, workers)  # workers start while the model loads
         try:
             gallery = cache.load()
             if gallery is not None:
                 print(f"retrieve: the gallery's ITC embeddings are reused from {cache.path}", file=sys.stderr)
             else:
-                itc = Context(
-                    load_head(itc_model, "itc", device, dtype),
-                    "itc",
-                    itc_pre,
-                    TextPreprocessor.from_pretrained(itc_model),
-                    batch_size=batch_size,
-                )
+                itc = Context.load(itc_model, "itc", device, dtype, itc_pre, batch_size=batch_size)
                 with torch.inference_mode():
                     gallery = {
                         "image": _embed_all(itc, image_rows, self.loader, limits, "itc images", progress),
@@ -170,13 +161,7 @@ class _Ranker:
                 self.loader.close()
                 self.loader = None if itm_pre is None else ImageLoader(itm_pre, workers)
             if itm_model is not None:
-                self.itm = Context(
-                    load_head(itm_model, "itm", device, dtype),
-                    "itm",
-                    itm_pre,  # type: ignore[arg-type]
-                    TextPreprocessor.from_pretrained(itm_model),
-                    batch_size=batch_size,
-                )
+                self.itm = Context.load(itm_model, "itm", device, dtype, itm_pre, batch_size=batch_size)
         except BaseException:
             self.close()
             raise
@@ -278,31 +263,17 @@ class _Ranker:
 
 def retrieve_job(cfg: JobConfig) -> Summary:
     """Ranked lists in both directions; see the module doc and `retrieve`."""
-    from btfast.score.engine import resolve_device, resolve_dtype
-    from btfast.score.job import default_batch_size
-    from btfast.score.loader import default_workers
-    from btfast.score.rows import read_images, read_texts
-    from btfast.score.source import ListSource
+    from btfast.score.engine import Runtime
+    from btfast.score.source import ListSource, ShardsSource
 
     t0 = time.perf_counter()
     shard_i, shard_n = cfg.shard
-    dev = resolve_device(cfg.device)
-    dt = resolve_dtype(cfg.dtype, dev)
-    batch_size = cfg.batch_size or default_batch_size(dev.type)
-    workers = default_workers() if cfg.workers is None else cfg.workers
+    rt = Runtime.of(cfg)
 
-    if cfg.shards is not None:  # each sample's image and text, from tar shards
-        from btfast.score.source import ShardsSource
-
-        source = ShardsSource(cfg, ("image", "text"))
-        source.check()
-        image_rows, text_rows = source.lists()
-    else:
-        ListSource(cfg).check()  # a missing column or a wrong image root: fatal, before any model loads
-        c = cfg.columns
-        image_rows = list(read_images(cfg.images, cfg.image_root, image_field=c.image, id_field=c.id))
-        text_rows = list(read_texts(cfg.texts, text_field=c.text, id_field=c.id))
-    header = cfg.header(dtype=str(dt), batch_size=batch_size)
+    source = ShardsSource(cfg, ("image", "text")) if cfg.shards is not None else ListSource(cfg)
+    source.check()  # a missing column or a wrong image root: fatal, before any model loads
+    image_rows, text_rows = source.lists()
+    header = rt.header(cfg)
     schema = retrieve_schema() if output_format(cfg.out) == "parquet" else None
     sink = ChunkSink(cfg.out, header, overwrite=cfg.overwrite, schema=schema)
     cache = _GalleryCache(cfg.out, header, image_rows + text_rows)
@@ -317,23 +288,18 @@ def retrieve_job(cfg: JobConfig) -> Summary:
                 cfg,
                 image_rows,
                 text_rows,
-                device=dev,
-                dtype=dt,
-                batch_size=batch_size,
-                workers=workers,
+                rt=rt,
                 id_type="string" if sink.fmt == "parquet" else "keep",
                 cache=cache,
             )
         job = run_chunks(  # without a ranker every chunk of this shard is done: this only marks the job finished
+            cfg,
             chunks,
             sink,
             LocalExecutor(None, ranker or (lambda c, x: [])),
-            shard=cfg.shard,
             total_rows=sum(len(c.rows) for c in mine),
             desc="retrieve",
-            unit="query",
-            progress=cfg.progress and ranker is not None,
-            interrupt=cfg.interrupt,
+            progress=ranker is not None,
         )
     finally:
         if ranker is not None:

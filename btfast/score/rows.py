@@ -224,16 +224,19 @@ def parse_record(
     return r
 
 
-def read_pairs(
+def read_rows(
     path: str | os.PathLike,
     resolver: ImageResolver,
+    kind: str = "pair",
     image_field: str = "image",
     text_field: str = "text",
     id_field: str = "id",
 ) -> Iterator[Row]:
-    """Rows of an (image, text[, id]) pairs file, each valid or carrying its error."""
-    for i, (rec, err) in enumerate(iter_records(path)):
-        yield parse_record(rec, i, resolver, "pair", image_field, text_field, id_field, err)
+    """Rows of a pairs file (`kind` "pair"), an image list ("image") or a text list ("text"), each valid or
+    carrying its error. In a .txt list each line is the image or the text."""
+    value = image_field if kind == "image" else text_field
+    for i, (rec, err) in enumerate(iter_records(path, text_field=value)):
+        yield parse_record(rec, i, resolver, kind, image_field, text_field, id_field, err)
 
 
 def read_images(
@@ -244,39 +247,28 @@ def read_images(
 ) -> Iterator[Row]:
     """Image rows from a folder (every image file below it, sorted) or a list file (.txt / JSONL / CSV / Parquet);
     a list may be a URL (its relative names are then under the list's folder URL, or under `resolver_root`)."""
-    if fs.is_url(path_or_dir):
-        resolver = ImageResolver(resolver_root, fs.parent(path_or_dir))
-        for i, (rec, err) in enumerate(iter_records(path_or_dir, text_field=image_field)):
-            yield parse_record(rec, i, resolver, "image", image_field=image_field, id_field=id_field, error=err)
-        return
     p = Path(path_or_dir)
+    if fs.is_url(path_or_dir) or not (p.is_dir() or p.suffix.lower() in IMAGE_SUFFIXES):
+        resolver = ImageResolver(resolver_root, fs.parent(path_or_dir))
+        yield from read_rows(path_or_dir, resolver, "image", image_field, id_field=id_field)
+        return
     if p.is_dir():
         root = Path(resolver_root) if resolver_root is not None else p
         resolver = ImageResolver(root)
         files = sorted(
             str(f.relative_to(root)) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
         )
-        for i, name in enumerate(files):
-            r = Row(row=i, id=name, kind="image")
-            r.error = _set_image(r, {image_field: name}, image_field, resolver)
-            yield r
-        return
-    if p.suffix.lower() in IMAGE_SUFFIXES:  # a single image file
-        resolver = ImageResolver(None, p.parent)
-        r = Row(row=0, id=p.name, kind="image")
-        r.error = _set_image(r, {image_field: p.name}, image_field, resolver)
+    else:  # a single image file
+        resolver, files = ImageResolver(None, p.parent), [p.name]
+    for i, name in enumerate(files):
+        r = Row(row=i, id=name, kind="image")
+        r.error = _set_image(r, {image_field: name}, image_field, resolver)
         yield r
-        return
-    resolver = ImageResolver(resolver_root, p.parent)
-    for i, (rec, err) in enumerate(iter_records(p, text_field=image_field)):
-        yield parse_record(rec, i, resolver, "image", image_field=image_field, id_field=id_field, error=err)
 
 
 def read_texts(path: str | os.PathLike, text_field: str = "text", id_field: str = "id") -> Iterator[Row]:
     """Text rows from a .txt file (one per line) or a JSONL / CSV / Parquet file with a `text` column."""
-    resolver = ImageResolver(None)
-    for i, (rec, err) in enumerate(iter_records(path, text_field=text_field)):
-        yield parse_record(rec, i, resolver, "text", text_field=text_field, id_field=id_field, error=err)
+    return read_rows(path, ImageResolver(None), "text", text_field=text_field, id_field=id_field)
 
 
 def _set_image(r: Row, rec: dict[str, Any], field: str, resolver: ImageResolver) -> str | None:

@@ -115,7 +115,29 @@ class Sink(Protocol):
     def errors_done(self) -> int: ...
 
 
-class ChunkSink:
+class Written:
+    """What both sinks count from `done` (chunk -> its record), and closing by `with`."""
+
+    done: dict[int, dict[str, Any]]
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
+    def rows_done(self) -> int:
+        return sum(int(r.get("rows", 0)) for r in self.done.values())
+
+    @property
+    def errors_done(self) -> int:
+        return sum(int(r.get("errors", 0)) for r in self.done.values())
+
+
+class ChunkSink(Written):
     """Writes chunks of output rows; knows which chunks a previous run finished and how many errors they held."""
 
     def __init__(
@@ -284,11 +306,3 @@ class ChunkSink:
         if self.fmt == "jsonl":
             self._f.close()
         self._progress.close()
-
-    @property
-    def rows_done(self) -> int:
-        return sum(int(r.get("rows", 0)) for r in self.done.values())
-
-    @property
-    def errors_done(self) -> int:
-        return sum(int(r.get("errors", 0)) for r in self.done.values())

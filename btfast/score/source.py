@@ -33,7 +33,7 @@ from btfast.score.rows import (
     count_records,
     input_format,
     read_images,
-    read_pairs,
+    read_rows,
     read_texts,
 )
 
@@ -62,7 +62,7 @@ class PairsSource:
 
     def rows(self) -> Iterator[Row]:
         c = self.cfg.columns
-        return read_pairs(self.path, self.resolver, image_field=c.image, text_field=c.text, id_field=c.id)
+        return read_rows(self.path, self.resolver, "pair", c.image, c.text, c.id)
 
     def check(self) -> None:
         check_columns(self.path, {"image": self.cfg.columns.image, "text": self.cfg.columns.text})
@@ -91,16 +91,18 @@ class ListSource:
             check_columns(texts, {"text": c.text})
 
     def _images(self) -> Iterator[Row]:
+        if self.cfg.images is None:
+            return iter(())
         c = self.cfg.columns
         return read_images(self.cfg.images, self.cfg.image_root, image_field=c.image, id_field=c.id)
 
-    def chunks(self, wanted: Callable[[int], bool] | None = None) -> Iterator[Chunk]:
+    def _texts(self) -> Iterator[Row]:
         c = self.cfg.columns
+        return iter(()) if self.cfg.texts is None else read_texts(self.cfg.texts, text_field=c.text, id_field=c.id)
+
+    def chunks(self, wanted: Callable[[int], bool] | None = None) -> Iterator[Chunk]:
         k = 0
-        for rows in (
-            self._images() if self.cfg.images is not None else iter(()),
-            read_texts(self.cfg.texts, text_field=c.text, id_field=c.id) if self.cfg.texts is not None else iter(()),
-        ):
+        for rows in (self._images(), self._texts()):
             for chunk in plan(rows, self.cfg.limits):
                 chunk.index = k
                 k += 1
@@ -108,6 +110,10 @@ class ListSource:
 
     def total(self) -> int | None:
         return None
+
+    def lists(self) -> tuple[list[Row], list[Row]]:
+        """(image rows, text rows): the gallery and the queries of `btfast retrieve`."""
+        return list(self._images()), list(self._texts())
 
 
 class ShardReadError(OSError):
