@@ -6,6 +6,26 @@ import copy
 
 import torch
 from torch import nn
+from transformers import (
+    BridgeTowerForContrastiveLearning,
+    BridgeTowerForImageAndTextRetrieval,
+    BridgeTowerForMaskedLM,
+    BridgeTowerModel,
+)
+
+# every head, and the output fields btfast computes for each (what a comparison must have compared)
+HEADS = [
+    BridgeTowerModel,
+    BridgeTowerForImageAndTextRetrieval,
+    BridgeTowerForMaskedLM,
+    BridgeTowerForContrastiveLearning,
+]
+FIELDS = {
+    BridgeTowerModel: ["text_features", "image_features", "pooler_output"],
+    BridgeTowerForImageAndTextRetrieval: ["logits"],
+    BridgeTowerForMaskedLM: ["logits"],
+    BridgeTowerForContrastiveLearning: ["logits", "text_embeds", "image_embeds", "cross_embeds"],
+}
 
 OUTPUT_FIELDS = (
     "loss",

@@ -10,29 +10,15 @@ import logging
 
 import pytest
 import torch
-from helpers import assert_outputs_close
+from helpers import FIELDS, HEADS, assert_outputs_close
 from transformers import (
     BridgeTowerForContrastiveLearning,
-    BridgeTowerForImageAndTextRetrieval,
-    BridgeTowerForMaskedLM,
     BridgeTowerModel,
 )
 
 import btfast
 from btfast.testing import build, random_inputs, tiny_config
 
-HEADS = [
-    BridgeTowerModel,
-    BridgeTowerForImageAndTextRetrieval,
-    BridgeTowerForMaskedLM,
-    BridgeTowerForContrastiveLearning,
-]
-FIELDS = {
-    BridgeTowerModel: ["text_features", "image_features", "pooler_output"],
-    BridgeTowerForImageAndTextRetrieval: ["logits"],
-    BridgeTowerForMaskedLM: ["logits"],
-    BridgeTowerForContrastiveLearning: ["logits", "text_embeds", "image_embeds", "cross_embeds"],
-}
 # Tester-sized configs: text head dim 32 or 64, 2-4 text layers, 1-3 cross layers, more vision than text layers.
 CONFIGS = {
     "h64-l2-c1": dict(hidden=64, heads=2, text_layers=2, cross_layers=1, image_size=32, patch_size=16),

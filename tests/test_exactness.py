@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from helpers import assert_outputs_close, reference_model
+from helpers import FIELDS, HEADS, assert_outputs_close, reference_model
 from transformers import (
     BridgeTowerForContrastiveLearning,
     BridgeTowerForImageAndTextRetrieval,
@@ -17,18 +17,6 @@ from transformers import (
 import btfast
 from btfast.testing import base_config, build, random_inputs, tiny_config
 
-HEADS = [
-    BridgeTowerModel,
-    BridgeTowerForImageAndTextRetrieval,
-    BridgeTowerForMaskedLM,
-    BridgeTowerForContrastiveLearning,
-]
-EXPECTED = {
-    BridgeTowerModel: ["text_features", "image_features", "pooler_output"],
-    BridgeTowerForImageAndTextRetrieval: ["logits"],
-    BridgeTowerForMaskedLM: ["logits"],
-    BridgeTowerForContrastiveLearning: ["logits", "text_embeds", "image_embeds", "cross_embeds"],
-}
 RTOL = 1e-5
 
 SWITCHES = list(itertools.product(["add", "scaled_add", "interpolate"], [False, True], [True, False]))
@@ -45,7 +33,7 @@ def _compare(cls, cfg, lengths, seq_len, seed=0, **call):
     assert type(out) is type(ref)
     compared = assert_outputs_close(out, ref, RTOL, valid=x["attention_mask"].bool())
     loss = ["loss"] if "labels" in call or call.get("return_loss") else []
-    assert compared == loss + EXPECTED[cls], f"compared {compared}"  # a forward returning None fails here
+    assert compared == loss + FIELDS[cls], f"compared {compared}"  # a forward returning None fails here
     return compared
 
 
