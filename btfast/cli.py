@@ -16,6 +16,36 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+Flag = tuple[str, tuple[str, ...], str, dict[str, Any]]
+
+
+def flag(group: str, *names: str, on: str = "", **kw: Any) -> Flag:
+    """One row of a flag table: its group's title, option strings, the commands that have it (space-separated; all
+    when empty) and `add_argument`'s keywords."""
+    return group, names, on, kw
+
+
+def add_flags(
+    parser: argparse.ArgumentParser,
+    flags: list[Flag],
+    command: str | None = None,
+    descriptions: dict[str, str] | None = None,
+    **words: str,
+) -> None:
+    """Add the flags `command` has (all for None) in table order, each group made at its first flag. With a command,
+    `{command}` and `{word}` fields in group titles and helps are filled in (a literal brace is written twice)."""
+    groups: dict[str, Any] = {}
+    for title, names, on, kw in flags:
+        if command is not None:
+            if on and command not in on.split():
+                continue
+            title = title.format(command=command, **words)
+            kw = dict(kw, help=kw["help"].format(command=command, **words))
+        if title not in groups:
+            groups[title] = parser.add_argument_group(title, (descriptions or {}).get(title))
+        groups[title].add_argument(*names, **kw)
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="btfast",

@@ -13,6 +13,8 @@ import signal
 import sys
 from typing import Any
 
+from btfast.cli import add_flags, flag
+
 DEFAULT_OUT = "bench/results"
 
 EPILOG = """\
@@ -80,146 +82,69 @@ def _models(text: str) -> list[str]:
     return names
 
 
+RUN, MEASURE, OUT = "what to run", "how to measure", "presets and output"
+
+# One row a flag, in help order (see btfast.cli.flag); laid out by hand, a flag a row.
+# fmt: off
+FLAGS = [
+    flag(RUN, "--mode", choices=["e2e", "kernels", "all-pairs"], default="e2e", help="e2e: systems on (model, text, "
+         "batch) cells (default); kernels: each Triton kernel against its torch path at the model's shapes, the "
+         "kernel race's cases (--model, first --batch-sizes (32), first --text-lengths (40), --dtype; needs CUDA or "
+         "TRITON_INTERPRET=1); all-pairs: only the all-pairs scenario"),
+    flag(RUN, "--model", type=_models, metavar="base|large|tiny", help="architecture(s), random weights: base = "
+         "bridgetower-base (768 hidden, 288 px), large = bridgetower-large (1024, 294 px), tiny = a small test "
+         "model; a comma list runs each (default: base; --preset gpu: base,large)"),
+    flag(RUN, "--systems", metavar="LIST",
+         help="comma list of systems to compare, see below (default: hf-eager,btfast; presets: all)"),
+    flag(RUN, "--batch-sizes", type=_ints, metavar="N,N,...",
+         help="pairs per call, e.g. 1,8,64,256 (default: 4 on CPU / 64 on CUDA; presets: their sweep)"),
+    flag(RUN, "--text-lengths", type=_ints, metavar="L,L,...",
+         help="text tokens per pair (every text exactly this long), e.g. 16,40,64,512 (default: 40; tiny: 16)"),
+    flag(RUN, "--all-pairs", type=_all_pairs, default=False, metavar="N,M", help="also score N images x M texts, "
+         "every pair: HF eager and btfast pair by pair (N*M rows through the forward) against btfast-dedup (each "
+         "image and text encoded once, all pairs fused), at the first text length, the largest batch size as rows "
+         "per call, in --dtype, after every cell; `off` runs none (default: none; --quick: 2,2 on CPU, 16,16 on "
+         "CUDA; --preset gpu: 64,64 on base at text 40)"),
+    flag(RUN, "--dtype", choices=["bf16", "fp16", "fp32"], help="reduced precision of the comparison (hf-eager-D, "
+         "btfast-D, hf-compile-D); with no preset the dtype HF eager and btfast both run in (default: fp32 on CPU, "
+         "bf16 on CUDA; presets: bf16)"),
+    flag(RUN, "--device", metavar="cpu|cuda[:N]", help="where to run (default: cuda if available, else cpu)"),
+    flag(MEASURE, "--repeats", type=int, metavar="N", help="timed calls per cell; pairs/s uses their median "
+         "(default: 3 on CPU, 20 on CUDA; presets: their own)"),
+    flag(MEASURE, "--warmup", type=int, metavar="N", help="untimed calls before timing; the first is reported as "
+         "first-call time (default: 1 on CPU, 3 on CUDA; hf-compile at least 3)"),
+    flag(MEASURE, "--cell-seconds", type=float, metavar="S",
+         help="stop a cell's timed calls after S seconds once 3 ran (default: none; --preset gpu: 2)"),
+    flag(MEASURE, "--budget", type=float, metavar="SECONDS", help="time budget of the whole run, shared out between "
+         "systems as they start; cells that would overrun are skipped with the reason printed (default: none; "
+         "--quick: 240 on CPU, 240 on CUDA; --preset gpu: 290)"),
+    flag(MEASURE, "--compile-mode", default="max-autotune",
+         choices=["max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead", "default"],
+         help="torch.compile mode of the hf-compile systems (default: max-autotune)"),
+    flag(MEASURE, "--compile-backend", default="inductor", metavar="NAME", help="torch.compile backend of the "
+         "hf-compile systems (default: inductor; `eager` only traces, as CI's dry runs do)"),
+    flag(MEASURE, "--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's, one per core). "
+         "On a machine shared with other work, 1 is steadier: a multi-threaded op waits for its slowest thread"),
+    flag(MEASURE, "--seed", type=int, default=0, help="seed of the random weights and inputs (default: 0)"),
+    flag(OUT, "--quick", action="store_true",
+         help="the full comparison at a few sizes: under 5 minutes on a 2-core CPU; writes reports"),
+    flag(OUT, "--preset", choices=["headline", "gpu", "quick"], help="headline: the first GPU call (smoke checks; "
+         "base, bf16, text 40, batch 1 and 128: hf-eager, hf-compile at 128, btfast default / kernels=False / "
+         "kernels='all'; a profile of btfast at 128; the kernel race's verdicts), about 4 minutes; gpu: the full "
+         "GPU sweep (base and large, batch 1..256, text 16/40/64 and 512), about 5 minutes on an H100; quick: same "
+         "as --quick"),
+    flag(OUT, "--out", metavar="DIR", help=f"write <date>-<device>-<preset>.json / .md / .png there (default with a "
+         f"preset: {DEFAULT_OUT}; without one: no files)"),
+    flag(OUT, "--no-plot", action="store_true", help="do not write the PNG plot"),
+    flag(OUT, "--no-progress", action="store_true", help="no live progress display (the summary still prints)"),
+]
+# fmt: on
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
-    g = parser.add_argument_group("what to run")
-    g.add_argument(
-        "--mode",
-        choices=["e2e", "kernels", "all-pairs"],
-        default="e2e",
-        help="e2e: systems on (model, text, batch) cells (default); kernels: each Triton kernel against its torch "
-        "path at the model's shapes, the kernel race's cases (--model, first --batch-sizes (32), first "
-        "--text-lengths (40), --dtype; needs CUDA or TRITON_INTERPRET=1); all-pairs: only the all-pairs scenario",
-    )
-    g.add_argument(
-        "--model",
-        type=_models,
-        default=None,
-        metavar="base|large|tiny",
-        help="architecture(s), random weights: base = bridgetower-base (768 hidden, 288 px), large = "
-        "bridgetower-large (1024, 294 px), tiny = a small test model; a comma list runs each "
-        "(default: base; --preset gpu: base,large)",
-    )
-    g.add_argument(
-        "--systems",
-        default=None,
-        metavar="LIST",
-        help="comma list of systems to compare, see below (default: hf-eager,btfast; presets: all)",
-    )
-    g.add_argument(
-        "--batch-sizes",
-        type=_ints,
-        default=None,
-        metavar="N,N,...",
-        help="pairs per call, e.g. 1,8,64,256 (default: 4 on CPU / 64 on CUDA; presets: their sweep)",
-    )
-    g.add_argument(
-        "--text-lengths",
-        type=_ints,
-        default=None,
-        metavar="L,L,...",
-        help="text tokens per pair (every text exactly this long), e.g. 16,40,64,512 (default: 40; tiny: 16)",
-    )
-    g.add_argument(
-        "--all-pairs",
-        type=_all_pairs,
-        default=False,
-        metavar="N,M",
-        help="also score N images x M texts, every pair: HF eager and btfast pair by pair (N*M rows through the "
-        "forward) against btfast-dedup (each image and text encoded once, all pairs fused), at the first text "
-        "length, the largest batch size as rows per call, in --dtype, after every cell; `off` runs none (default: "
-        "none; --quick: 2,2 on CPU, 16,16 on CUDA; --preset gpu: 64,64 on base at text 40)",
-    )
-    g.add_argument(
-        "--dtype",
-        choices=["bf16", "fp16", "fp32"],
-        default=None,
-        help="reduced precision of the comparison (hf-eager-D, btfast-D, hf-compile-D); with no preset "
-        "the dtype HF eager and btfast both run in (default: fp32 on CPU, bf16 on CUDA; presets: "
-        "bf16)",
-    )
-    g.add_argument(
-        "--device", default=None, metavar="cpu|cuda[:N]", help="where to run (default: cuda if available, else cpu)"
-    )
-    t = parser.add_argument_group("how to measure")
-    t.add_argument(
-        "--repeats",
-        type=int,
-        default=None,
-        metavar="N",
-        help="timed calls per cell; pairs/s uses their median (default: 3 on CPU, 20 on CUDA; presets: their own)",
-    )
-    t.add_argument(
-        "--warmup",
-        type=int,
-        default=None,
-        metavar="N",
-        help="untimed calls before timing; the first is reported as first-call time (default: 1 on "
-        "CPU, 3 on CUDA; hf-compile at least 3)",
-    )
-    t.add_argument(
-        "--cell-seconds",
-        type=float,
-        default=None,
-        metavar="S",
-        help="stop a cell's timed calls after S seconds once 3 ran (default: none; --preset gpu: 2)",
-    )
-    t.add_argument(
-        "--budget",
-        type=float,
-        default=None,
-        metavar="SECONDS",
-        help="time budget of the whole run, shared out between systems as they start; cells that "
-        "would overrun are skipped with the reason printed (default: none; --quick: 240 on CPU, "
-        "240 on CUDA; --preset gpu: 290)",
-    )
-    t.add_argument(
-        "--compile-mode",
-        default="max-autotune",
-        choices=["max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead", "default"],
-        help="torch.compile mode of the hf-compile systems (default: max-autotune)",
-    )
-    t.add_argument(
-        "--compile-backend",
-        default="inductor",
-        metavar="NAME",
-        help="torch.compile backend of the hf-compile systems (default: inductor; `eager` only traces, as CI's dry "
-        "runs do)",
-    )
-    t.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        metavar="N",
-        help="CPU threads for torch (default: torch's, one per core). On a machine shared with other "
-        "work, 1 is steadier: a multi-threaded op waits for its slowest thread",
-    )
-    t.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default: 0)")
-    p = parser.add_argument_group("presets and output")
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help="the full comparison at a few sizes: under 5 minutes on a 2-core CPU; writes reports",
-    )
-    p.add_argument(
-        "--preset",
-        choices=["headline", "gpu", "quick"],
-        default=None,
-        help="headline: the first GPU call (smoke checks; base, bf16, text 40, batch 1 and 128: hf-eager, hf-compile "
-        "at 128, btfast default / kernels=False / kernels='all'; a profile of btfast at 128; the kernel race's "
-        "verdicts), about 4 minutes; gpu: the full GPU sweep (base and large, batch 1..256, text 16/40/64 and 512), "
-        "about 5 minutes on an H100; quick: same as --quick",
-    )
-    p.add_argument(
-        "--out",
-        default=None,
-        metavar="DIR",
-        help=f"write <date>-<device>-<preset>.json / .md / .png there (default with a preset: "
-        f"{DEFAULT_OUT}; without one: no files)",
-    )
-    p.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
-    p.add_argument("--no-progress", action="store_true", help="no live progress display (the summary still prints)")
+    add_flags(parser, FLAGS)
 
 
 def _cells(models: list[str], texts: list[int], batches: list[int]) -> list[Any]:

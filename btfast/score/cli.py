@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from btfast.cli import add_flags, flag
+
 EPILOGS = {
     "score": """\
 input: JSONL, CSV/TSV or Parquet with columns image (a path, or bytes in Parquet), text and optionally id (other
@@ -58,17 +60,113 @@ row says why), 1 fatal, 2 arguments.
 """,
 }
 
-MODEL_HELP = {
-    "score": "model folder (save_pretrained): weights (.safetensors), config, tokenizer and "
-    "BridgeTowerProcessor config (preprocessor_config.json / processor_config.json)",
-    "embed": "a BridgeTowerForContrastiveLearning folder (save_pretrained) with tokenizer and processor",
-    "retrieve": "ITM folder (BridgeTowerForImageAndTextRetrieval) that re-ranks the candidates",
+WHAT, RUN, RESUME = "what to {command}", "runtime", "resume, sharding, chunking"
+RAY = "distributed (Ray Data; pip install 'btfast[ray]')"
+RAY_ABOUT = """\
+With --ray, --out is a folder of Parquet files (one per part, plus _btfast_job.json and _SUCCESS);
+--workers is the number of model actors (default: one per GPU of the cluster, or CPUs // 4 without
+GPUs); --threads the torch threads of a CPU actor; --chunk-rows bounds a part, the unit written (and
+resumed) at once (--chunk-images / --chunk-texts too, only when given). Images are decoded in CPU tasks
+on the cluster: image paths and the model folder must be readable at the same path on every node."""
+WORDS = {  # per command, the {fields} of the helps below
+    "score": dict(of="the input", rows="pairs", url="scores"),
+    "embed": dict(of="the input", rows="images or texts", url="emb", single=", one image,"),
+    "retrieve": dict(of="the queries", single=""),
 }
-OUT_HELP = {
-    "score": "output file: .jsonl or .parquet; or a folder URL (s3://bucket/scores/): a folder of Parquet parts",
-    "embed": "output file: .jsonl or .parquet; or a folder URL (s3://bucket/emb/): a folder of Parquet parts",
-    "retrieve": "output file: .jsonl or .parquet",
-}
+COLUMNS = {"image": "the image (a path, or bytes in Parquet)", "text": "the text", "id": "the row id"}
+
+# One row a flag, in help order: group, option strings, on= the commands that have it (default all), add_argument's
+# keywords. Laid out by hand, a flag a row (ruff format would give every keyword its own line).
+# fmt: off
+FLAGS = [
+    flag(WHAT, "--model", on="score", required=True, metavar="DIR", help="model folder (save_pretrained): weights "
+         "(.safetensors), config, tokenizer and BridgeTowerProcessor config (preprocessor_config.json / "
+         "processor_config.json)"),
+    flag(WHAT, "--model", on="embed", required=True, metavar="DIR",
+         help="a BridgeTowerForContrastiveLearning folder (save_pretrained) with tokenizer and processor"),
+    flag(WHAT, "--model", on="retrieve", metavar="DIR",
+         help="ITM folder (BridgeTowerForImageAndTextRetrieval) that re-ranks the candidates"),
+    flag(WHAT, "--itc-model", on="retrieve", metavar="DIR",
+         help="ITC folder (BridgeTowerForContrastiveLearning) that picks the candidates (default: --model)"),
+    flag(WHAT, "--pairs", on="score", metavar="FILE",
+         help="pairs file: .jsonl, .csv, .tsv or .parquet (a .tar name or pattern is taken as --shards)"),
+    flag(WHAT, "--images", on="embed retrieve", metavar="DIR_OR_FILE", help="a folder (every image below it, "
+         "sorted){single} or a list: .txt (a path a line), .jsonl / .csv / .parquet with an image column"),
+    flag(WHAT, "--texts", on="embed retrieve", metavar="FILE",
+         help=".txt (a text a line) or .jsonl / .csv / .parquet with a text column (and optionally id)"),
+    flag(WHAT, "--image-root", on="embed retrieve", metavar="DIR",
+         help="paths in an image list are relative to DIR and may not leave it (default: the list's folder)"),
+    flag(WHAT, "--shards", metavar="SHARDS", help="WebDataset tar shards instead of the other inputs: a folder (its "
+         "*.tar), a list file (a shard a line), a brace pattern (shards/{{00000..00123}}.tar) or a glob; paths or "
+         "URLs (s3://, gs://, ...). Each sample's image is its jpg/jpeg/png/webp member, its text the txt member, "
+         "its id the sample key. Written and resumed a shard at a time; --shard I/N divides the shard files"),
+    flag(WHAT, "--caption-field", metavar="FIELD", help="with --shards: take each sample's text from this field of "
+         "its json member (img2dataset: caption) instead of its txt member"),
+    flag(WHAT, "--embed", on="embed", choices=["both", "images", "texts"], default="both",
+         help="with --shards: embed each sample's image, text or both (default: both)"),
+    flag(WHAT, "--out", on="score embed", required=True, metavar="FILE", help="output file: .jsonl or .parquet; or "
+         "a folder URL (s3://bucket/{url}/): a folder of Parquet parts"),
+    flag(WHAT, "--out", on="retrieve", required=True, metavar="FILE", help="output file: .jsonl or .parquet"),
+    flag(WHAT, "--image-root", on="score", metavar="DIR", help="image paths are relative to DIR and may not leave "
+         "it (default: relative to the pairs file's folder; absolute paths allowed)"),
+    flag(WHAT, "--head", on="score", choices=["itm", "itc"], default="itm", help="itm: match probability and logit "
+         "(BridgeTowerForImageAndTextRetrieval); itc: cosine similarity (BridgeTowerForContrastiveLearning) "
+         "(default: itm)"),
+    *[flag(WHAT, f"--{role}-column", f"--{role}-field", dest=f"{role}_field", default=role, metavar="NAME",
+           help=f"input column holding {what} (default: {role})") for role, what in COLUMNS.items()],
+    flag(WHAT, "--with-text", on="score", action="store_true",
+         help="output rows carry the scored text (column text), so no join back to the input is needed"),
+    flag(WHAT, "--top-k", on="retrieve", type=int, default=16, metavar="K",
+         help="ITC candidates per query, all re-ranked by ITM (the paper used 128 or 256; default: 16)"),
+    flag(WHAT, "--no-rerank", on="retrieve", action="store_true", help="ITC ranking only (no ITM model needed)"),
+    flag(RUN, "--device", default="auto",
+         help="where the model runs: auto (cuda if available, else cpu), cpu, cuda, cuda:1 (default: auto)"),
+    flag(RUN, "--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+         help="model precision: auto = bf16 on cuda, fp32 on cpu (default: auto)"),
+    flag(RUN, "--batch-size", type=int, metavar="N",
+         help="images / texts per tower call and pairs per fusion call (default: 64 on cuda, 16 on cpu)"),
+    flag(RUN, "--workers", type=int, metavar="N", help="processes decoding and preprocessing images ahead of the "
+         "model; 0 = in the main process (default: min(8, CPUs - 1))"),
+    flag(RUN, "--exact", action=argparse.BooleanOptionalAction, default=True, help="preprocess exactly as "
+         "BridgeTowerProcessor, bit for bit (default). --no-exact: large JPEGs decode at 1/2-1/8 scale via "
+         "Image.draft (still >= 2x the resize target) and downscales resample only the centre crop: 2-4x faster on "
+         "large photos, pixels differ by a few levels, so scores differ slightly from the reference"),
+    flag(RUN, "--max-pixels", type=int, metavar="N", help="refuse images with more pixels than this, as an error "
+         "row (default: 178956970, Pillow's decompression-bomb limit)"),
+    flag(RUN, "--threads", type=int, metavar="N", help="torch CPU threads when --device is cpu (default: CPUs - "
+         "workers, at least 1: the decoding workers need their cores)"),
+    flag(RUN, "--exif-orientation", action=argparse.BooleanOptionalAction, default=True, help="turn photos upright "
+         "by their EXIF orientation tag, as transformers' load_image does for a path (default). "
+         "--no-exif-orientation: use the pixels as stored (what BridgeTowerProcessor sees given an image opened "
+         "with Image.open)"),
+    flag(RUN, "--no-progress", action="store_true", help="no progress bar (the summary is still printed)"),
+    flag(RESUME, "--overwrite", action="store_true", help="start afresh, deleting an existing output (default: "
+         "resume it; a different job's output is refused)"),
+    flag(RESUME, "--shard", metavar="I/N", help="process only shard I of N (0-based) of {of}, e.g. 0/4 on one GPU, "
+         "1/4 on the next; the N outputs together hold exactly the unsharded result, the same numbers bit for bit "
+         "on one kind of device. Chunks are dealt round robin, so a shard of {of} smaller than N chunks may be "
+         "empty (default: all)"),
+    flag(RESUME, "--chunk-queries", on="retrieve", type=int, default=1024, metavar="N", help="queries per chunk, "
+         "the unit written (and resumed) at once; the ITM images are encoded once per chunk, so larger chunks "
+         "re-encode less (default: 1024)"),
+    flag(RESUME, "--chunk-rows", on="score embed", type=int, default=16384, metavar="N",
+         help="at most N {rows} per chunk, the unit written (and resumed) at once (default: 16384)"),
+    flag(RESUME, "--chunk-images", type=int, default=128, metavar="N",
+         help="at most N unique images per chunk (their tower states stay in memory; default: 128)"),
+    flag(RESUME, "--chunk-texts", type=int, default=2048, metavar="N",
+         help="at most N unique texts per chunk (default: 2048)"),
+    flag("comparison", "--no-dedup", on="score", action="store_true", help="run the whole model per pair (the "
+         "pair-by-pair baseline) instead of encoding each unique image and text once"),
+    flag("comparison", "--engine", on="score", choices=["btfast", "hf"], default="btfast",
+         help="btfast (default) or hf: the transformers model in eager mode (implies --no-dedup)"),
+    flag(RAY, "--ray", on="score embed", action="store_true",
+         help="run on Ray Data: without --address a local Ray instance is started (default: off)"),
+    flag(RAY, "--address", on="score embed", metavar="ADDR", help="join this Ray cluster, e.g. 10.0.0.1:6379 or "
+         "auto (default: RAY_ADDRESS if set, else a new local instance)"),
+    flag(RAY, "--gpus-per-worker", on="score embed", type=float, metavar="G", help="GPUs per model actor; "
+         "fractions share a GPU (default: 1 when the cluster has GPUs, else 0: the model runs on CPUs)"),
+]
+# fmt: on
 
 
 @dataclass(frozen=True)
@@ -79,7 +177,10 @@ class Command:
     unit: str  # what the summary line counts
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        add_arguments(parser, self.name)
+        """The flags of `btfast COMMAND`: what to read and write, runtime, resume and (score, embed) Ray."""
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+        parser.epilog = EPILOGS[self.name]
+        add_flags(parser, FLAGS, self.name, {RAY: RAY_ABOUT}, **WORDS[self.name])
 
     def run(self, args: argparse.Namespace) -> int:
         if self.name == "retrieve":
@@ -92,289 +193,6 @@ class Command:
 score = Command("score", "pairs")
 embed = Command("embed", "items")
 retrieve = Command("retrieve", "queries")
-
-
-def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
-    """The flags of `btfast COMMAND`: what to read and write, then runtime, resume and (score, embed) Ray."""
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = EPILOGS[command]
-    g = parser.add_argument_group(f"what to {command}")
-    g.add_argument("--model", required=command != "retrieve", metavar="DIR", help=MODEL_HELP[command])
-    if command == "retrieve":
-        g.add_argument(
-            "--itc-model",
-            default=None,
-            metavar="DIR",
-            help="ITC folder (BridgeTowerForContrastiveLearning) that picks the candidates (default: --model)",
-        )
-    if command == "score":
-        g.add_argument(
-            "--pairs",
-            default=None,
-            metavar="FILE",
-            help="pairs file: .jsonl, .csv, .tsv or .parquet (a .tar name or pattern is taken as --shards)",
-        )
-    else:
-        add_inputs(g, single=", one image," if command == "embed" else "")
-    add_shards(g, embed=command == "embed")
-    g.add_argument("--out", required=True, metavar="FILE", help=OUT_HELP[command])
-    if command == "score":
-        g.add_argument(
-            "--image-root",
-            default=None,
-            metavar="DIR",
-            help="image paths are relative to DIR and may not leave it (default: relative to the pairs "
-            "file's folder; absolute paths allowed)",
-        )
-        g.add_argument(
-            "--head",
-            choices=["itm", "itc"],
-            default="itm",
-            help="itm: match probability and logit (BridgeTowerForImageAndTextRetrieval); itc: cosine "
-            "similarity (BridgeTowerForContrastiveLearning) (default: itm)",
-        )
-    add_columns(g)
-    if command == "score":
-        g.add_argument(
-            "--with-text",
-            action="store_true",
-            help="output rows carry the scored text (column text), so no join back to the input is needed",
-        )
-    if command == "retrieve":
-        g.add_argument(
-            "--top-k",
-            type=int,
-            default=16,
-            metavar="K",
-            help="ITC candidates per query, all re-ranked by ITM (the paper used 128 or 256; default: 16)",
-        )
-        g.add_argument("--no-rerank", action="store_true", help="ITC ranking only (no ITM model needed)")
-    add_runtime(parser)
-    add_chunks(parser, command)
-    if command == "score":
-        x = parser.add_argument_group("comparison")
-        x.add_argument(
-            "--no-dedup",
-            action="store_true",
-            help="run the whole model per pair (the pair-by-pair baseline) instead of encoding each unique "
-            "image and text once",
-        )
-        x.add_argument(
-            "--engine",
-            choices=["btfast", "hf"],
-            default="btfast",
-            help="btfast (default) or hf: the transformers model in eager mode (implies --no-dedup)",
-        )
-    if command != "retrieve":
-        add_ray(parser)
-
-
-def add_runtime(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("runtime")
-    g.add_argument(
-        "--device",
-        default="auto",
-        help="where the model runs: auto (cuda if available, else cpu), cpu, cuda, cuda:1 (default: auto)",
-    )
-    g.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "fp32", "bf16", "fp16"],
-        help="model precision: auto = bf16 on cuda, fp32 on cpu (default: auto)",
-    )
-    g.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        metavar="N",
-        help="images / texts per tower call and pairs per fusion call (default: 64 on cuda, 16 on cpu)",
-    )
-    g.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        metavar="N",
-        help="processes decoding and preprocessing images ahead of the model; 0 = in the main process "
-        "(default: min(8, CPUs - 1))",
-    )
-    g.add_argument(
-        "--exact",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="preprocess exactly as BridgeTowerProcessor, bit for bit (default). --no-exact: large JPEGs "
-        "decode at 1/2-1/8 scale via Image.draft (still >= 2x the resize target) and downscales resample "
-        "only the centre crop: 2-4x faster on large photos, pixels differ by a few levels, so scores differ "
-        "slightly from the reference",
-    )
-    g.add_argument(
-        "--max-pixels",
-        type=int,
-        default=None,
-        metavar="N",
-        help="refuse images with more pixels than this, as an error row (default: 178956970, "
-        "Pillow's decompression-bomb limit)",
-    )
-    g.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        metavar="N",
-        help="torch CPU threads when --device is cpu (default: CPUs - workers, at least 1: the decoding "
-        "workers need their cores)",
-    )
-    g.add_argument(
-        "--exif-orientation",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="turn photos upright by their EXIF orientation tag, as transformers' load_image does for a path "
-        "(default). --no-exif-orientation: use the pixels as stored (what BridgeTowerProcessor sees given an "
-        "image opened with Image.open)",
-    )
-    g.add_argument("--no-progress", action="store_true", help="no progress bar (the summary is still printed)")
-
-
-def add_chunks(p: argparse.ArgumentParser, command: str) -> None:
-    """--overwrite, --shard and the chunk limits: the unit written, resumed and sharded."""
-    of = "the queries" if command == "retrieve" else "the input"
-    g = p.add_argument_group("resume, sharding, chunking")
-    g.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="start afresh, deleting an existing output (default: resume it; a different job's output is refused)",
-    )
-    g.add_argument(
-        "--shard",
-        default=None,
-        metavar="I/N",
-        help=f"process only shard I of N (0-based) of {of}, e.g. 0/4 on one GPU, 1/4 on the next; "
-        "the N outputs together hold exactly the unsharded result, the same numbers bit for bit on one kind of "
-        f"device. Chunks are dealt round robin, so a shard of {of} smaller than N chunks may be empty "
-        "(default: all)",
-    )
-    if command == "retrieve":
-        g.add_argument(
-            "--chunk-queries",
-            type=int,
-            default=1024,
-            metavar="N",
-            help="queries per chunk, the unit written (and resumed) at once; the ITM images are encoded once per "
-            "chunk, so larger chunks re-encode less (default: 1024)",
-        )
-    else:
-        what = "pairs" if command == "score" else "images or texts"
-        g.add_argument(
-            "--chunk-rows",
-            type=int,
-            default=16384,
-            metavar="N",
-            help=f"at most N {what} per chunk, the unit written (and resumed) at once (default: 16384)",
-        )
-    g.add_argument(
-        "--chunk-images",
-        type=int,
-        default=128,
-        metavar="N",
-        help="at most N unique images per chunk (their tower states stay in memory; default: 128)",
-    )
-    g.add_argument(
-        "--chunk-texts", type=int, default=2048, metavar="N", help="at most N unique texts per chunk (default: 2048)"
-    )
-
-
-def add_inputs(g: argparse._ArgumentGroup, single: str = "") -> None:
-    """--images, --texts and --image-root of `btfast embed` / `btfast retrieve`."""
-    g.add_argument(
-        "--images",
-        default=None,
-        metavar="DIR_OR_FILE",
-        help=f"a folder (every image below it, sorted){single} or a list: .txt (a path a line), "
-        ".jsonl / .csv / .parquet with an image column",
-    )
-    g.add_argument(
-        "--texts",
-        default=None,
-        metavar="FILE",
-        help=".txt (a text a line) or .jsonl / .csv / .parquet with a text column (and optionally id)",
-    )
-    g.add_argument(
-        "--image-root",
-        default=None,
-        metavar="DIR",
-        help="paths in an image list are relative to DIR and may not leave it (default: the list's folder)",
-    )
-
-
-def add_columns(g: argparse._ArgumentGroup, roles: tuple[str, ...] = ("image", "text", "id")) -> None:
-    """--image-column / --text-column / --id-column (also spelt --image-field ...): which input columns to read."""
-    what = {"image": "the image (a path, or bytes in Parquet)", "text": "the text", "id": "the row id"}
-    for role in roles:
-        g.add_argument(
-            f"--{role}-column",
-            f"--{role}-field",
-            dest=f"{role}_field",
-            default=role,
-            metavar="NAME",
-            help=f"input column holding {what[role]} (default: {role})",
-        )
-
-
-def add_shards(g: argparse._ArgumentGroup, embed: bool = False) -> None:
-    """--shards, --caption-field (and for embed, --embed): WebDataset tar shards as the input (`btfast.io`)."""
-    g.add_argument(
-        "--shards",
-        default=None,
-        metavar="SHARDS",
-        help="WebDataset tar shards instead of the other inputs: a folder (its *.tar), a list file (a shard a "
-        "line), a brace pattern (shards/{00000..00123}.tar) or a glob; paths or URLs (s3://, gs://, ...). "
-        "Each sample's image is its jpg/jpeg/png/webp member, its text the txt member, its id the sample key. "
-        "Written and resumed a shard at a time; --shard I/N divides the shard files",
-    )
-    g.add_argument(
-        "--caption-field",
-        default=None,
-        metavar="FIELD",
-        help="with --shards: take each sample's text from this field of its json member (img2dataset: caption) "
-        "instead of its txt member",
-    )
-    if embed:
-        g.add_argument(
-            "--embed",
-            choices=["both", "images", "texts"],
-            default="both",
-            help="with --shards: embed each sample's image, text or both (default: both)",
-        )
-
-
-def add_ray(parser: argparse.ArgumentParser) -> None:
-    """--ray, --address, --gpus-per-worker: the same job on Ray Data (`btfast.ray.cli`; no Ray import here)."""
-    g = parser.add_argument_group(
-        "distributed (Ray Data; pip install 'btfast[ray]')",
-        "With --ray, --out is a folder of Parquet files (one per part, plus _btfast_job.json and _SUCCESS);\n"
-        "--workers is the number of model actors (default: one per GPU of the cluster, or CPUs // 4 without\n"
-        "GPUs); --threads the torch threads of a CPU actor; --chunk-rows bounds a part, the unit written (and\n"
-        "resumed) at once (--chunk-images / --chunk-texts too, only when given). Images are decoded in CPU tasks\n"
-        "on the cluster: image paths and the model folder must be readable at the same path on every node.",
-    )
-    g.add_argument(
-        "--ray",
-        action="store_true",
-        help="run on Ray Data: without --address a local Ray instance is started (default: off)",
-    )
-    g.add_argument(
-        "--address",
-        default=None,
-        metavar="ADDR",
-        help="join this Ray cluster, e.g. 10.0.0.1:6379 or auto (default: RAY_ADDRESS if set, else a new "
-        "local instance)",
-    )
-    g.add_argument(
-        "--gpus-per-worker",
-        type=float,
-        default=None,
-        metavar="G",
-        help="GPUs per model actor; fractions share a GPU (default: 1 when the cluster has GPUs, else 0: "
-        "the model runs on CPUs)",
-    )
 
 
 def set_threads(cfg: Any) -> None:
