@@ -1,24 +1,19 @@
-"""Resumable folder output (`--ray` runs, and any run whose `--out` is a folder URL such as s3://bucket/scores/):
-deterministic parts, each written atomically, finished parts skipped.
+"""Resumable folder output (`--ray` runs, any run whose `--out` is a folder URL such as s3://bucket/scores/, and
+the hidden parts of a `.parquet` file output): deterministic parts, each written atomically, finished parts skipped.
 
 The driver cuts the input into parts with the same planner as the single-process scorer (`btfast.score.plan`), or
-one part per tar shard, so a part's rows depend only on the input and the chunk limits: every run, resumed or
-not, cuts the same parts. Output rows come back from Ray in any order; the driver gathers them by part and, once
-a part holds all its rows, writes it:
+one part per tar shard, so every run, resumed or not, cuts the same parts; it writes a part once it holds all its
+rows (Ray returns them in any order):
 
     OUT/part-00000042.parquet      one file per part, rows sorted by `row`; present means complete
     OUT/_btfast_job.json           the job's header (command, model, input, options); `finished` once done
     OUT/_SUCCESS                   written last, when every part is there
     OUT/.btfast-lock               (local folders) held (flock) by the running driver; released if it dies
 
-OUT is a path or an fsspec URL (`btfast.io.fs`). A local part is written to a hidden temporary name, fsynced,
-renamed into place and the folder fsynced; an object-store part is one PUT, which the store makes atomic: a
-driver killed at any moment leaves complete parts and at most a temporary file (deleted on restart). A rerun of
-the same command skips the parts present; a rerun with different settings is refused unless `overwrite`. Each
-part records its row and error counts in its Parquet metadata, so resuming reads only file footers.
-
-Parquet readers (pyarrow, pandas, Spark, `ray.data.read_parquet`) read the folder as one table: names starting
-with `_` or `.` are skipped.
+OUT is a path or an fsspec URL; parts are written with `btfast.io.fs.write_atomic` (local: a hidden temporary
+name, renamed into place; an object store: one PUT), so a kill leaves complete parts and at most a temporary file
+(deleted on restart). Each part records its row and error counts in its Parquet metadata: resuming reads only
+footers. Parquet readers (pyarrow, pandas, Spark, Ray) read the folder as one table: they skip `_` and `.` names.
 """
 
 from __future__ import annotations
@@ -31,13 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from btfast.io import fs
-from btfast.score.sink import ResumeError, Written, same_job, write_parquet_atomic
+from btfast.score.sink import ResumeError, Sink, same_job
 
 JOB_FILE = "_btfast_job.json"
 SUCCESS_FILE = "_SUCCESS"
 LOCK_FILE = ".btfast-lock"
 PART_RE = re.compile(r"^part-(\d{8,})\.parquet$")
-TMP_RE = re.compile(r"^\.part-(\d{8,})\.parquet\.tmp$")
+TMP_RE = re.compile(rf"^\.(part-\d{{8,}}\.parquet|{JOB_FILE}|{SUCCESS_FILE})\.tmp$")  # left by a kill
 META_KEY = b"btfast"
 
 
@@ -45,28 +40,24 @@ def part_name(k: int) -> str:
     return f"part-{k:08d}.parquet"
 
 
-def _ours(name: str) -> bool:
-    return bool(
-        PART_RE.match(name)
-        or TMP_RE.match(name)
-        or name in (JOB_FILE, SUCCESS_FILE, LOCK_FILE)
-        or name.startswith(f".{JOB_FILE}.tmp")
-    )
-
-
-class PartStore(Written):
-    """The output folder of one job (a path, or a folder URL on any fsspec store: s3://bucket/scores/): which
-    parts are done (with their row / error counts), writing new ones (`btfast.io.fs.write_atomic`: a local part is
-    renamed into place, an object-store part is one PUT). A local folder is locked against a second writer; an
-    object store has no locks: do not point two runs at one folder URL."""
+class PartStore(Sink):
+    """The output folder of one job (a path, or a folder URL on any fsspec store): which parts are done (with their
+    row / error counts), and writing new ones. A local folder is locked against a second writer; an object store
+    has no locks: do not point two runs at one folder URL. `name`: the output named in a different-job refusal."""
 
     def __init__(
-        self, folder: str | os.PathLike, header: dict[str, Any], overwrite: bool = False, schema: Any = None
+        self,
+        folder: str | os.PathLike,
+        header: dict[str, Any],
+        overwrite: bool = False,
+        schema: Any = None,
+        name: Any = None,
     ) -> None:
         self.url = os.fspath(folder)
         self.local = not fs.is_url(self.url)
         self.out = Path(self.url) if self.local else fs.display(self.url)
-        self.header = json.loads(json.dumps(header))
+        self.name = name or self.out
+        self.header = header
         self.schema = schema  # pyarrow schema for parts given as rows (None: they come as tables)
         self.done: dict[int, dict[str, int]] = {}
         self.finished = False
@@ -111,7 +102,9 @@ class PartStore(Written):
 
     def _open(self, overwrite: bool) -> None:
         names = self._names()
-        foreign = sorted(n for n in names if not _ours(n))
+        foreign = sorted(
+            n for n in names if not (PART_RE.match(n) or TMP_RE.match(n) or n in (JOB_FILE, SUCCESS_FILE, LOCK_FILE))
+        )
         if foreign:
             shown = ", ".join(foreign[:3]) + (" ..." if len(foreign) > 3 else "")
             raise ResumeError(
@@ -125,14 +118,14 @@ class PartStore(Written):
                 old = record["header"]
             except (ValueError, KeyError, TypeError):
                 raise ResumeError(f"{self.out}/{JOB_FILE}: damaged; pass --overwrite to start again") from None
-            same_job(old, self.header, self.out)
+            same_job(old, self.header, self.name)
             self.finished = bool(record.get("finished"))
         else:  # a fresh job (or --overwrite): clear what an earlier job left, then record the header
             for n in names:
                 if n != LOCK_FILE:
                     self._remove(n)
             names = []
-            fs.write_atomic(self._join(JOB_FILE), (json.dumps({"header": self.header}, indent=1) + "\n").encode())
+            self._write_job()
         for n in names:
             if TMP_RE.match(n):  # a part being written when the last run died
                 self._remove(n)
@@ -165,8 +158,11 @@ class PartStore(Written):
     def write(self, k: int, table: Any) -> dict[str, int]:
         """Write part k (a pyarrow Table, or rows as dicts with `schema`) whole; its row and error counts go into
         the file's metadata, so that a present part is a complete one and resuming reads only footers."""
+        import io
+
         import pyarrow as pa
         import pyarrow.compute as pc
+        import pyarrow.parquet as pq
 
         if not isinstance(table, pa.Table):
             table = pa.Table.from_pylist(list(table), schema=self.schema)
@@ -174,8 +170,9 @@ class PartStore(Written):
         info = {"part": k, "rows": table.num_rows, "errors": errors}
         meta = dict(table.schema.metadata or {})
         meta[META_KEY] = json.dumps(info).encode()
-        table = table.replace_schema_metadata(meta)
-        write_parquet_atomic(table, self.path(k))
+        buf = io.BytesIO()
+        pq.write_table(table.replace_schema_metadata(meta), buf)
+        fs.write_atomic(self.path(k), buf.getvalue())
         self.done[k] = {"rows": info["rows"], "errors": errors}
         return self.done[k]
 
@@ -187,16 +184,12 @@ class PartStore(Written):
             raise RuntimeError(f"cannot finish {self.out}: {len(missing)} parts missing (first {missing[0]})")
         if self.finished:
             return
-        record = {
-            "header": self.header,
-            "finished": True,
-            "parts": len(parts),
-            "rows": self.rows_done,
-            "errors": self.errors_done,
-        }
-        fs.write_atomic(self._join(JOB_FILE), (json.dumps(record, indent=1) + "\n").encode())
+        self._write_job(finished=True, parts=len(parts), rows=self.rows_done, errors=self.errors_done)
         fs.write_atomic(self._join(SUCCESS_FILE), b"")
         self.finished = True
+
+    def _write_job(self, **record: Any) -> None:
+        fs.write_atomic(self._join(JOB_FILE), (json.dumps({"header": self.header, **record}, indent=1) + "\n").encode())
 
     def close(self) -> None:
         if self._lock_fd is not None:
