@@ -1,10 +1,10 @@
 """Output that survives `kill -9`: chunks are written whole, then recorded; a rerun resumes after the last record.
 
-JSONL: a chunk's rows are appended to OUT and fsynced, then `{"chunk": k, "end": byte offset, ...}` is appended
-to `OUT.btfast-progress` (after the job's header) and fsynced; a restart cuts OUT back to the last recorded end.
-Parquet: the chunks are parts of a hidden folder `OUT.btfast-parts` (`btfast.score.parts.PartStore`), joined into
-OUT at the end; then the progress file records the header, the chunks and `finished`, and the folder goes.
-The header names the job (command, model, input, shard, options): resuming with other settings is refused.
+`OUT.btfast-progress` starts with the job's header (command, model, input, shard, options): resuming with other
+settings is refused. JSONL: a chunk's rows are appended to OUT and fsynced, then `{"chunk": k, "end": offset, ...}`
+is appended to the progress file and fsynced; a restart cuts OUT back to the last recorded end. Parquet: chunks are
+the parts of a hidden `btfast.score.parts.PartStore` folder, `OUT.btfast-parts`, joined into OUT at the end; then
+their records and `finished` go to the progress file and the folder is removed.
 """
 
 from __future__ import annotations
@@ -18,9 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from btfast.io.fs import write_atomic
-
-PROGRESS_SUFFIX = ".btfast-progress"
-PARTS_SUFFIX = ".btfast-parts"
 
 
 class ResumeError(RuntimeError):
@@ -67,20 +64,16 @@ def _fsync(f: Any) -> None:
 
 
 class Sink:
-    """Where a job's output goes, chunk by chunk, so that it survives `kill -9`: `ChunkSink` (one JSONL or Parquet
-    file) or `btfast.score.parts.PartStore` (a folder of Parquet parts, local or fsspec).
+    """Where a job's output goes, chunk by chunk, surviving `kill -9`: `ChunkSink` (a file) or `PartStore` (a folder).
 
-    `write(index, rows)` makes chunk `index` durable atomically and returns its record (`rows`, `errors`); `done`
-    maps every durable chunk to its record (a rerun skips them); `finish(indices)` marks the job complete once
-    every chunk of `indices` is durable; `finished`: a previous run completed it. Output of a different job
-    (another header) is refused with ResumeError. Closed by `close()` or `with`.
+    `write(index, rows)` makes chunk `index` durable, whole, and returns its record (`rows`, `errors`); `done` maps
+    every durable chunk to its record (a rerun skips them); `finish(indices)` marks the job complete once all of
+    `indices` are durable; `finished`: a previous run completed it. Another job's output is refused (ResumeError).
     """
 
     out: Any
     done: dict[int, dict[str, Any]]
     finished: bool
-
-    def close(self) -> None: ...
 
     def __enter__(self) -> Any:
         return self
@@ -108,8 +101,8 @@ class ChunkSink(Sink):
         self.fmt = output_format(out)
         self.header = header
         self.schema = schema  # pyarrow schema for Parquet (None: inferred per chunk)
-        self.progress_path = Path(str(out) + PROGRESS_SUFFIX)
-        self.parts = Path(str(out) + PARTS_SUFFIX)
+        self.progress_path = Path(str(out) + ".btfast-progress")
+        self.parts = Path(str(out) + ".btfast-parts")
         self.done: dict[int, dict[str, Any]] = {}  # chunk -> its record (rows, errors, ...)
         self.finished = False  # a previous run completed the job
         self._f = self._store = None  # JSONL: OUT open for appending; Parquet: the PartStore of the parts
@@ -133,15 +126,29 @@ class ChunkSink(Sink):
         if records is None:  # written whole: a kill leaves a header or no progress file
             write_atomic(self.progress_path, (json.dumps({"header": header}) + "\n").encode())
         self._progress = open(self.progress_path, "a", encoding="utf-8")
-        if self.fmt == "jsonl":
-            self._open_jsonl(records is None)
-        elif not self.finished:
-            from btfast.score.parts import PartStore
+        if self.fmt == "parquet":
+            if not self.finished:
+                from btfast.score.parts import PartStore
 
-            self._store = PartStore(self.parts, header, schema=schema)
-            self.done = self._store.done
+                self._store = PartStore(self.parts, header, schema=schema)
+                self.done = self._store.done
+            return
+        if records is None:
+            self.out.touch()
+        end = max((int(r["end"]) for r in self.done.values()), default=0)
+        size = self.out.stat().st_size if self.out.exists() else -1
+        if size < end:
+            raise ResumeError(
+                f"{self.out} is shorter ({size} bytes) than its progress record ({end}): damaged; "
+                "pass --overwrite to start again"
+            )
+        if size > end:  # the chunk being written when the last run died: drop it, it will be redone
+            with open(self.out, "r+b") as f:
+                f.truncate(end)
+                _fsync(f)
+        self._f = open(self.out, "ab")
+        self._offset = end
 
-    # ---- start / resume ------------------------------------------------------------------------------------
     def _read_progress(self) -> list[dict[str, Any]] | None:
         """The records after the header (None: no progress file); a last line torn by a kill is dropped."""
         if not self.progress_path.exists():
@@ -169,25 +176,6 @@ class ChunkSink(Sink):
         same_job(records[0]["header"], self.header, self.out)
         return records[1:]
 
-    def _open_jsonl(self, fresh: bool) -> None:
-        if fresh:
-            with open(self.out, "wb") as f:
-                _fsync(f)
-        end = max((int(r["end"]) for r in self.done.values()), default=0)
-        size = self.out.stat().st_size if self.out.exists() else -1
-        if size < end:
-            raise ResumeError(
-                f"{self.out} is shorter ({size} bytes) than its progress record ({end}): damaged; "
-                "pass --overwrite to start again"
-            )
-        if size > end:  # the chunk being written when the last run died: drop it, it will be redone
-            with open(self.out, "r+b") as f:
-                f.truncate(end)
-                _fsync(f)
-        self._f = open(self.out, "ab")
-        self._offset = end
-
-    # ---- write ---------------------------------------------------------------------------------------------
     def _record(self, *records: dict[str, Any]) -> None:
         self._progress.write("".join(json.dumps(r) + "\n" for r in records))
         _fsync(self._progress)
@@ -210,34 +198,29 @@ class ChunkSink(Sink):
     def finish(self, all_chunks: Sequence[int]) -> None:
         """Mark the job complete (Parquet: join the parts into OUT, record them, remove them). Call once every chunk
         is done."""
-        if self.finished:
-            return
-        if self._store is not None:
-            self._join(sorted(all_chunks))
-        chunks = [{"chunk": k, **r} for k, r in self.done.items()] if self._store is not None else []
-        self._record(*chunks, {"finished": True})
-        self.finished = True
-        shutil.rmtree(self.parts, ignore_errors=True)
+        if not self.finished:
+            self._record(*self._join(sorted(all_chunks)), {"finished": True})
+            self.finished = True
+            shutil.rmtree(self.parts, ignore_errors=True)
 
-    def _join(self, chunks: list[int]) -> None:
-        """Join the parts of `chunks`, in order, into OUT (written to OUT.tmp, then renamed)."""
+    def _join(self, chunks: list[int]) -> list[dict[str, Any]]:
+        """Parquet: join the parts of `chunks`, in order, into OUT (through OUT.tmp); returns their records for the
+        progress file. JSONL: nothing to do."""
+        if self._store is None:
+            return []
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        paths = [self._store.path(k) for k in chunks]
+        schema = self.schema or (pq.read_schema(paths[0]).remove_metadata() if paths else pa.schema([]))
         tmp = Path(str(self.out) + ".tmp")
-        writer = None
-        try:
-            for k in chunks:
-                t = pq.read_table(self._store.path(k))
-                if writer is None:
-                    writer = pq.ParquetWriter(tmp, self.schema or t.schema.remove_metadata())
-                writer.write_table(t.cast(writer.schema) if t.schema != writer.schema else t)
-            if writer is None:  # no rows at all
-                pq.write_table(pa.Table.from_pylist([], schema=self.schema) if self.schema else pa.table({}), tmp)
-        finally:
-            if writer is not None:
-                writer.close()
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for p in paths:
+                writer.write_table(pq.read_table(p).cast(schema))
+            if not paths:  # no rows at all
+                writer.write_table(schema.empty_table())
         os.replace(tmp, self.out)
+        return [{"chunk": k, **r} for k, r in self.done.items()]
 
     def close(self) -> None:
         for f in (self._f, self._progress, self._store):
