@@ -125,29 +125,28 @@ class ChunkSink(Sink):
             shutil.rmtree(self.parts, ignore_errors=True)
         if records is None:  # written whole: a kill leaves a header or no progress file
             write_atomic(self.progress_path, (json.dumps({"header": header}) + "\n").encode())
-        self._progress = open(self.progress_path, "a", encoding="utf-8")
-        if self.fmt == "parquet":
-            if not self.finished:
-                from btfast.score.parts import PartStore
+        if self.fmt == "parquet" and not self.finished:
+            from btfast.score.parts import PartStore
 
-                self._store = PartStore(self.parts, header, schema=schema)
-                self.done = self._store.done
-            return
-        if records is None:
-            self.out.touch()
-        end = max((int(r["end"]) for r in self.done.values()), default=0)
-        size = self.out.stat().st_size if self.out.exists() else -1
-        if size < end:
-            raise ResumeError(
-                f"{self.out} is shorter ({size} bytes) than its progress record ({end}): damaged; "
-                "pass --overwrite to start again"
-            )
-        if size > end:  # the chunk being written when the last run died: drop it, it will be redone
-            with open(self.out, "r+b") as f:
-                f.truncate(end)
-                _fsync(f)
-        self._f = open(self.out, "ab")
-        self._offset = end
+            self._store = PartStore(self.parts, header, schema=schema)
+            self.done = self._store.done
+        elif self.fmt == "jsonl":
+            end = max((int(r["end"]) for r in self.done.values()), default=0)
+            if end == 0 and not self.out.exists():  # a fresh job (or one killed before it created OUT)
+                self.out.touch()
+            size = self.out.stat().st_size if self.out.exists() else -1
+            if size < end:
+                raise ResumeError(
+                    f"{self.out} is shorter ({size} bytes) than its progress record ({end}): damaged; "
+                    "pass --overwrite to start again"
+                )
+            if size > end:  # the chunk being written when the last run died: drop it, it will be redone
+                with open(self.out, "r+b") as f:
+                    f.truncate(end)
+                    _fsync(f)
+            self._f = open(self.out, "ab")
+            self._offset = end
+        self._progress = open(self.progress_path, "a", encoding="utf-8")
 
     def _read_progress(self) -> list[dict[str, Any]] | None:
         """The records after the header (None: no progress file); a last line torn by a kill is dropped."""
