@@ -238,7 +238,7 @@ def bench_model(kind: str, n: int, work: Path, batch: int | None, repeats: int) 
             if name == "ray":
                 target, pattern = str(out), str(out / "part-*.parquet")
             else:
-                target, pattern = f"{out}.parquet", f"{out}.parquet.btfast-parts/chunk-*.parquet"
+                target, pattern = f"{out}.parquet", f"{out}.parquet.btfast-parts/part-*.parquet"
             r = timed(job, ["score", *common, "--pairs", str(pairs), "--out", target, "--overwrite"], pattern)
             note = "  (warm-up)" if rep == 0 else ""
             print(

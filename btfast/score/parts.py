@@ -1,24 +1,14 @@
-"""Resumable folder output (`--ray` runs, and any run whose `--out` is a folder URL such as s3://bucket/scores/):
-deterministic parts, each written atomically, finished parts skipped.
-
-The driver cuts the input into parts with the same planner as the single-process scorer (`btfast.score.plan`), or
-one part per tar shard, so a part's rows depend only on the input and the chunk limits: every run, resumed or
-not, cuts the same parts. Output rows come back from Ray in any order; the driver gathers them by part and, once
-a part holds all its rows, writes it:
+"""Resumable folder output (`--ray` runs, runs whose `--out` is a folder URL such as s3://bucket/scores/, and the
+hidden parts of a `.parquet` file): deterministic parts (cut by `btfast.score.plan`, or one per tar shard, the same
+in every run), each written whole once it holds all its rows; a rerun skips the parts present.
 
     OUT/part-00000042.parquet      one file per part, rows sorted by `row`; present means complete
     OUT/_btfast_job.json           the job's header (command, model, input, options); `finished` once done
     OUT/_SUCCESS                   written last, when every part is there
     OUT/.btfast-lock               (local folders) held (flock) by the running driver; released if it dies
 
-OUT is a path or an fsspec URL (`btfast.io.fs`). A local part is written to a hidden temporary name, fsynced,
-renamed into place and the folder fsynced; an object-store part is one PUT, which the store makes atomic: a
-driver killed at any moment leaves complete parts and at most a temporary file (deleted on restart). A rerun of
-the same command skips the parts present; a rerun with different settings is refused unless `overwrite`. Each
-part records its row and error counts in its Parquet metadata, so resuming reads only file footers.
-
-Parquet readers (pyarrow, pandas, Spark, `ray.data.read_parquet`) read the folder as one table: names starting
-with `_` or `.` are skipped.
+OUT is a path or an fsspec URL. Parts go through `btfast.io.fs.write_atomic`: a kill leaves complete parts and at
+most a temporary file (deleted on restart). Parquet readers (pyarrow, pandas, Spark, Ray) skip `_` and `.` names.
 """
 
 from __future__ import annotations
@@ -31,52 +21,43 @@ from pathlib import Path
 from typing import Any
 
 from btfast.io import fs
-from btfast.score.sink import ResumeError, Written, same_job, write_parquet_atomic
+from btfast.score.sink import ResumeError, Sink, same_job
 
 JOB_FILE = "_btfast_job.json"
 SUCCESS_FILE = "_SUCCESS"
 LOCK_FILE = ".btfast-lock"
 PART_RE = re.compile(r"^part-(\d{8,})\.parquet$")
-TMP_RE = re.compile(r"^\.part-(\d{8,})\.parquet\.tmp$")
+TMP_RE = re.compile(r"^\.(part-\d{8,}\.parquet|_btfast_job\.json|_SUCCESS)\.tmp$")  # left by a kill
 META_KEY = b"btfast"
 
 
-def part_name(k: int) -> str:
-    return f"part-{k:08d}.parquet"
-
-
-def _ours(name: str) -> bool:
-    return bool(
-        PART_RE.match(name)
-        or TMP_RE.match(name)
-        or name in (JOB_FILE, SUCCESS_FILE, LOCK_FILE)
-        or name.startswith(f".{JOB_FILE}.tmp")
-    )
-
-
-class PartStore(Written):
-    """The output folder of one job (a path, or a folder URL on any fsspec store: s3://bucket/scores/): which
-    parts are done (with their row / error counts), writing new ones (`btfast.io.fs.write_atomic`: a local part is
-    renamed into place, an object-store part is one PUT). A local folder is locked against a second writer; an
-    object store has no locks: do not point two runs at one folder URL."""
+class PartStore(Sink):
+    """The output folder of one job (a path, or a folder URL on any fsspec store): which parts are done (with their
+    row / error counts), and writing new ones. A local folder is locked against a second writer; an object store
+    has no locks: do not point two runs at one folder URL."""
 
     def __init__(
         self, folder: str | os.PathLike, header: dict[str, Any], overwrite: bool = False, schema: Any = None
     ) -> None:
         self.url = os.fspath(folder)
-        self.local = not fs.is_url(self.url)
-        self.out = Path(self.url) if self.local else fs.display(self.url)
-        self.header = json.loads(json.dumps(header))
+        self.out = fs.display(self.url) if fs.is_url(self.url) else Path(self.url)
+        self.header = header
         self.schema = schema  # pyarrow schema for parts given as rows (None: they come as tables)
         self.done: dict[int, dict[str, int]] = {}
         self.finished = False
         self._lock_fd: int | None = None
         if fs.isfile(self.url):
             raise ResumeError(f"{self.out} is a file: --out is a folder of Parquet files here")
-        if self.local:
-            os.makedirs(self.url, exist_ok=True)
-            self._lock()
         try:
+            if not fs.is_url(self.url):
+                import fcntl
+
+                os.makedirs(self.url, exist_ok=True)
+                self._lock_fd = os.open(os.path.join(self.url, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    raise ResumeError(f"{self.out}: another btfast run is writing this folder") from None
             self._open(overwrite)
         except BaseException:
             self.close()
@@ -85,41 +66,22 @@ class PartStore(Written):
     def _join(self, name: str) -> str:
         return fs.join(self.url, name)
 
-    def _names(self) -> list[str]:
-        if not fs.exists(self.url):
-            return []
-        return [fs.basename(n) for n in fs.listdir(self.url)]
-
     def _remove(self, name: str) -> None:
-        if self.local:
-            (Path(self.url) / name).unlink(missing_ok=True)
-        else:
-            filesystem, p = fs.filesystem(self._join(name))
-            filesystem.rm_file(p)
-
-    # ---- start / resume --------------------------------------------------------------------------------------
-    def _lock(self) -> None:
-        import fcntl
-
-        fd = os.open(os.path.join(self.url, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise ResumeError(f"{self.out}: another btfast run is writing this folder") from None
-        self._lock_fd = fd
+        filesystem, p = fs.filesystem(self._join(name))
+        filesystem.rm_file(p)
 
     def _open(self, overwrite: bool) -> None:
-        names = self._names()
-        foreign = sorted(n for n in names if not _ours(n))
+        names = [fs.basename(n) for n in fs.listdir(self.url)] if fs.exists(self.url) else []
+        foreign = [
+            n for n in names if not (PART_RE.match(n) or TMP_RE.match(n) or n in (JOB_FILE, SUCCESS_FILE, LOCK_FILE))
+        ]
         if foreign:
             shown = ", ".join(foreign[:3]) + (" ..." if len(foreign) > 3 else "")
             raise ResumeError(
                 f"{self.out} holds files btfast did not write ({shown}): give an empty or new folder for --out"
             )
-        if not any(PART_RE.match(n) for n in names):
-            overwrite = True  # nothing written yet (a run that failed at its start): no output to protect
-        if JOB_FILE in names and not overwrite:
+        # no part yet (a run that failed at its start): no output to protect, start afresh
+        if JOB_FILE in names and any(PART_RE.match(n) for n in names) and not overwrite:
             try:
                 record = json.loads(fs.read_bytes(self._join(JOB_FILE)))
                 old = record["header"]
@@ -132,17 +94,14 @@ class PartStore(Written):
                 if n != LOCK_FILE:
                     self._remove(n)
             names = []
-            fs.write_atomic(self._join(JOB_FILE), (json.dumps({"header": self.header}, indent=1) + "\n").encode())
+            self._write_job()
         for n in names:
-            if TMP_RE.match(n):  # a part being written when the last run died
-                self._remove(n)
             m = PART_RE.match(n)
-            if m:
-                info = self._read_meta(self._join(n))
-                if info is None:  # unreadable: cannot be ours and complete; redo it
-                    self._remove(n)
-                else:
-                    self.done[int(m.group(1))] = info
+            info = self._read_meta(self._join(n)) if m else None
+            if info is not None:
+                self.done[int(m.group(1))] = info
+            elif m or TMP_RE.match(n):  # an unreadable part (cannot be ours and complete: redo it), or one cut
+                self._remove(n)
 
     @staticmethod
     def _read_meta(path: str) -> dict[str, int] | None:
@@ -152,32 +111,29 @@ class PartStore(Written):
             with fs.open_file(path, "rb") as f:
                 md = pq.read_metadata(f)
             info = json.loads((md.metadata or {})[META_KEY])
-            if int(info["rows"]) != md.num_rows:
-                return None
-            return {"rows": int(info["rows"]), "errors": int(info["errors"])}
+            rows, errors = int(info["rows"]), int(info["errors"])
         except Exception:
             return None
+        return {"rows": rows, "errors": errors} if rows == md.num_rows else None
 
-    # ---- write -----------------------------------------------------------------------------------------------
     def path(self, k: int) -> str:
-        return self._join(part_name(k))
+        return self._join(f"part-{k:08d}.parquet")
 
     def write(self, k: int, table: Any) -> dict[str, int]:
         """Write part k (a pyarrow Table, or rows as dicts with `schema`) whole; its row and error counts go into
         the file's metadata, so that a present part is a complete one and resuming reads only footers."""
         import pyarrow as pa
-        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
 
         if not isinstance(table, pa.Table):
             table = pa.Table.from_pylist(list(table), schema=self.schema)
-        errors = table.num_rows - int(pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0)
-        info = {"part": k, "rows": table.num_rows, "errors": errors}
-        meta = dict(table.schema.metadata or {})
-        meta[META_KEY] = json.dumps(info).encode()
-        table = table.replace_schema_metadata(meta)
-        write_parquet_atomic(table, self.path(k))
-        self.done[k] = {"rows": info["rows"], "errors": errors}
-        return self.done[k]
+        info = {"rows": table.num_rows, "errors": table.num_rows - table.column("status").to_pylist().count("ok")}
+        meta = {**(table.schema.metadata or {}), META_KEY: json.dumps({"part": k, **info}).encode()}
+        buf = pa.BufferOutputStream()
+        pq.write_table(table.replace_schema_metadata(meta), buf)
+        fs.write_atomic(self.path(k), buf.getvalue().to_pybytes())
+        self.done[k] = info
+        return info
 
     def finish(self, parts: Iterable[int]) -> None:
         """Mark the job complete once every one of `parts` is written."""
@@ -185,18 +141,14 @@ class PartStore(Written):
         missing = [k for k in parts if k not in self.done]
         if missing:
             raise RuntimeError(f"cannot finish {self.out}: {len(missing)} parts missing (first {missing[0]})")
-        if self.finished:
-            return
-        record = {
-            "header": self.header,
-            "finished": True,
-            "parts": len(parts),
-            "rows": self.rows_done,
-            "errors": self.errors_done,
-        }
-        fs.write_atomic(self._join(JOB_FILE), (json.dumps(record, indent=1) + "\n").encode())
-        fs.write_atomic(self._join(SUCCESS_FILE), b"")
-        self.finished = True
+        if not self.finished:
+            self._write_job(finished=True, parts=len(parts), rows=self.rows_done, errors=self.errors_done)
+            fs.write_atomic(self._join(SUCCESS_FILE), b"")
+            self.finished = True
+
+    def _write_job(self, **record: Any) -> None:
+        data = json.dumps({"header": self.header, **record}, indent=1) + "\n"
+        fs.write_atomic(self._join(JOB_FILE), data.encode())
 
     def close(self) -> None:
         if self._lock_fd is not None:
