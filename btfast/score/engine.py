@@ -68,11 +68,8 @@ class Runtime:
 def load_head(
     folder: str | os.PathLike, head: str, device: torch.device, dtype: torch.dtype, engine: str = "btfast"
 ) -> torch.nn.Module:
-    """The `head` model ("itm" / "itc") of `folder`, every weight present (no random init), made fast.
-
-    Weights must be safetensors (a pickle checkpoint could run code). `engine="hf"` keeps the transformers
-    model (eager) for comparisons; it then has only the plain forward.
-    """
+    """The `head` model ("itm" / "itc") of `folder`, every weight present (no random init), made fast; `engine="hf"`:
+    the eager transformers model, for comparisons (plain forward only). Safetensors only: a pickle could run code."""
     import transformers
 
     from btfast.optimize import _HEAD_CLASS, optimize
@@ -131,9 +128,6 @@ class Context:
     def logit_scale(self) -> float:
         m = getattr(self.model, "model", self.model)
         return float(m.logit_scale.detach().float().exp())
-
-
-# ---- stages ------------------------------------------------------------------------------------------------------
 
 
 def pixels(ctx: Context, canvases: Sequence[np.ndarray]) -> torch.Tensor:
@@ -203,9 +197,6 @@ def _put(ctx: Context, outs: list[dict[str, Any]], x: Any) -> None:
         o.update(zip(SCORES[ctx.head], v))
 
 
-# ---- one chunk ---------------------------------------------------------------------------------------------------
-
-
 def _start(rows: Sequence[Row], canvases: dict[str, Any], columns: Sequence[str]) -> list[dict[str, Any]]:
     """Output rows of `columns` with the inputs' fields filled in; a row whose image is not in `canvases`, or
     failed to load, gets its error."""
@@ -231,24 +222,22 @@ def score_chunk(ctx: Context, rows: Sequence[Row], canvases: dict[str, np.ndarra
     could not be loaded. Bad rows get status "error" and the reason; the others are scored."""
     outs = _start(rows, canvases, score_columns(ctx.head, ctx.with_text))
     ok = [k for k, r in enumerate(rows) if r.error is None]
-    if ok:
-        tok = ctx.texts.encode([rows[k].text for k in ok])
-        for k, t in zip(ok, tok):
-            outs[k]["text_truncated"] = t.truncated
-        (_score_dedup if ctx.dedup else _score_pairs)(ctx, [rows[k] for k in ok], tok, canvases, [outs[k] for k in ok])
+    good, good_outs = [rows[k] for k in ok], [outs[k] for k in ok]
+    tok = ctx.texts.encode([r.text for r in good]) if ok else []
+    for o, t in zip(good_outs, tok):
+        o["text_truncated"] = t.truncated
+    if ok and not ctx.dedup:
+        _score_pairs(ctx, good, tok, canvases, good_outs)
+    elif ok:  # each unique image and text through its tower once
+        im, ii = _encode(ctx, "image", [r.image_key for r in good], canvases)
+        ts, ti = _encode(ctx, "text", [tuple(t.ids) for t in tok], canvases)
+        if ctx.head == "itm":
+            _put(ctx, good_outs, fuse_scores(ctx, ts, im, [len(t.ids) for t in tok], ti, ii))
+        else:
+            t_emb, i_emb = ctx.model.itc_embeddings(text=ts)[0], ctx.model.itc_embeddings(image=im)[1]
+            dev = t_emb.device
+            _put(ctx, good_outs, (t_emb[torch.tensor(ti, device=dev)], i_emb[torch.tensor(ii, device=dev)]))
     return _finish(rows, outs)
-
-
-def _score_dedup(
-    ctx: Context, rows: list[Row], tok: list[TokenizedText], canvases: dict[str, Any], outs: list[dict[str, Any]]
-) -> None:
-    im, ii = _encode(ctx, "image", [r.image_key for r in rows], canvases)
-    ts, ti = _encode(ctx, "text", [tuple(t.ids) for t in tok], canvases)
-    if ctx.head == "itm":
-        _put(ctx, outs, fuse_scores(ctx, ts, im, [len(t.ids) for t in tok], ti, ii))
-    else:
-        t_emb, i_emb = ctx.model.itc_embeddings(text=ts)[0], ctx.model.itc_embeddings(image=im)[1]
-        _put(ctx, outs, (t_emb[torch.tensor(ti, device=t_emb.device)], i_emb[torch.tensor(ii, device=i_emb.device)]))
 
 
 def _score_pairs(
@@ -297,9 +286,6 @@ def compute_chunk(
     for o in outs:
         o["id"] = id_value(o["id"], id_type)
     return outs
-
-
-# ---- in-process (no worker pool): the Python API ---------------------------------------------------------------
 
 
 class Scorer:
