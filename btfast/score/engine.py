@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from btfast.preprocess import ImagePreprocessor, TextPreprocessor, TokenizedText
+from btfast.preprocess import ImagePreprocessor, TextPreprocessor
 from btfast.score.rows import ImageResolver, Row, image_sources, parse_record
 from btfast.score.schema import EMBED, SCORES, id_value, score_columns
 
@@ -198,22 +198,17 @@ def _put(ctx: Context, outs: list[dict[str, Any]], x: Any) -> None:
 
 
 def _start(rows: Sequence[Row], canvases: dict[str, Any], columns: Sequence[str]) -> list[dict[str, Any]]:
-    """Output rows of `columns` with the inputs' fields filled in; a row whose image is not in `canvases`, or
-    failed to load, gets its error."""
+    """Output rows of `columns` with the inputs' fields and status filled in: a row whose image is not in
+    `canvases`, or failed to load, is an error (as is a row the input gave an error)."""
     outs = []
     for r in rows:
         if r.error is None and r.kind != "text":
             cv = canvases.get(r.image_key)  # type: ignore[arg-type]
             if cv is None or isinstance(cv, str):
                 r.error = f"image: {cv or 'not loaded'}"
+        status = "ok" if r.error is None else "error"
         f = dict(kind="text" if r.kind == "text" else "image", row=r.row, id=r.id, image=r.image_name, text=r.text)
-        outs.append({c: f.get(c) for c in columns})
-    return outs
-
-
-def _finish(rows: Sequence[Row], outs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    for r, o in zip(rows, outs):
-        o["status"], o["error"] = ("ok", None) if r.error is None else ("error", r.error)
+        outs.append({c: f.get(c) for c in columns} | {"status": status, "error": r.error})
     return outs
 
 
@@ -226,8 +221,16 @@ def score_chunk(ctx: Context, rows: Sequence[Row], canvases: dict[str, np.ndarra
     tok = ctx.texts.encode([r.text for r in good]) if ok else []
     for o, t in zip(good_outs, tok):
         o["text_truncated"] = t.truncated
-    if ok and not ctx.dedup:
-        _score_pairs(ctx, good, tok, canvases, good_outs)
+    if ok and not ctx.dedup:  # the baseline: every pair runs both towers and fusion (the model's plain forward)
+        for s in range(0, len(good), ctx.batch_size):
+            sel = slice(s, s + ctx.batch_size)
+            input_ids, mask = ctx.texts.collate([t.ids for t in tok[sel]])
+            pv = pixels(ctx, [canvases[r.image_key] for r in good[sel]])  # type: ignore[index]
+            pv = pv.to(getattr(ctx.model, "dtype", pv.dtype))
+            out = ctx.model(input_ids=input_ids.to(ctx.device), attention_mask=mask.to(ctx.device), pixel_values=pv)
+            _put(ctx, good_outs[sel], out.logits.float() if ctx.head == "itm" else (out.text_embeds, out.image_embeds))
+        ctx.stats["images_encoded"] += len(good)
+        ctx.stats["texts_encoded"] += len(good)
     elif ok:  # each unique image and text through its tower once
         im, ii = _encode(ctx, "image", [r.image_key for r in good], canvases)
         ts, ti = _encode(ctx, "text", [tuple(t.ids) for t in tok], canvases)
@@ -237,22 +240,7 @@ def score_chunk(ctx: Context, rows: Sequence[Row], canvases: dict[str, np.ndarra
             t_emb, i_emb = ctx.model.itc_embeddings(text=ts)[0], ctx.model.itc_embeddings(image=im)[1]
             dev = t_emb.device
             _put(ctx, good_outs, (t_emb[torch.tensor(ti, device=dev)], i_emb[torch.tensor(ii, device=dev)]))
-    return _finish(rows, outs)
-
-
-def _score_pairs(
-    ctx: Context, rows: list[Row], tok: list[TokenizedText], canvases: dict[str, Any], outs: list[dict[str, Any]]
-) -> None:
-    """The baseline: every pair runs both towers and fusion (the model's plain forward)."""
-    for s in range(0, len(rows), ctx.batch_size):
-        sel = slice(s, s + ctx.batch_size)
-        input_ids, mask = ctx.texts.collate([t.ids for t in tok[sel]])
-        pv = pixels(ctx, [canvases[r.image_key] for r in rows[sel]])  # type: ignore[index]
-        pv = pv.to(getattr(ctx.model, "dtype", pv.dtype))
-        out = ctx.model(input_ids=input_ids.to(ctx.device), attention_mask=mask.to(ctx.device), pixel_values=pv)
-        _put(ctx, outs[sel], out.logits.float() if ctx.head == "itm" else (out.text_embeds, out.image_embeds))
-    ctx.stats["images_encoded"] += len(rows)
-    ctx.stats["texts_encoded"] += len(rows)
+    return outs
 
 
 def embed_chunk(ctx: Context, rows: Sequence[Row], canvases: dict[str, np.ndarray | str]) -> list[dict[str, Any]]:
@@ -273,7 +261,7 @@ def embed_chunk(ctx: Context, rows: Sequence[Row], canvases: dict[str, np.ndarra
             emb = ctx.model.itc_embeddings(**{side: states})[side == "image"].float().cpu().numpy()
             for k, a in zip(ks, at):
                 outs[k]["embedding"] = emb[a].tolist()
-    return _finish(rows, outs)
+    return outs
 
 
 def compute_chunk(

@@ -2,20 +2,16 @@
 
 1. Every image and every text gets its unimodal ITC embedding once (a BridgeTowerForContrastiveLearning
    model: no fusion needed): the gallery of both directions.
-2. The queries (every text, then every image) are cut into chunks of `chunk_queries`: the unit written,
-   resumed and sharded, through the score job's `ChunkSink` and `run_chunks`. Per chunk: cosines of its
-   queries against the whole other side, in blocks, and the top-k of each.
-3. The chunk's candidate pairs are scored by a BridgeTowerForImageAndTextRetrieval model, each unique image
-   and text through its tower once per query chunk (the `score` chunks), and each list is re-ranked by the
-   ITM logit.
+2. The queries (every text, then every image) are cut into chunks of `chunk_queries`: the unit written, resumed
+   and sharded (the score job's `ChunkSink` and `run_chunks`). Per chunk: cosines of its queries against the
+   whole other side, in blocks, and the top-k of each.
+3. A chunk's candidate pairs are scored by a BridgeTowerForImageAndTextRetrieval model (`score` chunks: each
+   unique image and text through its tower once) and each list is re-ranked by the ITM logit.
 
-A chunk's numbers depend only on its queries and the gallery, so a resumed run, or the shards of a run
-joined, give the rows of one uninterrupted run. Every run (each shard, each resume) embeds the whole gallery
-again before ranking the queries it has left, unless an interrupted run's gallery file is there to reuse.
-
-Two heads, two folders: `itm_model` (ITM weights) and `itc_model` (ITC weights; default: the same folder,
-which then must hold both heads' weights; a folder missing a head's weights is refused, never filled with
-random ones).
+A chunk's numbers depend only on its queries and the gallery: a resumed run, or a sharded run's parts joined,
+give the rows of one uninterrupted run. Each run embeds the whole gallery again unless an interrupted run left
+its gallery file. Two folders: `itm_model` and `itc_model` (default: the same folder, which must then hold both
+heads' weights; a folder missing a head's weights is refused, never filled with random ones).
 """
 
 from __future__ import annotations
@@ -100,9 +96,6 @@ class _GalleryCache:
             np.savez(f, key=np.array(self.key), errors=np.array(errors), **{s: e for s, (e, _) in gallery.items()})
         os.replace(tmp, self.path)
 
-    def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
-
 
 class _Ranker:
     """The gallery (ITC embeddings of every image and text) and the ITM model; ranks one chunk of queries."""
@@ -117,7 +110,7 @@ class _Ranker:
 
         itc_pre = cfg.image_preprocessor(cfg.itc_model or cfg.model)
         itm_pre = cfg.image_preprocessor(cfg.model) if cfg.rerank else None
-        self.rows, self.top_k, self.limits, self.id_type = rows, cfg.top_k, cfg.limits, id_type
+        self.top_k, self.limits, self.id_type = cfg.top_k, cfg.limits, id_type
         self.itm: Any = None
         self.pairs_reranked = 0
         self.loader: Any = ImageLoader(itc_pre, rt.workers)  # workers start while the model loads
@@ -163,40 +156,38 @@ class _Ranker:
         queries, _ = self.gallery[side]
         targets, target_rows = self.gallery[other]
         ok = [r for r in chunk.rows if r.row in self.pos[side]]
-        cands: list[list[tuple[float, Row]]] = [[] for _ in ok]  # per usable query: (cosine, target) best first
+        cands: dict[int, list[tuple[float, Row]]] = {r.row: [] for r in ok}  # query row -> (cosine, target) best first
         with torch.inference_mode():
             if len(target_rows):
                 at = torch.tensor([self.pos[side][r.row] for r in ok], dtype=torch.long, device=queries.device)
                 k = min(self.top_k, len(target_rows))
                 for s in range(0, len(ok), BLOCK):
                     vals, idx = torch.topk(queries[at[s : s + BLOCK]] @ targets.T, k, dim=1)
-                    for a, (v, b) in enumerate(zip(vals.float().cpu().tolist(), idx.cpu().tolist()), s):
-                        cands[a] = [(x, target_rows[j]) for x, j in zip(v, b)]
+                    for q, v, b in zip(ok[s : s + BLOCK], vals.float().cpu().tolist(), idx.cpu().tolist()):
+                        cands[q.row] = [(x, target_rows[j]) for x, j in zip(v, b)]
             scores = iter(self._itm(side, ok, cands)) if self.itm is not None else itertools.repeat((None, None))
-        results: dict[int, list[dict[str, Any]]] = {}
-        for q, cs in zip(ok, cands):  # results: (row, id, item, itc_cosine, itm_logit, itm_prob)
+        outs = []
+        for q in chunk.rows:  # a result: (row, id, item, itc_cosine, itm_logit, itm_prob)
             res = [
                 (t.row, id_value(t.id, self.id_type), t.text if other == "text" else t.image_name, cos, *next(scores))
-                for cos, t in cs
+                for cos, t in cands.get(q.row, [])
             ]
             if self.itm is not None:  # by ITM logit (a failed pair last), then by cosine
                 res.sort(key=lambda r: (-(r[4] if r[4] is not None else -np.inf), -r[3]))
-            results[q.row] = [dict(zip(RESULT, (rank, *r))) for rank, r in enumerate(res, 1)]
-        outs = []
-        for q in chunk.rows:
-            status = ("ok", None) if q.row in results else ("error", self.errors[side][q.row])
+            status = ("ok", None) if q.row in cands else ("error", self.errors[side][q.row])
             query = (DIRECTION[side], q.row, id_value(q.id, "string"), q.text if side == "text" else q.image_name)
-            outs.append(dict(zip(RETRIEVE, (*query, *status, results.get(q.row, [])))))
+            results = [dict(zip(RESULT, (rank, *r))) for rank, r in enumerate(res, 1)]
+            outs.append(dict(zip(RETRIEVE, (*query, *status, results))))
         return outs
 
-    def _itm(self, side: str, queries: list[Row], cands: list[list[tuple[float, Row]]]) -> list[tuple[Any, Any]]:
+    def _itm(self, side: str, queries: list[Row], cands: dict[int, list[tuple[float, Row]]]) -> list[tuple[Any, Any]]:
         """ITM (logit, prob) of every candidate pair, in order ((None, None) where it failed), a `score` chunk at
         a time."""
         from btfast.score.engine import score_chunk
 
         pairs = []
-        for q, cs in zip(queries, cands):
-            for _, t in cs:
+        for q in queries:
+            for _, t in cands[q.row]:
                 text, image = (q, t) if side == "text" else (t, q)
                 pairs.append(replace(image, row=len(pairs), id=None, text=text.text, kind="pair"))
         scores: list[tuple[Any, Any]] = [(None, None)] * len(pairs)
@@ -223,7 +214,7 @@ def retrieve_job(cfg: JobConfig) -> Summary:
     sink = ChunkSink(cfg.out, header, overwrite=cfg.overwrite, schema=schema)
     cache = _GalleryCache(cfg.out, header, rows["image"] + rows["text"])
     if cfg.overwrite:
-        cache.remove()
+        cache.path.unlink(missing_ok=True)
     # texts then images, `chunk_queries` queries a chunk; a chunk holds one direction only (numbers run on)
     size = cfg.chunk_queries
     queries = [r[s : s + size] for r in (rows["text"], rows["image"]) for s in range(0, len(r), size)]
@@ -242,7 +233,7 @@ def retrieve_job(cfg: JobConfig) -> Summary:
             ranker.close()
         sink.close()
     if sink.finished:
-        cache.remove()
+        cache.path.unlink(missing_ok=True)
     job.seconds = time.perf_counter() - t0
     job.stats = {"images": len(rows["image"]), "texts": len(rows["text"])}
     job.stats["candidate pairs re-ranked by ITM"] = ranker.pairs_reranked if ranker is not None else 0
