@@ -301,14 +301,11 @@ class Scorer:
         self.ctx = Context.load(model_dir, head, dev, dt, images, batch_size=batch_size, dedup=dedup)
         self.resolver = ImageResolver(image_root, os.getcwd())
 
-    def rows(self, records: Sequence[dict[str, Any]], row_offset: int = 0) -> list[Row]:
-        return [parse_record(rec, row_offset + i, self.resolver) for i, rec in enumerate(records)]
-
     def __call__(self, records: Sequence[dict[str, Any]] | dict[str, Any], row_offset: int = 0) -> Any:
         columnar = isinstance(records, dict)
         if columnar:  # Ray Data's default batch format: a dict of columns (numpy scalars become Python values)
             records = [{k: _py(v) for k, v in zip(records, vals)} for vals in zip(*records.values())]
-        rows = self.rows(records, row_offset)  # type: ignore[arg-type]
+        rows = [parse_record(rec, row_offset + i, self.resolver) for i, rec in enumerate(records)]  # type: ignore[arg-type]
         canvases = {k: self.ctx.images.load_or_reason(src) for k, src in image_sources(rows).items()}
         outs = compute_chunk(self.ctx, "score", "keep", rows, canvases)
         return {k: [o[k] for o in outs] for k in score_columns(self.ctx.head)} if columnar else outs

@@ -23,6 +23,7 @@ import os
 import sys
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,20 +40,20 @@ DIRECTION = {"text": "text_to_image", "image": "image_to_text"}  # query side ->
 BLOCK = 1024  # queries per similarity matmul (bounds its memory: BLOCK x gallery floats)
 GALLERY_SUFFIX = ".btfast-gallery.npz"  # the gallery's ITC embeddings, kept until the job finishes
 SIDES = ("image", "text")
+Side = tuple[np.ndarray, list[str | None]]  # a side of the gallery: ITC embeddings, and each row's error
 
 
-def _embed_all(
-    ctx: Any, rows: list[Row], loader: Any, limits: Limits, desc: str, progress: bool
-) -> tuple[np.ndarray, list[str | None]]:
+def _embed_all(ctx: Any, rows: list[Row], loader: Any, limits: Limits, desc: str, progress: bool) -> Side:
     """(N, D) float32 ITC embeddings of `rows` (zeros where a row failed) and each row's error."""
     from tqdm import tqdm
 
-    from btfast.score.engine import embed_chunk
+    from btfast.score.engine import compute_chunk
 
     emb = np.zeros((len(rows), 1), np.float32)
     errors: list[str | None] = [None] * len(rows)
+    embed = partial(compute_chunk, ctx, "embed", "keep")
     with tqdm(total=len(rows), desc=desc, unit="item", disable=not progress, file=sys.stderr) as bar:
-        for _, outs in stream(plan(rows, limits), loader, lambda c, cv: embed_chunk(ctx, c.rows, cv)):
+        for _, outs in stream(plan(rows, limits), loader, lambda c, cv: embed(c.rows, cv)):
             for o in outs:
                 if o["status"] != "ok":
                     errors[o["row"]] = o["error"]
@@ -78,7 +79,7 @@ class _GalleryCache:
             digest.update(json.dumps([r.kind, r.image_name, r.text, r.error], default=str).encode())
         self.key = digest.hexdigest()
 
-    def load(self) -> dict[str, tuple[np.ndarray, list[str | None]]] | None:
+    def load(self) -> dict[str, Side] | None:
         """side -> (embeddings, errors) from an earlier run of this job, or None."""
         try:
             with np.load(self.path, allow_pickle=False) as z:
@@ -89,7 +90,7 @@ class _GalleryCache:
         except (OSError, KeyError, ValueError):  # none yet, or unreadable: embed again
             return None
 
-    def save(self, gallery: dict[str, tuple[np.ndarray, list[str | None]]]) -> None:
+    def save(self, gallery: dict[str, Side]) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")
         errors = json.dumps({side: err for side, (_, err) in gallery.items()})
         with open(tmp, "wb") as f:
@@ -121,10 +122,9 @@ class _Ranker:
                 print(f"retrieve: the gallery's ITC embeddings are reused from {cache.path}", file=sys.stderr)
             else:
                 itc = Context.load(cfg.itc_model or cfg.model, "itc", images=itc_pre, **load)
-                with torch.inference_mode():
-                    gallery = {
-                        s: _embed_all(itc, rows[s], self.loader, cfg.limits, f"itc {s}s", cfg.progress) for s in SIDES
-                    }
+                gallery = {
+                    s: _embed_all(itc, rows[s], self.loader, cfg.limits, f"itc {s}s", cfg.progress) for s in SIDES
+                }
                 del itc  # freed before the ITM model loads
                 cache.save(gallery)
             if itm_pre is None or itm_pre.config != itc_pre.config:  # else one worker pool serves both models
@@ -135,13 +135,11 @@ class _Ranker:
         except BaseException:
             self.close()
             raise
-        self.errors = {s: err for s, (_, err) in gallery.items()}
-        self.gallery: dict[str, tuple[Any, list[Row]]] = {}  # side -> (embeddings of its usable rows, those rows)
-        self.pos: dict[str, dict[int, int]] = {}  # side -> row number -> position in its gallery
-        for s, (emb, err) in gallery.items():
+        self.gallery: dict[str, tuple[Any, list[Row], dict[int, int], list[str | None]]] = {}
+        for s, (emb, err) in gallery.items():  # (embeddings of the usable rows, those rows, row -> position, errors)
             ok = [k for k, e in enumerate(err) if e is None]
-            self.gallery[s] = (torch.from_numpy(emb[ok]).to(rt.device), [rows[s][k] for k in ok])
-            self.pos[s] = {k: a for a, k in enumerate(ok)}
+            pos = {k: a for a, k in enumerate(ok)}
+            self.gallery[s] = (torch.from_numpy(emb[ok]).to(rt.device), [rows[s][k] for k in ok], pos, err)
 
     def close(self) -> None:
         if self.loader is not None:
@@ -153,13 +151,13 @@ class _Ranker:
 
         side = chunk.rows[0].kind
         other = "image" if side == "text" else "text"
-        queries, _ = self.gallery[side]
-        targets, target_rows = self.gallery[other]
-        ok = [r for r in chunk.rows if r.row in self.pos[side]]
+        queries, _, pos, errors = self.gallery[side]
+        targets, target_rows, _, _ = self.gallery[other]
+        ok = [r for r in chunk.rows if r.row in pos]
         cands: dict[int, list[tuple[float, Row]]] = {r.row: [] for r in ok}  # query row -> (cosine, target) best first
         with torch.inference_mode():
             if len(target_rows):
-                at = torch.tensor([self.pos[side][r.row] for r in ok], dtype=torch.long, device=queries.device)
+                at = torch.tensor([pos[r.row] for r in ok], dtype=torch.long, device=queries.device)
                 k = min(self.top_k, len(target_rows))
                 for s in range(0, len(ok), BLOCK):
                     vals, idx = torch.topk(queries[at[s : s + BLOCK]] @ targets.T, k, dim=1)
@@ -174,15 +172,14 @@ class _Ranker:
             ]
             if self.itm is not None:  # by ITM logit (a failed pair last), then by cosine
                 res.sort(key=lambda r: (-(r[4] if r[4] is not None else -np.inf), -r[3]))
-            status = ("ok", None) if q.row in cands else ("error", self.errors[side][q.row])
+            status = ("ok", None) if q.row in cands else ("error", errors[q.row])
             query = (DIRECTION[side], q.row, id_value(q.id, "string"), q.text if side == "text" else q.image_name)
             results = [dict(zip(RESULT, (rank, *r))) for rank, r in enumerate(res, 1)]
             outs.append(dict(zip(RETRIEVE, (*query, *status, results))))
         return outs
 
     def _itm(self, side: str, queries: list[Row], cands: dict[int, list[tuple[float, Row]]]) -> list[tuple[Any, Any]]:
-        """ITM (logit, prob) of every candidate pair, in order ((None, None) where it failed), a `score` chunk at
-        a time."""
+        """ITM (logit, prob) of every candidate pair, in order ((None, None) where it failed), by `score` chunks."""
         from btfast.score.engine import score_chunk
 
         pairs = []
