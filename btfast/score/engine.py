@@ -198,8 +198,7 @@ def _put(ctx: Context, outs: list[dict[str, Any]], x: Any) -> None:
 
 
 def _start(rows: Sequence[Row], canvases: dict[str, Any], columns: Sequence[str]) -> list[dict[str, Any]]:
-    """Output rows of `columns` with the inputs' fields and status filled in: a row whose image is not in
-    `canvases`, or failed to load, is an error (as is a row the input gave an error)."""
+    """Output rows of `columns`, input fields and status filled in (a missing or unreadable image is an error)."""
     outs = []
     for r in rows:
         if r.error is None and r.kind != "text":
@@ -246,29 +245,27 @@ def score_chunk(ctx: Context, rows: Sequence[Row], canvases: dict[str, np.ndarra
 def embed_chunk(ctx: Context, rows: Sequence[Row], canvases: dict[str, np.ndarray | str]) -> list[dict[str, Any]]:
     """Output rows with the normalised ITC embedding of each image row (image set) or text row (text set)."""
     outs = _start(rows, canvases, EMBED)
-    ok = [k for k, r in enumerate(rows) if r.error is None]
-    imgs = [k for k in ok if outs[k]["kind"] == "image"]
-    txts = [k for k in ok if outs[k]["kind"] == "text"]
-    tok = ctx.texts.encode([rows[k].text for k in txts]) if txts else []
-    for k, t in zip(txts, tok):
-        outs[k]["text_truncated"] = t.truncated
-    for side, ks, keys in (
-        ("image", imgs, [rows[k].image_key for k in imgs]),
-        ("text", txts, [tuple(t.ids) for t in tok]),
-    ):
-        if ks:
-            states, at = _encode(ctx, side, keys, canvases)
-            emb = ctx.model.itc_embeddings(**{side: states})[side == "image"].float().cpu().numpy()
-            for k, a in zip(ks, at):
-                outs[k]["embedding"] = emb[a].tolist()
+    for side in ("image", "text"):
+        ks = [k for k, r in enumerate(rows) if r.error is None and outs[k]["kind"] == side]
+        if not ks:
+            continue
+        keys: list[Any] = [rows[k].image_key for k in ks]
+        if side == "text":
+            tok = ctx.texts.encode([rows[k].text for k in ks])
+            for k, t in zip(ks, tok):
+                outs[k]["text_truncated"] = t.truncated
+            keys = [tuple(t.ids) for t in tok]
+        states, at = _encode(ctx, side, keys, canvases)
+        emb = ctx.model.itc_embeddings(**{side: states})[side == "image"].float().cpu().numpy()
+        for k, a in zip(ks, at):
+            outs[k]["embedding"] = emb[a].tolist()
     return outs
 
 
 def compute_chunk(
     ctx: Context, command: str, id_type: str, rows: Sequence[Row], canvases: dict[str, np.ndarray | str]
 ) -> list[dict[str, Any]]:
-    """Output rows of one chunk of a `score` or `embed` job (`command`), ids typed as `id_type`: what every
-    executor's compute step runs."""
+    """Output rows of one chunk of a `score` or `embed` job, ids typed as `id_type`: every executor's compute step."""
     with torch.inference_mode():
         outs = embed_chunk(ctx, rows, canvases) if command == "embed" else score_chunk(ctx, rows, canvases)
     for o in outs:

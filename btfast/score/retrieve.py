@@ -112,7 +112,6 @@ class _Ranker:
         itc_pre = cfg.image_preprocessor(cfg.itc_model or cfg.model)
         itm_pre = cfg.image_preprocessor(cfg.model) if cfg.rerank else None
         self.top_k, self.limits, self.id_type = cfg.top_k, cfg.limits, id_type
-        self.itm: Any = None
         self.pairs_reranked = 0
         self.loader: Any = ImageLoader(itc_pre, rt.workers)  # workers start while the model loads
         load = {"device": rt.device, "dtype": rt.dtype, "batch_size": rt.batch_size}
@@ -130,8 +129,7 @@ class _Ranker:
             if itm_pre is None or itm_pre.config != itc_pre.config:  # else one worker pool serves both models
                 self.loader.close()
                 self.loader = None if itm_pre is None else ImageLoader(itm_pre, rt.workers)
-            if itm_pre is not None:
-                self.itm = Context.load(cfg.model, "itm", images=itm_pre, **load)
+            self.itm = None if itm_pre is None else Context.load(cfg.model, "itm", images=itm_pre, **load)
         except BaseException:
             self.close()
             raise
