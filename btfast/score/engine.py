@@ -236,7 +236,7 @@ def score_chunk(ctx: Context, rows: Sequence[Row], canvases: dict[str, np.ndarra
         if ctx.head == "itm":
             _put(ctx, good_outs, fuse_scores(ctx, ts, im, [len(t.ids) for t in tok], ti, ii))
         else:
-            t_emb, i_emb = ctx.model.itc_embeddings(text=ts)[0], ctx.model.itc_embeddings(image=im)[1]
+            t_emb, i_emb = ctx.model.itc_embeddings(text=ts, image=im)
             dev = t_emb.device
             _put(ctx, good_outs, (t_emb[torch.tensor(ti, device=dev)], i_emb[torch.tensor(ii, device=dev)]))
     return outs
