@@ -22,6 +22,7 @@ import os
 import sys
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
 from typing import Any
 
 from btfast.score.config import JobConfig
@@ -43,89 +44,39 @@ class PipelineError(RuntimeError):
     """The Ray pipeline failed (an actor could not load the model, a task kept failing, the cluster went away)."""
 
 
-# ---- connecting --------------------------------------------------------------------------------------------------
-
-
-class Cluster:
-    """Connect to the cluster at `address`, or start a local instance; shut down only what we started."""
-
-    def __init__(self, address: str | None, progress: bool) -> None:
-        import ray
-
-        self.ray = ray
-        self.started = False
-        if not ray.is_initialized():
-            kw: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
-            if address:
-                ray.init(address=address, **kw)
-            elif os.environ.get("RAY_ADDRESS"):
-                ray.init(**kw)
-            else:
-                ray.init(include_dashboard=False, **kw)
-            self.started = True
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False  # the driver shows one bar: rows written
-        if hasattr(ctx, "enable_operator_progress_bars"):
-            ctx.enable_operator_progress_bars = False
-        logging.getLogger("ray.data").setLevel(logging.INFO if progress else logging.WARNING)
-
-    def resources(self) -> dict[str, float]:
-        return dict(self.ray.cluster_resources())
-
-    def close(self) -> None:
-        if self.started:
-            self.ray.shutdown()
-
-
-# ---- the executor ------------------------------------------------------------------------------------------------
-
-
-class RayExecutor:
-    """Runs chunks on Ray Data: their rows become blocks, `make_output(ds, decode_rows)` appends the decode and
-    model stages, and each chunk is yielded (a pyarrow Table sorted by `row`) once all its rows are back.
+def run_on_ray(
+    chunks: Iterable[Chunk], output: Any, id_type: str, batch_size: int, actors: int
+) -> Iterator[tuple[int, Any]]:
+    """The Ray executor: the chunks' rows become blocks, `output(ds, decode_rows)` appends the decode and model
+    stages, and each chunk is yielded (a pyarrow Table sorted by `row`) once all its rows are back.
 
     Blocks hold `batch_rows(...)`'s decode rows, fewer when the work is small, so that every actor gets blocks and
     parts are written as the job goes (an actor returns a block's rows when it has done the whole block)."""
+    import pyarrow as pa
+    import ray
 
-    def __init__(self, make_output: Any, id_type: str, batch_size: int, actors: int) -> None:
-        self.make_output, self.id_type, self.batch_size, self.actors = make_output, id_type, batch_size, actors
+    from btfast.ray.stages import batch_rows, row_record, rows_schema
 
-    def run(self, chunks: Iterable[Chunk]) -> Iterator[tuple[int, Any]]:
-        from btfast.ray.stages import row_record
-
-        todo: dict[int, int] = {}
-        recs: list[dict[str, Any]] = []
-        failure: Exception | None = None
-        try:
-            for c in chunks:
-                todo[c.index] = len(c.rows)
-                recs.extend(row_record(r, self.id_type, part=c.index) for r in c.rows)
-        except Exception as e:  # a shard that cannot be read: the others are run first, then this is raised
-            failure = e
-        yield from self._run(todo, recs)
-        if failure is not None:
-            raise failure
-
-    def _run(self, todo: dict[int, int], recs: list[dict[str, Any]]) -> Iterator[tuple[int, Any]]:
-        import pyarrow as pa
-
-        from btfast.ray.stages import batch_rows, rows_schema
-
-        model_rows, block_rows = batch_rows(self.batch_size)
-        schema = rows_schema(self.id_type, keep=[("part", pa.int64())])
-        for k in [k for k, n in todo.items() if n == 0]:  # a shard without a readable sample: written empty
-            del todo[k]
-            yield k, []
-        if not todo:
-            return
-        whole = pa.Table.from_pylist(recs, schema=schema)
-        per = -(-whole.num_rows // (8 * self.actors))
+    todo: dict[int, int] = {}
+    recs: list[dict[str, Any]] = []
+    failure: Exception | None = None
+    try:
+        for c in chunks:
+            todo[c.index] = len(c.rows)
+            recs.extend(row_record(r, id_type, part=c.index) for r in c.rows)
+    except Exception as e:  # a shard that cannot be read: the others are run first, then this is raised
+        failure = e
+    for k in [k for k, n in todo.items() if n == 0]:  # a shard without a readable sample: written empty
+        del todo[k]
+        yield k, []
+    if todo:
+        model_rows, block_rows = batch_rows(batch_size)
+        whole = pa.Table.from_pylist(recs, schema=rows_schema(id_type, keep=[("part", pa.int64())]))
+        per = -(-whole.num_rows // (8 * actors))
         if per < block_rows:  # little work: smaller blocks (a multiple of a model call)
             block_rows = max(model_rows, -(-per // model_rows) * model_rows)
-        import ray
-
         tables = [whole.slice(i, block_rows) for i in range(0, whole.num_rows, block_rows)]
-        out = self.make_output(ray.data.from_arrow(tables), block_rows)
+        out = output(ray.data.from_arrow(tables), block_rows)
         asm = Assembler(todo)
         done = 0
         try:
@@ -144,6 +95,8 @@ class RayExecutor:
             raise PipelineError(_reason(e) + kept) from e
         if asm.pending:
             raise PipelineError(f"{asm.pending} parts came back incomplete")
+    if failure is not None:
+        raise failure
 
 
 class Assembler:
@@ -197,16 +150,8 @@ class Assembler:
 def _reason(e: BaseException) -> str:
     """The last line of a Ray error that names the Python exception at its root (a readable cause)."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    named = [
-        ln
-        for ln in lines
-        if ln.split(":")[0].replace(".", "").isidentifier()
-        and ln.split(":")[0][:1].isupper()
-        and ":" in ln
-        and not ln.startswith(("File ", "ray::"))
-    ]
-    text = named[-1] if named else (lines[-1] if lines else type(e).__name__)
-    return f"the Ray pipeline failed: {text}"
+    named = [ln for ln in lines if ln[:1].isupper() and ":" in ln and ln.split(":")[0].replace(".", "").isidentifier()]
+    return f"the Ray pipeline failed: {named[-1] if named else (lines[-1] if lines else type(e).__name__)}"
 
 
 def part_limits(limits: Limits) -> Limits:
@@ -220,57 +165,43 @@ def part_limits(limits: Limits) -> Limits:
 
 
 def ray_job(cfg: JobConfig, *, address: str | None = None, gpus_per_worker: float | None = None) -> Any:
-    """Run the `btfast score` / `btfast embed` job `cfg` on Ray Data into a folder of Parquet parts."""
-    from btfast.ray import pipeline, require_ray
-    from btfast.ray.stages import default_batch_size, dtype_name, place
-    from btfast.score.job import run_chunks, shard_stats, wanted
-    from btfast.score.parts import PartStore
-    from btfast.score.schema import embed_schema, id_type_of, score_schema
-    from btfast.score.source import source_for
+    """The job `cfg` on Ray Data into a folder of Parquet parts: connect, place the actor pool, run the chunks."""
+    from btfast.ray import connect, pipeline, require_ray
+    from btfast.ray.stages import actor_batch_size, dtype_name, place
+    from btfast.score.job import run_job
 
-    require_ray()
+    ray = require_ray()
     cfg = cfg.replace(limits=part_limits(cfg.limits))
-    score = cfg.command == "score"
-    source = source_for(cfg)
-    source.check()
-    id_type = id_type_of(cfg.pairs, cfg.columns.id) if score else "string"
-    cluster = Cluster(address, progress=cfg.progress)
-    try:
-        where = place(cluster.resources(), cfg.device, gpus_per_worker, cfg.workers)
+
+    def start(stack: ExitStack) -> Any:
+        kw = {} if address or os.environ.get("RAY_ADDRESS") else {"include_dashboard": False}
+        if connect(address, logging_level=logging.WARNING, log_to_driver=True, **kw):
+            stack.callback(ray.shutdown)  # only what we started
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False  # the driver shows one bar: rows written
+        if hasattr(ctx, "enable_operator_progress_bars"):
+            ctx.enable_operator_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.INFO if cfg.progress else logging.WARNING)
+        where = place(ray.cluster_resources(), cfg.device, gpus_per_worker, cfg.workers)
         if cfg.threads:  # --threads: torch threads per actor
             where = dataclasses.replace(where, threads=int(cfg.threads))
-        bs = default_batch_size(where.device, cfg.batch_size)
+        job = cfg.replace(batch_size=actor_batch_size(where.device, cfg.batch_size))
+        bs = job.batch_size
         header = cfg.header(command=f"{cfg.command} --ray", dtype=dtype_name(cfg.dtype, where.device), batch_size=bs)
         if cfg.progress:
             print(f"btfast {cfg.command} --ray: {where.describe()}; batch {bs}", file=sys.stderr)
 
-        def make_output(ds: Any, decode_rows: int) -> Any:
-            mode = "score" if score else "embed"
-            job = cfg.replace(batch_size=bs)
-            return pipeline(
-                ds,
-                job,
-                mode=mode,
-                prepared=True,
-                keep=("part",),
-                id_type=id_type,
-                placement=where,
-                decode_rows=decode_rows,
-            )[0]
+        def begin(id_type: str) -> Any:
+            def output(ds: Any, decode_rows: int) -> Any:
+                kw = {"keep": ("part",), "placement": where, "decode_rows": decode_rows}
+                return pipeline(ds, job, prepared=True, id_type=id_type, **kw)[0]
 
-        schema = score_schema(cfg.head, id_type, cfg.with_text) if score else embed_schema()
-        with PartStore(cfg.out, header, overwrite=cfg.overwrite, schema=schema) as store:
-            summary = run_chunks(
-                cfg,
-                source.chunks(wanted(cfg, store)),
-                store,
-                RayExecutor(make_output, id_type, bs, where.actors),
-                desc=f"score {cfg.head} (ray)" if score else "embed (ray)",
-            )
-        summary.stats = shard_stats(source)
-        return summary
-    finally:
-        cluster.close()
+            return (lambda chunks: run_on_ray(chunks, output, id_type, bs, where.actors)), {}
+
+        return header, begin
+
+    desc = f"score {cfg.head} (ray)" if cfg.command == "score" else "embed (ray)"
+    return run_job(cfg, start, desc=desc, parts=True)
 
 
 def main(argv: list[str] | None = None) -> int:

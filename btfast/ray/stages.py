@@ -1,21 +1,14 @@
-"""The two Ray Data stages: image decoding as CPU tasks, the model in an actor pool; and how to size the pool.
+"""The two Ray Data stages, on pyarrow Tables (nothing here imports Ray), and how to size the actor pool.
 
-Stage 1, `decode_batch` (a plain function, run as CPU tasks): turns input records into rows (the same parsing and
-error messages as `btfast score`), decodes and preprocesses each unique image of the batch once into a uint8
-canvas, and ships the canvas on the first row of its image only: later rows of the same image carry the image's
-source instead, in case they land in another model batch. Failed images carry their reason on every row.
-
-Stage 2, `ModelWorker` (a callable class, one instance per actor): loads the head with `from_pretrained`,
-optimizes and warms it up once, then maps batches of decoded rows to output rows with `score_chunk` /
-`embed_chunk` from `btfast.score.engine`, the same code as the single-process scorer. It keeps recent canvases,
-so a row whose canvas travelled in an earlier batch is not decoded again; a canvas it never saw is decoded there.
-
-Nothing here imports Ray: the functions take and return pyarrow Tables.
+`decode_batch` (CPU tasks) parses input records as `btfast score` does and decodes each unique image of the batch
+once into a uint8 canvas, shipped on the image's first row only: later rows carry the image's source instead (they
+may land in another model batch); a failed image carries its reason on every row. `ModelWorker` (one per actor)
+loads the head once and maps decoded rows to output rows with `btfast.score.engine.compute_chunk`, keeping recent
+canvases; a canvas it never saw is decoded there.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from collections import OrderedDict
@@ -26,9 +19,8 @@ from typing import Any
 import numpy as np
 
 from btfast.score.config import Columns, JobConfig
+from btfast.score.rows import ImageResolver, Row, parse_record
 from btfast.score.schema import DECODED, ROWS, arrow_schema, arrow_type, embed_schema, id_value, score_schema
-
-log = logging.getLogger("btfast")
 
 
 def rows_schema(id_type: str, keep: Sequence[tuple[str, Any]] = ()) -> Any:
@@ -39,7 +31,7 @@ def rows_schema(id_type: str, keep: Sequence[tuple[str, Any]] = ()) -> Any:
     return pa.schema([*base, *[pa.field(n, t) for n, t in keep]])
 
 
-def row_record(r: Any, id_type: str, **extra: Any) -> dict[str, Any]:
+def row_record(r: Row, id_type: str, **extra: Any) -> dict[str, Any]:
     """A `btfast.score.rows.Row` as a prepared input record (see `rows_schema`)."""
     src = r.image if r.error is None else None
     return {
@@ -56,28 +48,17 @@ def row_record(r: Any, id_type: str, **extra: Any) -> dict[str, Any]:
     }
 
 
-# ---- stage 1: decode (CPU tasks) ---------------------------------------------------------------------------------
-
-
-def _parse(
-    records: list[dict[str, Any]],
-    kind: str,
-    columns: Columns,
-    image_root: str | None,
-    base: str | None,
-    id_type: str,
-) -> list[dict[str, Any]]:
-    """User records (an `image` path or bytes, a `text`, optionally `id` and `row`) → prepared records."""
-    from btfast.score.rows import ImageResolver, parse_record
-
-    resolver = ImageResolver(image_root, base or os.getcwd())
-    out = []
-    for rec in records:
-        row = rec.get("row")
-        row = int(row) if isinstance(row, (int, np.integer)) else None
-        r = parse_record(rec, row, resolver, kind, columns.image, columns.text, columns.id)
-        out.append(row_record(r, id_type))
-    return out
+def record_row(rec: dict[str, Any]) -> Row:
+    """The `Row` of a prepared record, without its image source (the canvas comes beside it)."""
+    return Row(
+        row=rec["row"],
+        id=rec["id"],
+        image_key=rec["_key"],
+        image_name=rec["image"],
+        text=rec["text"],
+        error=rec["_error"],
+        kind=rec["kind"] or "pair",
+    )
 
 
 def decode_batch(
@@ -92,21 +73,27 @@ def decode_batch(
     id_type: str = "string",
     keep: Sequence[str] = (),
 ) -> Any:
-    """Ray Data batch (pyarrow Table) of input records → rows with decoded canvases (see the module doc)."""
+    """Stage 1: input records (an `image` path or bytes, a `text`, optionally `id` and `row`; or, `prepared`, the
+    records of `row_record`) → rows with decoded canvases (see the module doc)."""
     import pyarrow as pa
 
     if prepared:
         recs = batch.select(list(ROWS)).to_pylist()
     else:
-        recs = _parse(batch.to_pylist(), kind, columns or Columns(), image_root, base, id_type)
+        c = columns or Columns()
+        resolver = ImageResolver(image_root, base or os.getcwd())
+        recs = []
+        for rec in batch.to_pylist():
+            row = rec.get("row")
+            row = int(row) if isinstance(row, (int, np.integer)) else None
+            recs.append(row_record(parse_record(rec, row, resolver, kind, c.image, c.text, c.id), id_type))
     canvases: dict[str, np.ndarray | str] = {}
     cols: dict[str, list[Any]] = {c: [] for c in DECODED}
     for rec in recs:
         key = rec["_key"]
-        first = False
-        if key is not None and key not in canvases:
+        first = key is not None and key not in canvases
+        if first:
             canvases[key] = pre.load_or_reason(rec["_path"] if rec["_path"] is not None else rec["_bytes"])
-            first = True
         c = canvases.get(key) if key is not None else None
         canvas = c if isinstance(c, np.ndarray) else None
         for name in ROWS:
@@ -122,9 +109,6 @@ def decode_batch(
     for name in keep:
         arrays[name] = batch.column(name)
     return pa.table(arrays)
-
-
-# ---- stage 2: the model (an actor pool) --------------------------------------------------------------------------
 
 
 class ModelWorker:
@@ -212,20 +196,10 @@ class ModelWorker:
         import pyarrow as pa
 
         from btfast.score.engine import compute_chunk
-        from btfast.score.rows import Row
 
         canvases = self._canvases(t)
         rows = [
-            Row(
-                row=rec["row"],
-                id=rec["id"],
-                image_key=rec["_key"],
-                image_name=rec["image"],
-                text=rec["text"],
-                error=rec["_error"],
-                kind=rec["kind"] or "pair",
-            )
-            for rec in t.select(["row", "id", "kind", "image", "text", "_error", "_key"]).to_pylist()
+            record_row(rec) for rec in t.select(["row", "id", "kind", "image", "text", "_error", "_key"]).to_pylist()
         ]
         outs = compute_chunk(self.ctx, self.mode, "string" if self.mode == "embed" else self.id_type, rows, canvases)
         table = pa.Table.from_pylist(outs, schema=self.schema)
@@ -301,13 +275,12 @@ def place(
     return Placement("cpu", n, actor_cpus, 0.0, max(1, int(actor_cpus)), cpus, gpus)
 
 
-def default_batch_size(device: str, batch_size: int | None) -> int:
-    """Pairs / images / texts per model call (`btfast.score.job.default_batch_size`), rounded up to a runtime
-    bucket."""
+def actor_batch_size(device: str, batch_size: int | None) -> int:
+    """Pairs / images / texts per model call (`btfast.score.job.default_batch_size`), up to a runtime bucket."""
     from btfast.runtime import Buckets
-    from btfast.score.job import default_batch_size as default
+    from btfast.score.job import default_batch_size
 
-    b = batch_size or default(device)
+    b = batch_size or default_batch_size(device)
     if b < 1:
         raise ValueError(f"--batch-size must be >= 1, got {b}")
     steps = Buckets()
