@@ -55,7 +55,8 @@ def run_on_ray(
     import pyarrow as pa
     import ray
 
-    from btfast.ray.stages import batch_rows, row_record, rows_schema
+    from btfast.ray.stages import batch_rows, row_record
+    from btfast.score.schema import ROWS, arrow_schema
 
     todo: dict[int, int] = {}
     recs: list[dict[str, Any]] = []
@@ -71,7 +72,7 @@ def run_on_ray(
         yield k, []
     if todo:
         model_rows, block_rows = batch_rows(batch_size)
-        whole = pa.Table.from_pylist(recs, schema=rows_schema(id_type, keep=[("part", pa.int64())]))
+        whole = pa.Table.from_pylist(recs, schema=arrow_schema(ROWS, id_type).append(pa.field("part", pa.int64())))
         per = -(-whole.num_rows // (8 * actors))
         if per < block_rows:  # little work: smaller blocks (a multiple of a model call)
             block_rows = max(model_rows, -(-per // model_rows) * model_rows)
