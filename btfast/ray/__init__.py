@@ -8,13 +8,9 @@
 
     emb = btfast.ray.embed(ray.data.read_parquet("images.parquet"), "/models/bridgetower-large-itc", kind="image")
 
-Images are decoded and preprocessed in CPU tasks; the model runs in an actor pool, one model per actor (loaded
-with `from_pretrained`, optimized and warmed up once), sized from the cluster (one actor per GPU by default,
-leaving CPUs for decoding). The returned Dataset is lazy, like any Ray Data pipeline.
-
-For runs that must survive a dead driver, use `btfast score --ray` / `btfast embed --ray` (`btfast.ray.cli`):
-the input is cut into deterministic parts, each written atomically to a folder; a rerun skips finished parts.
-
+Images are decoded in CPU tasks; the model runs in an actor pool (loaded, optimized and warmed up once per actor)
+sized from the cluster, one actor per GPU by default. The Dataset returned is lazy. For runs that must survive a
+dead driver: `btfast score --ray` / `btfast embed --ray` (`btfast.ray.cli`), resumable folders of Parquet parts.
 Inside this package `import ray` is the top-level Ray package (absolute imports): `btfast.ray` never shadows it.
 """
 
@@ -71,9 +67,9 @@ def pipeline(
     warmup: bool = True,
     placement: Any = None,
     decode_rows: int | None = None,
-) -> tuple[Any, Any]:
-    """(output Dataset, Placement): the decode stage (CPU tasks) and the model stage (an actor pool) appended to
-    `ds`, both configured by the job `cfg` (`cfg.command`: score or embed)."""
+) -> Any:
+    """The decode stage (CPU tasks) and the model stage (an actor pool, placed by `placement`, else sized from the
+    cluster) appended to `ds`, both configured by the job `cfg` (`cfg.command`: score or embed)."""
     ray = require_ray()
     from btfast.ray.stages import ModelWorker, actor_batch_size, batch_rows, decode_batch, dtype_name, place
 
@@ -82,8 +78,7 @@ def pipeline(
     cfg = cfg.replace(model=os.path.abspath(cfg.model))
     if placement is None:
         connect()
-        placement = place(ray.cluster_resources(), cfg.device, gpus_per_worker, cfg.workers)
-    where = placement
+    where = placement or place(ray.cluster_resources(), cfg.device, gpus_per_worker, cfg.workers)
     bs = actor_batch_size(where.device, cfg.batch_size)
     rows_per_call, default_decode_rows = batch_rows(bs)
 
@@ -121,7 +116,7 @@ def pipeline(
         runtime_env=env("model", where.threads),
     )
     log.info("btfast.ray: %s; batch %d, %d rows per call", where.describe(), bs, rows_per_call)
-    return out, where
+    return out
 
 
 def _run(
@@ -158,7 +153,7 @@ def _run(
     root = None if image_root is None else os.fspath(image_root)
     cfg = JobConfig(command=mode, model=os.fspath(model_dir), out="", columns=columns, image_root=root, **job)
     kw = {"keep": keep, "id_type": id_type, "gpus_per_worker": gpus_per_worker, "warmup": warmup}
-    return pipeline(ds, cfg, kind=kind, **kw)[0]
+    return pipeline(ds, cfg, kind=kind, **kw)
 
 
 def _schema(ds: Any) -> Any:

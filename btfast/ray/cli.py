@@ -1,15 +1,11 @@
-"""`btfast score --ray` / `btfast embed --ray`: the same jobs on Ray Data, written as a resumable folder of Parquet.
+"""`btfast score --ray` / `btfast embed --ray`: the jobs of `btfast.score.job.run_job` on Ray Data, written as a
+resumable folder of Parquet parts (`btfast.score.parts`).
 
-The driver reads the input and cuts it into parts with the single-process planner (deterministic: the same
-input and chunk limits give the same parts), skips the parts already in the output folder, and hands the rest
-to Ray Data: images are decoded in CPU tasks, the model runs in an actor pool (`btfast.ray.stages`). Output rows
-come back in any order; each part is written atomically once all its rows are in (`btfast.score.parts`). Kill the
-driver or an actor at any moment and run the same command again: every input row ends up in the output once.
-
-The job, its checks and its driver loop are the single-process ones (`btfast.score.config`, `.source`,
-`.job.run_chunks`); what is Ray's is here: connecting to the cluster, placing the actor pool (`stages.place`) and
-the executor that runs chunks on Ray Data. `btfast/cli.py` sends `--ray` here; the flags are declared in
-`btfast.score.cli.add_ray`. `python -m btfast.ray.cli score ...` is `btfast score --ray ...`.
+The driver plans the parts as the single-process job does (deterministic), skips those already written and hands
+the rest to Ray Data (`btfast.ray.stages`); each part is written atomically once all its rows are back, in any
+order. Kill the driver or an actor at any moment and rerun the same command: every input row ends up once in the
+output. What is Ray's is here: connecting, placing the actor pool, the executor. The flags are declared in
+`btfast.score.cli.add_ray`; `python -m btfast.ray.cli score ...` is `btfast score --ray ...`.
 """
 
 from __future__ import annotations
@@ -44,17 +40,16 @@ class PipelineError(RuntimeError):
     """The Ray pipeline failed (an actor could not load the model, a task kept failing, the cluster went away)."""
 
 
-def run_on_ray(
-    chunks: Iterable[Chunk], output: Any, id_type: str, batch_size: int, actors: int
-) -> Iterator[tuple[int, Any]]:
-    """The Ray executor: the chunks' rows become blocks, `output(ds, decode_rows)` appends the decode and model
-    stages, and each chunk is yielded (a pyarrow Table sorted by `row`) once all its rows are back.
+def run_on_ray(chunks: Iterable[Chunk], cfg: JobConfig, where: Any, id_type: str) -> Iterator[tuple[int, Any]]:
+    """The Ray executor: the chunks' rows become blocks, `pipeline` appends the decode and model stages (placed by
+    `where`), and each chunk is yielded (a pyarrow Table sorted by `row`) once all its rows are back.
 
     Blocks hold `batch_rows(...)`'s decode rows, fewer when the work is small, so that every actor gets blocks and
     parts are written as the job goes (an actor returns a block's rows when it has done the whole block)."""
     import pyarrow as pa
     import ray
 
+    from btfast.ray import pipeline
     from btfast.ray.stages import batch_rows, row_record
     from btfast.score.schema import ROWS, arrow_schema
 
@@ -71,13 +66,14 @@ def run_on_ray(
         del todo[k]
         yield k, []
     if todo:
-        model_rows, block_rows = batch_rows(batch_size)
+        model_rows, block_rows = batch_rows(cfg.batch_size)
         whole = pa.Table.from_pylist(recs, schema=arrow_schema(ROWS, id_type).append(pa.field("part", pa.int64())))
-        per = -(-whole.num_rows // (8 * actors))
+        per = -(-whole.num_rows // (8 * where.actors))
         if per < block_rows:  # little work: smaller blocks (a multiple of a model call)
             block_rows = max(model_rows, -(-per // model_rows) * model_rows)
         tables = [whole.slice(i, block_rows) for i in range(0, whole.num_rows, block_rows)]
-        out = output(ray.data.from_arrow(tables), block_rows)
+        kw = {"keep": ("part",), "placement": where, "decode_rows": block_rows}
+        out = pipeline(ray.data.from_arrow(tables), cfg, prepared=True, id_type=id_type, **kw)
         asm = Assembler(todo)
         done = 0
         try:
@@ -124,23 +120,18 @@ class Assembler:
         if table.num_rows == 0:
             return
         parts = table.column("part").to_numpy(zero_copy_only=False)
-        rows = table.column("row").to_numpy(zero_copy_only=False)
+        rows = table.column("row").to_pylist()
         for k in np.unique(parts).tolist():
             if k not in self.expected:  # a part already written (a retried task's output): drop it
                 self.duplicates += int((parts == k).sum())
                 continue
-            idx = np.flatnonzero(parts == k)
+            idx = np.flatnonzero(parts == k).tolist()
             seen = self.seen[k]
-            keep = []
-            for i in idx.tolist():
-                r = int(rows[i])
-                if r in seen:
-                    self.duplicates += 1
-                else:
-                    seen.add(r)
-                    keep.append(i)
-            if keep:
-                self.pieces[k].append(table.take(pa.array(keep, type=pa.int64())))
+            new = {rows[i]: i for i in reversed(idx) if rows[i] not in seen}  # each row's first copy
+            seen.update(new)
+            self.duplicates += len(idx) - len(new)
+            if new:
+                self.pieces[k].append(table.take(pa.array(sorted(new.values()), type=pa.int64())))
             if len(seen) >= self.expected[k]:
                 whole = pa.concat_tables(self.pieces.pop(k))
                 whole = whole.take(np.argsort(whole.column("row").to_numpy(zero_copy_only=False), kind="stable"))
@@ -167,7 +158,7 @@ def part_limits(limits: Limits) -> Limits:
 
 def ray_job(cfg: JobConfig, *, address: str | None = None, gpus_per_worker: float | None = None) -> Any:
     """The job `cfg` on Ray Data into a folder of Parquet parts: connect, place the actor pool, run the chunks."""
-    from btfast.ray import connect, pipeline, require_ray
+    from btfast.ray import connect, require_ray
     from btfast.ray.stages import actor_batch_size, dtype_name, place
     from btfast.score.job import run_job
 
@@ -191,15 +182,7 @@ def ray_job(cfg: JobConfig, *, address: str | None = None, gpus_per_worker: floa
         header = cfg.header(command=f"{cfg.command} --ray", dtype=dtype_name(cfg.dtype, where.device), batch_size=bs)
         if cfg.progress:
             print(f"btfast {cfg.command} --ray: {where.describe()}; batch {bs}", file=sys.stderr)
-
-        def begin(id_type: str) -> Any:
-            def output(ds: Any, decode_rows: int) -> Any:
-                kw = {"keep": ("part",), "placement": where, "decode_rows": decode_rows}
-                return pipeline(ds, job, prepared=True, id_type=id_type, **kw)[0]
-
-            return (lambda chunks: run_on_ray(chunks, output, id_type, bs, where.actors)), {}
-
-        return header, begin
+        return header, lambda id_type: (functools.partial(run_on_ray, cfg=job, where=where, id_type=id_type), {})
 
     desc = f"score {cfg.head} (ray)" if cfg.command == "score" else "embed (ray)"
     return run_job(cfg, start, desc=desc, parts=True)

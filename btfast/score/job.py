@@ -20,10 +20,6 @@ from btfast.score.plan import Chunk, Limits, parse_shard, plan
 from btfast.score.schema import embed_schema, score_schema
 from btfast.score.sink import ChunkSink, Sink, output_format
 
-EXIT_OK = 0
-EXIT_FATAL = 1
-EXIT_ROW_ERRORS = 3
-
 
 @dataclass
 class Summary:
@@ -40,7 +36,7 @@ class Summary:
 
     @property
     def exit_code(self) -> int:
-        return EXIT_ROW_ERRORS if self.errors or self.stats.get("shards_truncated") else EXIT_OK
+        return 3 if self.errors or self.stats.get("shards_truncated") else 0  # 3: done, with error rows
 
     def line(self, unit: str = "pairs") -> str:
         rate = self.new_rows / self.seconds if self.seconds > 0 else 0.0
@@ -55,9 +51,9 @@ class Summary:
         return "; ".join(parts) + f" -> {self.out}"
 
 
+# An executor computes chunks, yielding (chunk index, output rows: dicts or a pyarrow Table) as each completes, in
+# any order: `LocalExecutor` (decode in worker processes, compute here) or `btfast.ray.cli.run_on_ray`.
 Run = Callable[[Iterable[Chunk]], Iterator[tuple[int, Any]]]
-"""An executor: computes chunks and yields (chunk index, output rows: dicts or a pyarrow Table) as each completes,
-in any order. `LocalExecutor` (decode in worker processes, compute here) or `btfast.ray.cli.RayExecutor`."""
 
 
 def stream(
@@ -72,12 +68,8 @@ def stream(
     A chunk larger than `limits` (a tar shard of 10,000 samples: the unit written and resumed) is decoded and
     computed in pieces planned within `limits` (the unit held in memory); its rows come out together. An error
     from `chunks` (a shard that cannot be read) is raised after the chunks already taken are computed.
-    With `loader=None` nothing is decoded ahead: `compute` gets no images (it fetches what it needs itself).
+    With `loader=None` nothing is decoded: `compute` gets no images (it fetches what it needs itself).
     """
-    if loader is None:
-        for c in chunks:
-            yield c.index, compute(c, {})
-        return
     pieces = _pieces(chunks, limits)
     pending: deque[tuple[Chunk, Chunk, bool, Any]] = deque()
     failure: BaseException | None = None
@@ -93,15 +85,15 @@ def stream(
             if item is None:
                 return
             c, piece, last = item
-            images = piece.images
-            pending.append((c, piece, last, loader.submit(list(images), list(images.values()))))
+            images = piece.images if loader else {}
+            pending.append((c, piece, last, loader and loader.submit(list(images), list(images.values()))))
 
     fill()
     outs: list[dict[str, Any]] = []
     while pending:
         c, piece, last, handle = pending.popleft()
         fill()  # the workers start on the next pieces before this one is computed
-        outs += compute(piece, loader.result(handle)) if piece.rows else []
+        outs += compute(piece, loader.result(handle) if loader else {}) if piece.rows else []
         if last:
             yield c.index, outs
             outs = []
@@ -148,8 +140,7 @@ def run_chunks(
     `cfg.interrupt` (tests only): (n, signal) sends this process the signal once n chunks of this run are durable."""
     from tqdm import tqdm
 
-    summary = Summary(out=str(sink.out), resumed_rows=sink.rows_done)
-    t0 = time.perf_counter()
+    t0, resumed, new_rows = time.perf_counter(), sink.rows_done, 0
     i, n = cfg.shard
     if not sink.finished:
         indices: list[int] = []
@@ -177,24 +168,18 @@ def run_chunks(
                 rec = sink.write(index, outs)
                 if cfg.interrupt is not None and written == cfg.interrupt[0]:
                     os.kill(os.getpid(), cfg.interrupt[1])
-                summary.new_rows += rec["rows"]
+                new_rows += rec["rows"]
                 errors += rec["errors"]
                 bar.update(rec["rows"])
                 bar.set_postfix(errors=errors, refresh=False)
         finally:
             bar.close()
         sink.finish(indices)
-    summary.seconds = time.perf_counter() - t0
-    summary.rows = sink.rows_done
-    summary.errors = sink.errors_done
-    summary.chunks = len(sink.done)
-    return summary
+    seconds = time.perf_counter() - t0
+    return Summary(str(sink.out), sink.rows_done, sink.errors_done, resumed, new_rows, seconds, len(sink.done))
 
 
-Start = Callable[[ExitStack], tuple[dict[str, Any], Callable[[str], tuple[Run, dict[str, int]]]]]
-
-
-def run_job(cfg: JobConfig, start: Start, *, desc: str, parts: bool = False) -> Summary:
+def run_job(cfg: JobConfig, start: Callable[[ExitStack], Any], *, desc: str, parts: bool = False) -> Summary:
     """The job `cfg` (`btfast score` / `embed`) on any executor: plan → decode → compute → sink.
 
     Checks the input, then `start(stack)` readies the executor (its cleanup on `stack`) and returns the resume
@@ -211,7 +196,7 @@ def run_job(cfg: JobConfig, start: Start, *, desc: str, parts: bool = False) -> 
         schema = output_schema(cfg, id_type) if parquet else None
         sink = stack.enter_context(open_sink(cfg, header, schema, parts))
         if sink.finished:
-            return run_chunks(cfg, [], sink, LocalExecutor(None, lambda c, x: []), progress=False)
+            return run_chunks(cfg, [], sink, LocalExecutor(None, lambda c, x: []))
         executor, stats = begin(id_type)
         total = source.total() if cfg.progress else None
         i, n = cfg.shard
