@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from btfast.score.config import Columns, JobConfig
+from btfast.score.job import _config
 from btfast.score.schema import EMBED, id_type_of, score_columns
 
 log = logging.getLogger("btfast")
@@ -71,16 +72,17 @@ def pipeline(
     """The decode stage (CPU tasks) and the model stage (an actor pool, placed by `placement`, else sized from the
     cluster) appended to `ds`, both configured by the job `cfg` (`cfg.command`: score or embed)."""
     ray = require_ray()
-    from btfast.ray.stages import ModelWorker, actor_batch_size, batch_rows, decode_batch, dtype_name, place
+    from btfast.ray.stages import ModelWorker, batch_rows, decode_batch, place
 
     if not os.path.isdir(cfg.model):
         raise FileNotFoundError(f"model folder not found: {cfg.model}")
     cfg = cfg.replace(model=os.path.abspath(cfg.model))
     if placement is None:
         connect()
-    where = placement or place(ray.cluster_resources(), cfg.device, gpus_per_worker, cfg.workers)
-    bs = actor_batch_size(where.device, cfg.batch_size)
-    rows_per_call, default_decode_rows = batch_rows(bs)
+    where = placement or place(
+        ray.cluster_resources(), cfg.device, gpus_per_worker, cfg.workers, cfg.batch_size, cfg.dtype
+    )
+    rows_per_call, default_decode_rows = batch_rows(where.batch_size)
 
     # Each stage gets its own worker environment (BTFAST_STAGE differs): Ray Data fuses a task stage into the
     # actor stage after it when their remote arguments are equal, and then the model would wait on Pillow.
@@ -111,11 +113,11 @@ def pipeline(
         compute=ray.data.ActorPoolStrategy(size=where.actors),
         num_cpus=where.actor_cpus,
         num_gpus=where.actor_gpus or None,
-        fn_constructor_args=(cfg, cfg.command, where.device, dtype_name(cfg.dtype, where.device), bs, id_type, keep),
+        fn_constructor_args=(cfg, cfg.command, where.device, where.dtype, where.batch_size, id_type, keep),
         fn_constructor_kwargs={"threads": where.threads, "warmup": warmup},
         runtime_env=env("model", where.threads),
     )
-    log.info("btfast.ray: %s; batch %d, %d rows per call", where.describe(), bs, rows_per_call)
+    log.info("btfast.ray: %s; batch %d, %d rows per call", where.describe(), where.batch_size, rows_per_call)
     return out
 
 
@@ -129,8 +131,6 @@ def _run(
     image_field: str = "image",
     text_field: str = "text",
     id_field: str = "id",
-    image_root: str | os.PathLike | None = None,
-    max_pixels: int | None = None,
     keep: Sequence[str] = (),
     gpus_per_worker: float | None = None,
     warmup: bool = True,
@@ -148,10 +148,7 @@ def _run(
         raise ValueError(f"the dataset has no column {', '.join(map(repr, absent))} (it has {cols})")
     mode = "score" if kind == "pair" else "embed"
     id_type = "string" if mode == "embed" or not schema else id_type_of(None, id_field, schema=schema)
-    if max_pixels is not None:
-        job["max_pixels"] = max_pixels
-    root = None if image_root is None else os.fspath(image_root)
-    cfg = JobConfig(command=mode, model=os.fspath(model_dir), out="", columns=columns, image_root=root, **job)
+    cfg = _config(mode, None, None, check=False, model=model_dir, out="", columns=columns, **job)
     kw = {"keep": keep, "id_type": id_type, "gpus_per_worker": gpus_per_worker, "warmup": warmup}
     return pipeline(ds, cfg, kind=kind, **kw)
 

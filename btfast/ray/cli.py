@@ -66,7 +66,7 @@ def run_on_ray(chunks: Iterable[Chunk], cfg: JobConfig, where: Any, id_type: str
         del todo[k]
         yield k, []
     if todo:
-        model_rows, block_rows = batch_rows(cfg.batch_size)
+        model_rows, block_rows = batch_rows(where.batch_size)
         whole = pa.Table.from_pylist(recs, schema=arrow_schema(ROWS, id_type).append(pa.field("part", pa.int64())))
         per = -(-whole.num_rows // (8 * where.actors))
         if per < block_rows:  # little work: smaller blocks (a multiple of a model call)
@@ -75,19 +75,15 @@ def run_on_ray(chunks: Iterable[Chunk], cfg: JobConfig, where: Any, id_type: str
         kw = {"keep": ("part",), "placement": where, "decode_rows": block_rows}
         out = pipeline(ray.data.from_arrow(tables), cfg, prepared=True, id_type=id_type, **kw)
         asm = Assembler(todo)
-        done = 0
         try:
             # prefetch_batches=0: take each block as soon as it is done (prefetching holds blocks back until the
             # next ones are ready, and a part is written only once all its rows are here)
             for batch in out.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
-                for k, table in asm.add(batch):
-                    done += 1
-                    yield k, table
-        except (KeyboardInterrupt, SystemExit, GeneratorExit):
-            raise
+                yield from asm.add(batch)
         except Exception as e:
             if isinstance(e, OSError) and not type(e).__module__.startswith("ray"):
                 raise
+            done = asm.pending < len(todo)
             kept = "; the parts written so far are kept: rerun the same command to resume" if done else ""
             raise PipelineError(_reason(e) + kept) from e
         if asm.pending:
@@ -159,7 +155,7 @@ def part_limits(limits: Limits) -> Limits:
 def ray_job(cfg: JobConfig, *, address: str | None = None, gpus_per_worker: float | None = None) -> Any:
     """The job `cfg` on Ray Data into a folder of Parquet parts: connect, place the actor pool, run the chunks."""
     from btfast.ray import connect, require_ray
-    from btfast.ray.stages import actor_batch_size, dtype_name, place
+    from btfast.ray.stages import place
     from btfast.score.job import run_job
 
     ray = require_ray()
@@ -174,15 +170,13 @@ def ray_job(cfg: JobConfig, *, address: str | None = None, gpus_per_worker: floa
         if hasattr(ctx, "enable_operator_progress_bars"):
             ctx.enable_operator_progress_bars = False
         logging.getLogger("ray.data").setLevel(logging.INFO if cfg.progress else logging.WARNING)
-        where = place(ray.cluster_resources(), cfg.device, gpus_per_worker, cfg.workers)
+        where = place(ray.cluster_resources(), cfg.device, gpus_per_worker, cfg.workers, cfg.batch_size, cfg.dtype)
         if cfg.threads:  # --threads: torch threads per actor
             where = dataclasses.replace(where, threads=int(cfg.threads))
-        job = cfg.replace(batch_size=actor_batch_size(where.device, cfg.batch_size))
-        bs = job.batch_size
-        header = cfg.header(command=f"{cfg.command} --ray", dtype=dtype_name(cfg.dtype, where.device), batch_size=bs)
+        header = cfg.header(command=f"{cfg.command} --ray", dtype=where.dtype, batch_size=where.batch_size)
         if cfg.progress:
-            print(f"btfast {cfg.command} --ray: {where.describe()}; batch {bs}", file=sys.stderr)
-        return header, lambda id_type: (functools.partial(run_on_ray, cfg=job, where=where, id_type=id_type), {})
+            print(f"btfast {cfg.command} --ray: {where.describe()}; batch {where.batch_size}", file=sys.stderr)
+        return header, lambda id_type: (functools.partial(run_on_ray, cfg=cfg, where=where, id_type=id_type), {})
 
     desc = f"score {cfg.head} (ray)" if cfg.command == "score" else "embed (ray)"
     return run_job(cfg, start, desc=desc, parts=True)

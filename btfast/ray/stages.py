@@ -186,7 +186,8 @@ class ModelWorker:
 
 @dataclass(frozen=True)
 class Placement:
-    """How many model actors, on what, with what reservations; the rest of the CPUs decode images."""
+    """How many model actors, on what, with what reservations (the rest of the CPUs decode images), and the model's
+    batch size (a runtime bucket) and precision (resolved on the driver, which may have no GPU)."""
 
     device: str  # "cuda" or "cpu"
     actors: int
@@ -194,6 +195,8 @@ class Placement:
     actor_gpus: float
     threads: int  # torch threads per actor
     cluster_cpus: float
+    batch_size: int  # pairs / images / texts per model call
+    dtype: str  # a `btfast.score.engine.DTYPES` name
 
     def describe(self) -> str:
         gpus = f", {self.actor_gpus:g} GPU" if self.actor_gpus else ""
@@ -209,6 +212,8 @@ def place(
     device: str | None = "auto",
     gpus_per_worker: float | None = None,
     workers: int | None = None,
+    batch_size: int | None = None,
+    dtype: str | None = None,
 ) -> Placement:
     """Size the actor pool from the cluster's resources (`ray.cluster_resources()`).
 
@@ -216,6 +221,12 @@ def place(
     decoding, less otherwise. CPUs only: one actor per 4 CPUs; the actors together never reserve more than
     CPUs - 1, so decoding always has a CPU (an actor pool that takes every CPU stalls the pipeline).
     """
+    import torch
+
+    from btfast.runtime import Buckets
+    from btfast.score.engine import DTYPES, resolve_dtype
+    from btfast.score.job import default_batch_size
+
     cpus = float(resources.get("CPU", 0) or 0)
     gpus = float(resources.get("GPU", 0) or 0)
     if workers is not None and workers < 1:
@@ -237,26 +248,20 @@ def place(
             raise ValueError(f"--gpus-per-worker {gpw:g}: the Ray cluster has {gpus:g} GPUs")
         n = workers or max(1, int(math.floor(gpus / gpw + 1e-9)))
         actor_cpus = 1.0 if cpus - n >= n else max(0.0, math.floor((cpus - 1) / n * 100) / 100)
-        return Placement("cuda", n, actor_cpus, gpw, max(1, int(actor_cpus)), cpus)
-    if gpus_per_worker:
-        raise ValueError("--gpus-per-worker needs --device cuda (or auto on a cluster with GPUs)")
-    n = workers or max(1, int(cpus // 4))
-    share = max(1.0, float(int(cpus // (2 * n))))
-    cap = max(0.0, (cpus - 1) / n)  # leave at least one CPU to decoding
-    actor_cpus = share if share <= cap else math.floor(cap * 100) / 100
-    return Placement("cpu", n, actor_cpus, 0.0, max(1, int(actor_cpus)), cpus)
-
-
-def actor_batch_size(device: str, batch_size: int | None) -> int:
-    """Pairs / images / texts per model call (`btfast.score.job.default_batch_size`), up to a runtime bucket."""
-    from btfast.runtime import Buckets
-    from btfast.score.job import default_batch_size
-
+    else:
+        if gpus_per_worker:
+            raise ValueError("--gpus-per-worker needs --device cuda (or auto on a cluster with GPUs)")
+        gpw, n = 0.0, workers or max(1, int(cpus // 4))
+        share = max(1.0, float(int(cpus // (2 * n))))
+        cap = max(0.0, (cpus - 1) / n)  # leave at least one CPU to decoding
+        actor_cpus = share if share <= cap else math.floor(cap * 100) / 100
     b = batch_size or default_batch_size(device)
     if b < 1:
         raise ValueError(f"--batch-size must be >= 1, got {b}")
-    steps = Buckets()
-    return steps.batch_for(b) if b <= steps.max_batch else b
+    b = Buckets().batch_for(b) if b <= Buckets().max_batch else b
+    dt = resolve_dtype(dtype, torch.device(device))
+    name = next(k for k, v in DTYPES.items() if v == dt)
+    return Placement(device, n, actor_cpus, gpw, max(1, int(actor_cpus)), cpus, b, name)
 
 
 def batch_rows(batch_size: int) -> tuple[int, int]:
@@ -269,13 +274,3 @@ def batch_rows(batch_size: int) -> tuple[int, int]:
     """
     model = 4 * batch_size
     return model, model * max(1, -(-256 // model))
-
-
-def dtype_name(dtype: str | None, device: str) -> str:
-    """The precision the actors will use (resolved where the driver may have no GPU)."""
-    import torch
-
-    from btfast.score.engine import DTYPES, resolve_dtype
-
-    dt = resolve_dtype(dtype, torch.device(device))
-    return next(k for k, v in DTYPES.items() if v == dt)

@@ -256,13 +256,15 @@ def default_batch_size(device_type: str) -> int:
     return 64 if device_type == "cuda" else 16
 
 
-def _config(command: str, shard: str | None, limits: Limits | None, **kw: Any) -> JobConfig:
-    """The checked job of a Python API call (`score`, `embed`, `retrieve`): paths as strings, defaults filled."""
+def _config(command: str, shard: str | None, limits: Limits | None, check: bool = True, **kw: Any) -> JobConfig:
+    """The job of a Python API call (`score`, `embed`, `retrieve`, `btfast.ray`'s): paths as strings, defaults
+    filled, checked (`check`)."""
     kw = {k: (None if v is None else os.fspath(v)) if k in PATHS else v for k, v in kw.items()}
     if kw.get("max_pixels") is None:
         kw.pop("max_pixels", None)
     cfg = JobConfig(command=command, shard=parse_shard(shard), limits=limits or Limits(), **kw)
-    cfg.check()
+    if check:
+        cfg.check()
     return cfg
 
 
