@@ -94,11 +94,8 @@ def decode_batch(
 
 
 class ModelWorker:
-    """Stage 2, one per actor: the model loaded once, then `__call__(decoded rows) -> output rows` (pyarrow Tables).
-
-    mode "score": ITM / ITC scores of pairs (`btfast score`); "embed": ITC embeddings of image and text rows
-    (`btfast embed`). `threads`: torch CPU threads of this actor (what its CPU reservation allows).
-    """
+    """Stage 2, one per actor: `__call__(decoded rows) -> output rows` of `mode` ("score" or "embed", as the CLI's);
+    `threads`: torch CPU threads of this actor (what its CPU reservation allows)."""
 
     CACHE_BYTES = 256 << 20  # recent canvases kept: later rows of an image may come in a later batch
 
@@ -267,10 +264,9 @@ def place(
 def batch_rows(batch_size: int) -> tuple[int, int]:
     """(rows per model call, rows per decode task) for a model batch size.
 
-    A model call takes 4 batches' worth of rows (dedup finds shared images and texts within a call). A decode task
-    takes a multiple of that, at least 256 rows: a Ray task costs milliseconds to schedule, decoding a small image
-    less. Its output block is then cut into model calls that run one after the other on one actor, so the canvas
-    sent on an image's first row is in that actor's cache for the image's later rows.
-    """
+    A model call takes 4 batches' worth of rows (dedup finds shared images and texts within a call); a decode task
+    a multiple of that, at least 256 rows (scheduling a task costs more than decoding a small image), cut into
+    model calls run one after the other on one actor: an image's canvas, sent on its first row, is then in that
+    actor's cache for its later rows."""
     model = 4 * batch_size
     return model, model * max(1, -(-256 // model))

@@ -198,16 +198,11 @@ def run_job(cfg: JobConfig, start: Callable[[ExitStack], Any], *, desc: str, par
         if sink.finished:
             return run_chunks(cfg, [], sink, LocalExecutor(None, lambda c, x: []))
         executor, stats = begin(id_type)
-        total = source.total() if cfg.progress else None
         i, n = cfg.shard
-        summary = run_chunks(
-            cfg,
-            source.chunks(lambda k: k % n == i and k not in sink.done),  # what this run computes
-            sink,
-            executor,
-            total_rows=None if total is None else -(-total // n),
-            desc=desc,
-        )
+        chunks = source.chunks(lambda k: k % n == i and k not in sink.done)  # those this run computes
+        total = source.total() if cfg.progress else None
+        total = None if total is None else -(-total // n)
+        summary = run_chunks(cfg, chunks, sink, executor, total_rows=total, desc=desc)
         truncated = getattr(source, "truncated", None)  # tar shards that ended early: their readable rows were written
         summary.stats = {**stats, **({"shards_truncated": len(truncated)} if truncated else {})}
         return summary
