@@ -132,11 +132,11 @@ def _run(
     text_field: str = "text",
     id_field: str = "id",
     keep: Sequence[str] = (),
-    gpus_per_worker: float | None = None,
-    warmup: bool = True,
     **job: Any,
 ) -> Any:
-    """The pipeline of `score` (kind "pair") or `embed` (kind "image" / "text"); `job`: other `JobConfig` fields."""
+    """The pipeline of `score` (kind "pair") or `embed` (kind "image" / "text"); `job`: `pipeline`'s gpus_per_worker
+    and warmup, and other `JobConfig` fields."""
+    placing = {k: job.pop(k) for k in ("gpus_per_worker", "warmup") if k in job}
     columns = Columns(image_field, text_field, id_field)
     clash = [c for c in keep if c in outputs]
     if clash:
@@ -149,8 +149,7 @@ def _run(
     mode = "score" if kind == "pair" else "embed"
     id_type = "string" if mode == "embed" or not schema else id_type_of(None, id_field, schema=schema)
     cfg = _config(mode, None, None, check=False, model=model_dir, out="", columns=columns, **job)
-    kw = {"keep": keep, "id_type": id_type, "gpus_per_worker": gpus_per_worker, "warmup": warmup}
-    return pipeline(ds, cfg, kind=kind, **kw)
+    return pipeline(ds, cfg, kind=kind, keep=keep, id_type=id_type, **placing)
 
 
 def _schema(ds: Any) -> Any:
