@@ -8,13 +8,9 @@
 
     emb = btfast.ray.embed(ray.data.read_parquet("images.parquet"), "/models/bridgetower-large-itc", kind="image")
 
-Images are decoded and preprocessed in CPU tasks; the model runs in an actor pool, one model per actor (loaded
-with `from_pretrained`, optimized and warmed up once), sized from the cluster (one actor per GPU by default,
-leaving CPUs for decoding). The returned Dataset is lazy, like any Ray Data pipeline.
-
-For runs that must survive a dead driver, use `btfast score --ray` / `btfast embed --ray` (`btfast.ray.cli`):
-the input is cut into deterministic parts, each written atomically to a folder; a rerun skips finished parts.
-
+Images are decoded in CPU tasks; the model runs in an actor pool (loaded, optimized and warmed up once per actor)
+sized from the cluster, one actor per GPU by default. The Dataset returned is lazy. For runs that must survive a
+dead driver: `btfast score --ray` / `btfast embed --ray` (`btfast.ray.cli`), resumable folders of Parquet parts.
 Inside this package `import ray` is the top-level Ray package (absolute imports): `btfast.ray` never shadows it.
 """
 
@@ -26,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from btfast.score.config import Columns, JobConfig
+from btfast.score.job import _config
 from btfast.score.schema import EMBED, id_type_of, score_columns
 
 log = logging.getLogger("btfast")
@@ -49,35 +46,20 @@ def require_ray() -> Any:
     return ray
 
 
-def _ensure_init(ray: Any) -> None:
-    if not ray.is_initialized():
-        ray.init()  # RAY_ADDRESS, or a local instance: what Ray Data itself would do
-
-
-def _schema(ds: Any) -> Any:
-    try:
-        return ds.schema()
-    except Exception:  # pragma: no cover - a source that cannot tell before running
-        return None
-
-
-def _check_columns(schema: Any, needed: Sequence[str], keep: Sequence[str], outputs: Sequence[str]) -> None:
-    clash = [c for c in keep if c in outputs]
-    if clash:
-        raise ValueError(f"keep={list(keep)}: {', '.join(map(repr, clash))} is already an output column")
-    if schema is None:
-        return
-    cols = list(schema.names)
-    absent = [c for c in (*needed, *keep) if c not in cols]
-    if absent:
-        raise ValueError(f"the dataset has no column {', '.join(map(repr, absent))} (it has {cols})")
+def connect(address: str | None = None, **kw: Any) -> bool:
+    """Connect to Ray at `address` (else RAY_ADDRESS, else a new local instance) unless connected already, as Ray
+    Data itself would; `kw`: `ray.init`'s options. True if this call started Ray."""
+    ray = require_ray()
+    if ray.is_initialized():
+        return False
+    ray.init(address=address, **kw)
+    return True
 
 
 def pipeline(
     ds: Any,
     cfg: JobConfig,
     *,
-    mode: str,
     kind: str = "pair",
     prepared: bool = False,
     keep: Sequence[str] = (),
@@ -86,51 +68,41 @@ def pipeline(
     warmup: bool = True,
     placement: Any = None,
     decode_rows: int | None = None,
-) -> tuple[Any, Any]:
-    """(output Dataset, Placement): the decode stage (CPU tasks) and the model stage (an actor pool) appended to
-    `ds`, both configured by the job `cfg`."""
+) -> Any:
+    """The decode stage (CPU tasks) and the model stage (an actor pool, placed by `placement`, else sized from the
+    cluster) appended to `ds`, both configured by the job `cfg` (`cfg.command`: score or embed)."""
     ray = require_ray()
-    from btfast.ray.stages import ModelWorker, batch_rows, decode_batch, default_batch_size, dtype_name, place
+    from btfast.ray.stages import ModelWorker, batch_rows, decode_batch, place
 
     if not os.path.isdir(cfg.model):
         raise FileNotFoundError(f"model folder not found: {cfg.model}")
     cfg = cfg.replace(model=os.path.abspath(cfg.model))
     if placement is None:
-        _ensure_init(ray)
-        placement = place(ray.cluster_resources(), cfg.device, gpus_per_worker, cfg.workers)
-    where = placement
-    bs = default_batch_size(where.device, cfg.batch_size)
-    rows_per_call, default_decode_rows = batch_rows(bs)
+        connect()
+    where = placement or place(
+        ray.cluster_resources(), cfg.device, gpus_per_worker, cfg.workers, cfg.batch_size, cfg.dtype
+    )
+    rows_per_call, default_decode_rows = batch_rows(where.batch_size)
 
     # Each stage gets its own worker environment (BTFAST_STAGE differs): Ray Data fuses a task stage into the
     # actor stage after it when their remote arguments are equal, and then the model would wait on Pillow.
     def env(stage: str, threads: int) -> dict[str, Any]:
         n = str(threads)
         return {
-            "env_vars": {
-                "BTFAST_STAGE": stage,
-                "OMP_NUM_THREADS": n,
-                "MKL_NUM_THREADS": n,
-                "TOKENIZERS_PARALLELISM": "false",
-            }
+            "env_vars": dict(BTFAST_STAGE=stage, OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, TOKENIZERS_PARALLELISM="false")
         }
 
+    keep = tuple(keep)
+    root = None if cfg.image_root is None else os.path.abspath(cfg.image_root)
+    decode_kw = dict(pre=cfg.image_preprocessor(), kind=kind, prepared=prepared, columns=cfg.columns, keep=keep)
+    decode_kw.update(image_root=root, base=os.getcwd(), id_type=id_type)
     decoded = ds.map_batches(
         decode_batch,
         batch_size=decode_rows or default_decode_rows,
         batch_format="pyarrow",
         num_cpus=1,
         zero_copy_batch=True,
-        fn_kwargs={
-            "pre": cfg.image_preprocessor(),
-            "kind": kind,
-            "prepared": prepared,
-            "columns": cfg.columns,
-            "image_root": None if cfg.image_root is None else os.path.abspath(cfg.image_root),
-            "base": os.getcwd(),
-            "id_type": id_type,
-            "keep": tuple(keep),
-        },
+        fn_kwargs=decode_kw,
         runtime_env=env("decode", 1),
     )
     out = decoded.map_batches(
@@ -141,55 +113,50 @@ def pipeline(
         compute=ray.data.ActorPoolStrategy(size=where.actors),
         num_cpus=where.actor_cpus,
         num_gpus=where.actor_gpus or None,
-        fn_constructor_kwargs={
-            "cfg": cfg,
-            "mode": mode,
-            "device": where.device,
-            "dtype": dtype_name(cfg.dtype, where.device),
-            "batch_size": bs,
-            "id_type": id_type,
-            "keep": tuple(keep),
-            "threads": where.threads,
-            "warmup": warmup,
-        },
+        fn_constructor_args=(cfg, cfg.command, where.device, where.dtype, where.batch_size, id_type, keep),
+        fn_constructor_kwargs={"threads": where.threads, "warmup": warmup},
         runtime_env=env("model", where.threads),
     )
-    log.info("btfast.ray: %s; batch %d, %d rows per call", where.describe(), bs, rows_per_call)
-    return out, where
+    log.info("btfast.ray: %s; batch %d, %d rows per call", where.describe(), where.batch_size, rows_per_call)
+    return out
 
 
 def _run(
     ds: Any,
     model_dir: str | os.PathLike,
-    mode: str,
     kind: str,
-    needed: Sequence[str],
     outputs: Sequence[str],
-    *,
     schema: Any,
-    image_root: str | os.PathLike | None = None,
+    *,
     image_field: str = "image",
     text_field: str = "text",
     id_field: str = "id",
-    max_pixels: int | None = None,
     keep: Sequence[str] = (),
-    gpus_per_worker: float | None = None,
-    warmup: bool = True,
     **job: Any,
 ) -> Any:
-    """The pipeline of the Python API: `score` / `embed`'s options (`needed`: the roles whose columns `ds` must
-    have; `job`: the other fields of `JobConfig`)."""
+    """The pipeline of `score` (kind "pair") or `embed` (kind "image" / "text"); `job`: `pipeline`'s gpus_per_worker
+    and warmup, and other `JobConfig` fields."""
+    placing = {k: job.pop(k) for k in ("gpus_per_worker", "warmup") if k in job}
     columns = Columns(image_field, text_field, id_field)
-    _check_columns(schema, [getattr(columns, role) for role in needed], keep, outputs)
+    clash = [c for c in keep if c in outputs]
+    if clash:
+        raise ValueError(f"keep={list(keep)}: {', '.join(map(repr, clash))} is already an output column")
+    cols = None if schema is None else list(schema.names)
+    needed = [getattr(columns, role) for role in (("image", "text") if kind == "pair" else (kind,))]
+    absent = [c for c in (*needed, *keep) if cols is not None and c not in cols]
+    if absent:
+        raise ValueError(f"the dataset has no column {', '.join(map(repr, absent))} (it has {cols})")
+    mode = "score" if kind == "pair" else "embed"
     id_type = "string" if mode == "embed" or not schema else id_type_of(None, id_field, schema=schema)
-    if max_pixels is not None:
-        job["max_pixels"] = max_pixels
-    root = None if image_root is None else os.fspath(image_root)
-    cfg = JobConfig(command=mode, model=os.fspath(model_dir), out="", columns=columns, image_root=root, **job)
-    out, _ = pipeline(
-        ds, cfg, mode=mode, kind=kind, keep=keep, id_type=id_type, gpus_per_worker=gpus_per_worker, warmup=warmup
-    )
-    return out
+    cfg = _config(mode, None, None, check=False, model=model_dir, out="", columns=columns, **job)
+    return pipeline(ds, cfg, kind=kind, keep=keep, id_type=id_type, **placing)
+
+
+def _schema(ds: Any) -> Any:
+    try:
+        return ds.schema()
+    except Exception:  # pragma: no cover - a source that cannot tell before running
+        return None
 
 
 def score(ds: Any, model_dir: str | os.PathLike, head: str = "itm", **options: Any) -> Any:
@@ -211,8 +178,7 @@ def score(ds: Any, model_dir: str | os.PathLike, head: str = "itm", **options: A
     """
     if head not in ("itm", "itc"):
         raise ValueError(f"head must be itm or itc, got {head}")
-    outputs = score_columns(head)
-    return _run(ds, model_dir, "score", "pair", ("image", "text"), outputs, schema=_schema(ds), head=head, **options)
+    return _run(ds, model_dir, "pair", score_columns(head), _schema(ds), head=head, **options)
 
 
 def embed(ds: Any, model_dir: str | os.PathLike, kind: str | None = None, **options: Any) -> Any:
@@ -226,11 +192,10 @@ def embed(ds: Any, model_dir: str | os.PathLike, kind: str | None = None, **opti
     schema = _schema(ds)
     cols = None if schema is None else list(schema.names)
     if kind is None:
-        has_i = cols is not None and options.get("image_field", "image") in cols
-        has_t = cols is not None and options.get("text_field", "text") in cols
+        has_i, has_t = (cols is not None and options.get(f"{k}_field", k) in cols for k in ("image", "text"))
         if has_i == has_t:
             raise ValueError(f"pass kind='image' or kind='text' (the dataset has columns {cols})")
         kind = "image" if has_i else "text"
     if kind not in ("image", "text"):
         raise ValueError(f"kind must be image or text, got {kind}")
-    return _run(ds, model_dir, "embed", kind, (kind,), EMBED, schema=schema, head="itc", **options)
+    return _run(ds, model_dir, kind, EMBED, schema, head="itc", **options)

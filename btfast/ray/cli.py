@@ -1,15 +1,11 @@
-"""`btfast score --ray` / `btfast embed --ray`: the same jobs on Ray Data, written as a resumable folder of Parquet.
+"""`btfast score --ray` / `btfast embed --ray`: the jobs of `btfast.score.job.run_job` on Ray Data, written as a
+resumable folder of Parquet parts (`btfast.score.parts`).
 
-The driver reads the input and cuts it into parts with the single-process planner (deterministic: the same
-input and chunk limits give the same parts), skips the parts already in the output folder, and hands the rest
-to Ray Data: images are decoded in CPU tasks, the model runs in an actor pool (`btfast.ray.stages`). Output rows
-come back in any order; each part is written atomically once all its rows are in (`btfast.score.parts`). Kill the
-driver or an actor at any moment and run the same command again: every input row ends up in the output once.
-
-The job, its checks and its driver loop are the single-process ones (`btfast.score.config`, `.source`,
-`.job.run_chunks`); what is Ray's is here: connecting to the cluster, placing the actor pool (`stages.place`) and
-the executor that runs chunks on Ray Data. `btfast/cli.py` sends `--ray` here; the flags are declared in
-`btfast.score.cli.add_ray`. `python -m btfast.ray.cli score ...` is `btfast score --ray ...`.
+The driver plans the parts as the single-process job does (deterministic), skips those already written and hands
+the rest to Ray Data (`btfast.ray.stages`); each part is written atomically once all its rows are back, in any
+order. Kill the driver or an actor at any moment and rerun the same command: every input row ends up once in the
+output. What is Ray's is here: connecting, placing the actor pool, the executor. The flags are declared in
+`btfast.score.cli.add_ray`; `python -m btfast.ray.cli score ...` is `btfast score --ray ...`.
 """
 
 from __future__ import annotations
@@ -22,6 +18,7 @@ import os
 import sys
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
 from typing import Any
 
 from btfast.score.config import JobConfig
@@ -43,107 +40,56 @@ class PipelineError(RuntimeError):
     """The Ray pipeline failed (an actor could not load the model, a task kept failing, the cluster went away)."""
 
 
-# ---- connecting --------------------------------------------------------------------------------------------------
-
-
-class Cluster:
-    """Connect to the cluster at `address`, or start a local instance; shut down only what we started."""
-
-    def __init__(self, address: str | None, progress: bool) -> None:
-        import ray
-
-        self.ray = ray
-        self.started = False
-        if not ray.is_initialized():
-            kw: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
-            if address:
-                ray.init(address=address, **kw)
-            elif os.environ.get("RAY_ADDRESS"):
-                ray.init(**kw)
-            else:
-                ray.init(include_dashboard=False, **kw)
-            self.started = True
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False  # the driver shows one bar: rows written
-        if hasattr(ctx, "enable_operator_progress_bars"):
-            ctx.enable_operator_progress_bars = False
-        logging.getLogger("ray.data").setLevel(logging.INFO if progress else logging.WARNING)
-
-    def resources(self) -> dict[str, float]:
-        return dict(self.ray.cluster_resources())
-
-    def close(self) -> None:
-        if self.started:
-            self.ray.shutdown()
-
-
-# ---- the executor ------------------------------------------------------------------------------------------------
-
-
-class RayExecutor:
-    """Runs chunks on Ray Data: their rows become blocks, `make_output(ds, decode_rows)` appends the decode and
-    model stages, and each chunk is yielded (a pyarrow Table sorted by `row`) once all its rows are back.
+def run_on_ray(chunks: Iterable[Chunk], cfg: JobConfig, where: Any, id_type: str) -> Iterator[tuple[int, Any]]:
+    """The Ray executor: the chunks' rows become blocks, `pipeline` appends the decode and model stages (placed by
+    `where`), and each chunk is yielded (a pyarrow Table sorted by `row`) once all its rows are back.
 
     Blocks hold `batch_rows(...)`'s decode rows, fewer when the work is small, so that every actor gets blocks and
     parts are written as the job goes (an actor returns a block's rows when it has done the whole block)."""
+    import pyarrow as pa
+    import ray
 
-    def __init__(self, make_output: Any, id_type: str, batch_size: int, actors: int) -> None:
-        self.make_output, self.id_type, self.batch_size, self.actors = make_output, id_type, batch_size, actors
+    from btfast.ray import pipeline
+    from btfast.ray.stages import batch_rows, row_record
+    from btfast.score.schema import ROWS, arrow_schema
 
-    def run(self, chunks: Iterable[Chunk]) -> Iterator[tuple[int, Any]]:
-        from btfast.ray.stages import row_record
-
-        todo: dict[int, int] = {}
-        recs: list[dict[str, Any]] = []
-        failure: Exception | None = None
-        try:
-            for c in chunks:
-                todo[c.index] = len(c.rows)
-                recs.extend(row_record(r, self.id_type, part=c.index) for r in c.rows)
-        except Exception as e:  # a shard that cannot be read: the others are run first, then this is raised
-            failure = e
-        yield from self._run(todo, recs)
-        if failure is not None:
-            raise failure
-
-    def _run(self, todo: dict[int, int], recs: list[dict[str, Any]]) -> Iterator[tuple[int, Any]]:
-        import pyarrow as pa
-
-        from btfast.ray.stages import batch_rows, rows_schema
-
-        model_rows, block_rows = batch_rows(self.batch_size)
-        schema = rows_schema(self.id_type, keep=[("part", pa.int64())])
-        for k in [k for k, n in todo.items() if n == 0]:  # a shard without a readable sample: written empty
-            del todo[k]
-            yield k, []
-        if not todo:
-            return
-        whole = pa.Table.from_pylist(recs, schema=schema)
-        per = -(-whole.num_rows // (8 * self.actors))
+    todo: dict[int, int] = {}
+    recs: list[dict[str, Any]] = []
+    failure: Exception | None = None
+    try:
+        for c in chunks:
+            todo[c.index] = len(c.rows)
+            recs.extend(row_record(r, id_type, part=c.index) for r in c.rows)
+    except Exception as e:  # a shard that cannot be read: the others are run first, then this is raised
+        failure = e
+    for k in [k for k, n in todo.items() if n == 0]:  # a shard without a readable sample: written empty
+        del todo[k]
+        yield k, []
+    if todo:
+        model_rows, block_rows = batch_rows(where.batch_size)
+        whole = pa.Table.from_pylist(recs, schema=arrow_schema(ROWS, id_type).append(pa.field("part", pa.int64())))
+        per = -(-whole.num_rows // (8 * where.actors))
         if per < block_rows:  # little work: smaller blocks (a multiple of a model call)
             block_rows = max(model_rows, -(-per // model_rows) * model_rows)
-        import ray
-
         tables = [whole.slice(i, block_rows) for i in range(0, whole.num_rows, block_rows)]
-        out = self.make_output(ray.data.from_arrow(tables), block_rows)
+        kw = {"keep": ("part",), "placement": where, "decode_rows": block_rows}
+        out = pipeline(ray.data.from_arrow(tables), cfg, prepared=True, id_type=id_type, **kw)
         asm = Assembler(todo)
-        done = 0
         try:
             # prefetch_batches=0: take each block as soon as it is done (prefetching holds blocks back until the
             # next ones are ready, and a part is written only once all its rows are here)
             for batch in out.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
-                for k, table in asm.add(batch):
-                    done += 1
-                    yield k, table
-        except (KeyboardInterrupt, SystemExit, GeneratorExit):
-            raise
+                yield from asm.add(batch)
         except Exception as e:
             if isinstance(e, OSError) and not type(e).__module__.startswith("ray"):
                 raise
+            done = asm.pending < len(todo)
             kept = "; the parts written so far are kept: rerun the same command to resume" if done else ""
             raise PipelineError(_reason(e) + kept) from e
         if asm.pending:
             raise PipelineError(f"{asm.pending} parts came back incomplete")
+    if failure is not None:
+        raise failure
 
 
 class Assembler:
@@ -170,23 +116,18 @@ class Assembler:
         if table.num_rows == 0:
             return
         parts = table.column("part").to_numpy(zero_copy_only=False)
-        rows = table.column("row").to_numpy(zero_copy_only=False)
+        rows = table.column("row").to_pylist()
         for k in np.unique(parts).tolist():
             if k not in self.expected:  # a part already written (a retried task's output): drop it
                 self.duplicates += int((parts == k).sum())
                 continue
-            idx = np.flatnonzero(parts == k)
+            idx = np.flatnonzero(parts == k).tolist()
             seen = self.seen[k]
-            keep = []
-            for i in idx.tolist():
-                r = int(rows[i])
-                if r in seen:
-                    self.duplicates += 1
-                else:
-                    seen.add(r)
-                    keep.append(i)
-            if keep:
-                self.pieces[k].append(table.take(pa.array(keep, type=pa.int64())))
+            new = {rows[i]: i for i in reversed(idx) if rows[i] not in seen}  # each row's first copy
+            seen.update(new)
+            self.duplicates += len(idx) - len(new)
+            if new:
+                self.pieces[k].append(table.take(pa.array(sorted(new.values()), type=pa.int64())))
             if len(seen) >= self.expected[k]:
                 whole = pa.concat_tables(self.pieces.pop(k))
                 whole = whole.take(np.argsort(whole.column("row").to_numpy(zero_copy_only=False), kind="stable"))
@@ -197,16 +138,8 @@ class Assembler:
 def _reason(e: BaseException) -> str:
     """The last line of a Ray error that names the Python exception at its root (a readable cause)."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    named = [
-        ln
-        for ln in lines
-        if ln.split(":")[0].replace(".", "").isidentifier()
-        and ln.split(":")[0][:1].isupper()
-        and ":" in ln
-        and not ln.startswith(("File ", "ray::"))
-    ]
-    text = named[-1] if named else (lines[-1] if lines else type(e).__name__)
-    return f"the Ray pipeline failed: {text}"
+    named = [ln for ln in lines if ln[:1].isupper() and ":" in ln and ln.split(":")[0].replace(".", "").isidentifier()]
+    return f"the Ray pipeline failed: {named[-1] if named else (lines[-1] if lines else type(e).__name__)}"
 
 
 def part_limits(limits: Limits) -> Limits:
@@ -220,57 +153,33 @@ def part_limits(limits: Limits) -> Limits:
 
 
 def ray_job(cfg: JobConfig, *, address: str | None = None, gpus_per_worker: float | None = None) -> Any:
-    """Run the `btfast score` / `btfast embed` job `cfg` on Ray Data into a folder of Parquet parts."""
-    from btfast.ray import pipeline, require_ray
-    from btfast.ray.stages import default_batch_size, dtype_name, place
-    from btfast.score.job import run_chunks, shard_stats, wanted
-    from btfast.score.parts import PartStore
-    from btfast.score.schema import embed_schema, id_type_of, score_schema
-    from btfast.score.source import source_for
+    """The job `cfg` on Ray Data into a folder of Parquet parts: connect, place the actor pool, run the chunks."""
+    from btfast.ray import connect, require_ray
+    from btfast.ray.stages import place
+    from btfast.score.job import run_job
 
-    require_ray()
+    ray = require_ray()
     cfg = cfg.replace(limits=part_limits(cfg.limits))
-    score = cfg.command == "score"
-    source = source_for(cfg)
-    source.check()
-    id_type = id_type_of(cfg.pairs, cfg.columns.id) if score else "string"
-    cluster = Cluster(address, progress=cfg.progress)
-    try:
-        where = place(cluster.resources(), cfg.device, gpus_per_worker, cfg.workers)
+
+    def start(stack: ExitStack) -> Any:
+        kw = {} if address or os.environ.get("RAY_ADDRESS") else {"include_dashboard": False}
+        if connect(address, logging_level=logging.WARNING, log_to_driver=True, **kw):
+            stack.callback(ray.shutdown)  # only what we started
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False  # the driver shows one bar: rows written
+        if hasattr(ctx, "enable_operator_progress_bars"):
+            ctx.enable_operator_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.INFO if cfg.progress else logging.WARNING)
+        where = place(ray.cluster_resources(), cfg.device, gpus_per_worker, cfg.workers, cfg.batch_size, cfg.dtype)
         if cfg.threads:  # --threads: torch threads per actor
             where = dataclasses.replace(where, threads=int(cfg.threads))
-        bs = default_batch_size(where.device, cfg.batch_size)
-        header = cfg.header(command=f"{cfg.command} --ray", dtype=dtype_name(cfg.dtype, where.device), batch_size=bs)
+        header = cfg.header(command=f"{cfg.command} --ray", dtype=where.dtype, batch_size=where.batch_size)
         if cfg.progress:
-            print(f"btfast {cfg.command} --ray: {where.describe()}; batch {bs}", file=sys.stderr)
+            print(f"btfast {cfg.command} --ray: {where.describe()}; batch {where.batch_size}", file=sys.stderr)
+        return header, lambda id_type: (functools.partial(run_on_ray, cfg=cfg, where=where, id_type=id_type), {})
 
-        def make_output(ds: Any, decode_rows: int) -> Any:
-            mode = "score" if score else "embed"
-            job = cfg.replace(batch_size=bs)
-            return pipeline(
-                ds,
-                job,
-                mode=mode,
-                prepared=True,
-                keep=("part",),
-                id_type=id_type,
-                placement=where,
-                decode_rows=decode_rows,
-            )[0]
-
-        schema = score_schema(cfg.head, id_type, cfg.with_text) if score else embed_schema()
-        with PartStore(cfg.out, header, overwrite=cfg.overwrite, schema=schema) as store:
-            summary = run_chunks(
-                cfg,
-                source.chunks(wanted(cfg, store)),
-                store,
-                RayExecutor(make_output, id_type, bs, where.actors),
-                desc=f"score {cfg.head} (ray)" if score else "embed (ray)",
-            )
-        summary.stats = shard_stats(source)
-        return summary
-    finally:
-        cluster.close()
+    desc = f"score {cfg.head} (ray)" if cfg.command == "score" else "embed (ray)"
+    return run_job(cfg, start, desc=desc, parts=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,21 +1,14 @@
-"""The two Ray Data stages: image decoding as CPU tasks, the model in an actor pool; and how to size the pool.
+"""The two Ray Data stages, on pyarrow Tables (nothing here imports Ray), and how to size the actor pool.
 
-Stage 1, `decode_batch` (a plain function, run as CPU tasks): turns input records into rows (the same parsing and
-error messages as `btfast score`), decodes and preprocesses each unique image of the batch once into a uint8
-canvas, and ships the canvas on the first row of its image only: later rows of the same image carry the image's
-source instead, in case they land in another model batch. Failed images carry their reason on every row.
-
-Stage 2, `ModelWorker` (a callable class, one instance per actor): loads the head with `from_pretrained`,
-optimizes and warms it up once, then maps batches of decoded rows to output rows with `score_chunk` /
-`embed_chunk` from `btfast.score.engine`, the same code as the single-process scorer. It keeps recent canvases,
-so a row whose canvas travelled in an earlier batch is not decoded again; a canvas it never saw is decoded there.
-
-Nothing here imports Ray: the functions take and return pyarrow Tables.
+`decode_batch` (CPU tasks) parses input records as `btfast score` does and decodes each unique image of the batch
+once into a uint8 canvas, shipped on the image's first row only: later rows carry the image's source instead (they
+may land in another model batch); a failed image carries its reason on every row. `ModelWorker` (one per actor)
+loads the head once and maps decoded rows to output rows with `btfast.score.engine.compute_chunk`, keeping recent
+canvases; a canvas it never saw is decoded there.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from collections import OrderedDict
@@ -26,21 +19,12 @@ from typing import Any
 import numpy as np
 
 from btfast.score.config import Columns, JobConfig
-from btfast.score.schema import DECODED, ROWS, arrow_schema, arrow_type, embed_schema, id_value, score_schema
-
-log = logging.getLogger("btfast")
-
-
-def rows_schema(id_type: str, keep: Sequence[tuple[str, Any]] = ()) -> Any:
-    """Schema of prepared input rows (what the CLI's driver builds from the source's rows)."""
-    import pyarrow as pa
-
-    base = arrow_schema(ROWS, id_type)
-    return pa.schema([*base, *[pa.field(n, t) for n, t in keep]])
+from btfast.score.rows import ImageResolver, Row, parse_record
+from btfast.score.schema import DECODED, ROWS, arrow_schema, id_value
 
 
-def row_record(r: Any, id_type: str, **extra: Any) -> dict[str, Any]:
-    """A `btfast.score.rows.Row` as a prepared input record (see `rows_schema`)."""
+def row_record(r: Row, id_type: str, **extra: Any) -> dict[str, Any]:
+    """A `btfast.score.rows.Row` as a prepared input record (the `ROWS` of `btfast.score.schema`)."""
     src = r.image if r.error is None else None
     return {
         "row": r.row,
@@ -56,28 +40,10 @@ def row_record(r: Any, id_type: str, **extra: Any) -> dict[str, Any]:
     }
 
 
-# ---- stage 1: decode (CPU tasks) ---------------------------------------------------------------------------------
-
-
-def _parse(
-    records: list[dict[str, Any]],
-    kind: str,
-    columns: Columns,
-    image_root: str | None,
-    base: str | None,
-    id_type: str,
-) -> list[dict[str, Any]]:
-    """User records (an `image` path or bytes, a `text`, optionally `id` and `row`) → prepared records."""
-    from btfast.score.rows import ImageResolver, parse_record
-
-    resolver = ImageResolver(image_root, base or os.getcwd())
-    out = []
-    for rec in records:
-        row = rec.get("row")
-        row = int(row) if isinstance(row, (int, np.integer)) else None
-        r = parse_record(rec, row, resolver, kind, columns.image, columns.text, columns.id)
-        out.append(row_record(r, id_type))
-    return out
+def record_row(rec: dict[str, Any]) -> Row:
+    """The `Row` of a prepared record, without its image source (the canvas comes beside it)."""
+    fields = {"row": "row", "id": "id", "image_key": "_key", "image_name": "image", "text": "text", "error": "_error"}
+    return Row(**{f: rec[c] for f, c in fields.items()}, kind=rec["kind"] or "pair")
 
 
 def decode_batch(
@@ -92,47 +58,46 @@ def decode_batch(
     id_type: str = "string",
     keep: Sequence[str] = (),
 ) -> Any:
-    """Ray Data batch (pyarrow Table) of input records → rows with decoded canvases (see the module doc)."""
+    """Stage 1: input records (an `image` path or bytes, a `text`, optionally `id` and `row`; or, `prepared`, the
+    records of `row_record`) → rows with decoded canvases (see the module doc)."""
     import pyarrow as pa
 
     if prepared:
         recs = batch.select(list(ROWS)).to_pylist()
     else:
-        recs = _parse(batch.to_pylist(), kind, columns or Columns(), image_root, base, id_type)
+        c = columns or Columns()
+        resolver = ImageResolver(image_root, base or os.getcwd())
+        recs = []
+        for rec in batch.to_pylist():
+            row = rec.get("row")
+            row = int(row) if isinstance(row, (int, np.integer)) else None
+            recs.append(row_record(parse_record(rec, row, resolver, kind, c.image, c.text, c.id), id_type))
     canvases: dict[str, np.ndarray | str] = {}
-    cols: dict[str, list[Any]] = {c: [] for c in DECODED}
+    rows = []
     for rec in recs:
         key = rec["_key"]
-        first = False
-        if key is not None and key not in canvases:
+        first = key is not None and key not in canvases
+        if first:
             canvases[key] = pre.load_or_reason(rec["_path"] if rec["_path"] is not None else rec["_bytes"])
-            first = True
-        c = canvases.get(key) if key is not None else None
-        canvas = c if isinstance(c, np.ndarray) else None
-        for name in ROWS:
-            cols[name].append(rec[name])
-        shipped = first and canvas is not None
-        cols["_canvas"].append(canvas.tobytes() if shipped else None)
-        cols["_h"].append(canvas.shape[0] if shipped else None)
-        cols["_w"].append(canvas.shape[1] if shipped else None)
-        cols["_decode_error"].append(c if isinstance(c, str) else None)
-        if shipped or isinstance(c, str):  # the source is needed only by rows without a canvas
-            cols["_path"][-1] = cols["_bytes"][-1] = None
-    arrays = {c: pa.array(v, type=arrow_type(c, id_type)) for c, v in cols.items()}
+        c = canvases.get(key)
+        failed = c if isinstance(c, str) else None
+        row = {**rec, "_canvas": None, "_h": None, "_w": None, "_decode_error": failed}
+        if first or failed is not None:  # a row with the canvas or the reason needs the source no more
+            row.update(_path=None, _bytes=None)
+        if first and failed is None:
+            row.update(_canvas=c.tobytes(), _h=c.shape[0], _w=c.shape[1])
+        rows.append(row)
+    table = pa.Table.from_pylist(rows, schema=arrow_schema(DECODED, id_type))
     for name in keep:
-        arrays[name] = batch.column(name)
-    return pa.table(arrays)
-
-
-# ---- stage 2: the model (an actor pool) --------------------------------------------------------------------------
+        table = table.append_column(name, batch.column(name))
+    return table
 
 
 class ModelWorker:
-    """One per actor: the model loaded once, then `__call__(decoded rows) -> output rows` (pyarrow Tables).
+    """Stage 2, one per actor: `__call__(decoded rows) -> output rows` of `mode` ("score" or "embed", as the CLI's);
+    `threads`: torch CPU threads of this actor (what its CPU reservation allows)."""
 
-    mode "score": ITM / ITC scores of pairs (`btfast score`); "embed": ITC embeddings of image and text rows
-    (`btfast embed`). `threads`: torch CPU threads of this actor (what its CPU reservation allows).
-    """
+    CACHE_BYTES = 256 << 20  # recent canvases kept: later rows of an image may come in a later batch
 
     def __init__(
         self,
@@ -145,101 +110,81 @@ class ModelWorker:
         keep: Sequence[str] = (),
         threads: int = 1,
         warmup: bool = True,
-        cache_bytes: int = 256 << 20,
     ) -> None:
         import torch
 
         from btfast.score.engine import Context, resolve_device, resolve_dtype
+        from btfast.score.job import output_schema
 
         if threads >= 1:
             torch.set_num_threads(int(threads))
         dev = resolve_device(device)
-        dt = resolve_dtype(dtype, dev)
-        head = "itc" if mode == "embed" else cfg.head
-        self.mode, self.id_type, self.keep = mode, id_type, tuple(keep)
+        cfg = cfg.replace(command=mode, head="itc" if mode == "embed" else cfg.head)
+        self.mode, self.id_type, self.keep = mode, "string" if mode == "embed" else id_type, tuple(keep)
         self.pre = cfg.image_preprocessor()
-        self.ctx = Context.load(cfg.model, head, dev, dt, self.pre, **cfg.compute(batch_size))
-        self.schema = embed_schema() if mode == "embed" else score_schema(head, id_type, cfg.with_text)
+        dt = resolve_dtype(dtype, dev)
+        self.ctx = Context.load(cfg.model, cfg.head, dev, dt, self.pre, **cfg.compute(batch_size))
+        self.schema = output_schema(cfg, id_type)
         self.cache: OrderedDict[str, np.ndarray] = OrderedDict()
-        self.cache_bytes, self.cached = cache_bytes, 0
-        self.redecoded = 0
-        self.warmup_s = 0.0
-        net = self.ctx.model
-        if warmup and dev.type == "cuda" and hasattr(net, "warmup"):
-            self.warmup_s = sum(net.warmup(batch_sizes=(batch_size,), text_lengths=(16, 40, 64)).values())
+        self.cached = self.redecoded = 0
+        if warmup and dev.type == "cuda" and hasattr(self.ctx.model, "warmup"):
+            self.ctx.model.warmup(batch_sizes=(batch_size,), text_lengths=(16, 40, 64))
 
     def _canvases(self, t: Any) -> dict[str, np.ndarray | str]:
-        keys = t.column("_key").to_pylist()
-        derr = t.column("_decode_error").to_pylist()
+        """Each image's canvas (shipped in `t`, else in the cache, else decoded here) or why it failed."""
+        keys, errors = t.column("_key").to_pylist(), t.column("_decode_error").to_pylist()
         hs, ws = t.column("_h").to_pylist(), t.column("_w").to_pylist()
-        canvas_col = t.column("_canvas")
         out: dict[str, np.ndarray | str] = {}
         for i, k in enumerate(keys):
             if k is None or k in out:
                 continue
-            if derr[i] is not None:
-                out[k] = derr[i]
+            if errors[i] is not None:
+                out[k] = errors[i]
             elif hs[i] is not None:
-                buf = canvas_col[i].as_buffer()
-                out[k] = np.frombuffer(buf, dtype=np.uint8).reshape(hs[i], ws[i], 3)
-                self._remember(k, out[k])
+                buf = t.column("_canvas")[i].as_buffer()
+                out[k] = self._remember(k, np.frombuffer(buf, dtype=np.uint8).reshape(hs[i], ws[i], 3))
             elif k in self.cache:
-                out[k] = self.cache[k]
-                self.cache.move_to_end(k)
+                out[k] = self._remember(k, self.cache[k])
         missing = [i for i, k in enumerate(keys) if k is not None and k not in out]
         if missing:  # the canvas went to another batch or actor: decode it here
             paths, blobs = t.column("_path").to_pylist(), t.column("_bytes").to_pylist()
             for i in missing:
-                k = keys[i]
-                if k not in out:
-                    out[k] = self.pre.load_or_reason(paths[i] if paths[i] is not None else blobs[i])
+                if keys[i] not in out:
+                    out[keys[i]] = c = self.pre.load_or_reason(paths[i] if paths[i] is not None else blobs[i])
                     self.redecoded += 1
-                    if isinstance(out[k], np.ndarray):
-                        self._remember(k, out[k])
+                    if isinstance(c, np.ndarray):
+                        self._remember(keys[i], c)
         return out
 
-    def _remember(self, key: str, canvas: np.ndarray) -> None:
-        """Keep recent canvases (up to `cache_bytes`): later rows of an image may come in a later batch."""
+    def _remember(self, key: str, canvas: np.ndarray) -> np.ndarray:
+        """Keep `canvas` as the most recent (up to `CACHE_BYTES` in all); returns it."""
         if key in self.cache:
             self.cache.move_to_end(key)
-            return
+            return canvas
         self.cache[key] = canvas
         self.cached += canvas.nbytes
-        while self.cached > self.cache_bytes and len(self.cache) > 1:
+        while self.cached > self.CACHE_BYTES and len(self.cache) > 1:
             self.cached -= self.cache.popitem(last=False)[1].nbytes
+        return canvas
 
     def __call__(self, t: Any) -> Any:
         import pyarrow as pa
 
         from btfast.score.engine import compute_chunk
-        from btfast.score.rows import Row
 
         canvases = self._canvases(t)
-        rows = [
-            Row(
-                row=rec["row"],
-                id=rec["id"],
-                image_key=rec["_key"],
-                image_name=rec["image"],
-                text=rec["text"],
-                error=rec["_error"],
-                kind=rec["kind"] or "pair",
-            )
-            for rec in t.select(["row", "id", "kind", "image", "text", "_error", "_key"]).to_pylist()
-        ]
-        outs = compute_chunk(self.ctx, self.mode, "string" if self.mode == "embed" else self.id_type, rows, canvases)
+        rows = list(map(record_row, t.select(["row", "id", "kind", "image", "text", "_error", "_key"]).to_pylist()))
+        outs = compute_chunk(self.ctx, self.mode, self.id_type, rows, canvases)
         table = pa.Table.from_pylist(outs, schema=self.schema)
         for name in self.keep:
             table = table.append_column(name, t.column(name))
         return table
 
 
-# ---- placement ---------------------------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class Placement:
-    """How many model actors, on what, with what reservations; the rest of the CPUs decode images."""
+    """How many model actors, on what, with what reservations (the rest of the CPUs decode images), and the model's
+    batch size (a runtime bucket) and precision (resolved on the driver, which may have no GPU)."""
 
     device: str  # "cuda" or "cpu"
     actors: int
@@ -247,7 +192,8 @@ class Placement:
     actor_gpus: float
     threads: int  # torch threads per actor
     cluster_cpus: float
-    cluster_gpus: float
+    batch_size: int  # pairs / images / texts per model call
+    dtype: str  # a `btfast.score.engine.DTYPES` name
 
     def describe(self) -> str:
         gpus = f", {self.actor_gpus:g} GPU" if self.actor_gpus else ""
@@ -263,6 +209,8 @@ def place(
     device: str | None = "auto",
     gpus_per_worker: float | None = None,
     workers: int | None = None,
+    batch_size: int | None = None,
+    dtype: str | None = None,
 ) -> Placement:
     """Size the actor pool from the cluster's resources (`ray.cluster_resources()`).
 
@@ -270,6 +218,12 @@ def place(
     decoding, less otherwise. CPUs only: one actor per 4 CPUs; the actors together never reserve more than
     CPUs - 1, so decoding always has a CPU (an actor pool that takes every CPU stalls the pipeline).
     """
+    import torch
+
+    from btfast.runtime import Buckets
+    from btfast.score.engine import DTYPES, resolve_dtype
+    from btfast.score.job import default_batch_size
+
     cpus = float(resources.get("CPU", 0) or 0)
     gpus = float(resources.get("GPU", 0) or 0)
     if workers is not None and workers < 1:
@@ -291,46 +245,28 @@ def place(
             raise ValueError(f"--gpus-per-worker {gpw:g}: the Ray cluster has {gpus:g} GPUs")
         n = workers or max(1, int(math.floor(gpus / gpw + 1e-9)))
         actor_cpus = 1.0 if cpus - n >= n else max(0.0, math.floor((cpus - 1) / n * 100) / 100)
-        return Placement("cuda", n, actor_cpus, gpw, max(1, int(actor_cpus)), cpus, gpus)
-    if gpus_per_worker:
-        raise ValueError("--gpus-per-worker needs --device cuda (or auto on a cluster with GPUs)")
-    n = workers or max(1, int(cpus // 4))
-    share = max(1.0, float(int(cpus // (2 * n))))
-    cap = max(0.0, (cpus - 1) / n)  # leave at least one CPU to decoding
-    actor_cpus = share if share <= cap else math.floor(cap * 100) / 100
-    return Placement("cpu", n, actor_cpus, 0.0, max(1, int(actor_cpus)), cpus, gpus)
-
-
-def default_batch_size(device: str, batch_size: int | None) -> int:
-    """Pairs / images / texts per model call (`btfast.score.job.default_batch_size`), rounded up to a runtime
-    bucket."""
-    from btfast.runtime import Buckets
-    from btfast.score.job import default_batch_size as default
-
-    b = batch_size or default(device)
+    else:
+        if gpus_per_worker:
+            raise ValueError("--gpus-per-worker needs --device cuda (or auto on a cluster with GPUs)")
+        gpw, n = 0.0, workers or max(1, int(cpus // 4))
+        share = max(1.0, float(int(cpus // (2 * n))))
+        cap = max(0.0, (cpus - 1) / n)  # leave at least one CPU to decoding
+        actor_cpus = share if share <= cap else math.floor(cap * 100) / 100
+    b = batch_size or default_batch_size(device)
     if b < 1:
         raise ValueError(f"--batch-size must be >= 1, got {b}")
-    steps = Buckets()
-    return steps.batch_for(b) if b <= steps.max_batch else b
+    b = Buckets().batch_for(b) if b <= Buckets().max_batch else b
+    dt = resolve_dtype(dtype, torch.device(device))
+    name = next(k for k, v in DTYPES.items() if v == dt)
+    return Placement(device, n, actor_cpus, gpw, max(1, int(actor_cpus)), cpus, b, name)
 
 
 def batch_rows(batch_size: int) -> tuple[int, int]:
     """(rows per model call, rows per decode task) for a model batch size.
 
-    A model call takes 4 batches' worth of rows (dedup finds shared images and texts within a call). A decode task
-    takes a multiple of that, at least 256 rows: a Ray task costs milliseconds to schedule, decoding a small image
-    less. Its output block is then cut into model calls that run one after the other on one actor, so the canvas
-    sent on an image's first row is in that actor's cache for the image's later rows.
-    """
+    A model call takes 4 batches' worth of rows (dedup finds shared images and texts within a call); a decode task
+    a multiple of that, at least 256 rows (scheduling a task costs more than decoding a small image), cut into
+    model calls run one after the other on one actor: an image's canvas, sent on its first row, is then in that
+    actor's cache for its later rows."""
     model = 4 * batch_size
     return model, model * max(1, -(-256 // model))
-
-
-def dtype_name(dtype: str | None, device: str) -> str:
-    """The precision the actors will use (resolved where the driver may have no GPU)."""
-    import torch
-
-    from btfast.score.engine import DTYPES, resolve_dtype
-
-    dt = resolve_dtype(dtype, torch.device(device))
-    return next(k for k, v in DTYPES.items() if v == dt)

@@ -10,18 +10,15 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from btfast.io.fs import is_url
 from btfast.score.config import Columns, JobConfig
 from btfast.score.plan import Chunk, Limits, parse_shard, plan
 from btfast.score.schema import embed_schema, score_schema
 from btfast.score.sink import ChunkSink, Sink, output_format
-
-EXIT_OK = 0
-EXIT_FATAL = 1
-EXIT_ROW_ERRORS = 3
 
 
 @dataclass
@@ -39,7 +36,7 @@ class Summary:
 
     @property
     def exit_code(self) -> int:
-        return EXIT_ROW_ERRORS if self.errors or self.stats.get("shards_truncated") else EXIT_OK
+        return 3 if self.errors or self.stats.get("shards_truncated") else 0  # 3: done, with error rows
 
     def line(self, unit: str = "pairs") -> str:
         rate = self.new_rows / self.seconds if self.seconds > 0 else 0.0
@@ -54,13 +51,9 @@ class Summary:
         return "; ".join(parts) + f" -> {self.out}"
 
 
-class Executor(Protocol):
-    """Computes chunks: `run(chunks)` yields (chunk index, output rows) as each chunk completes, in any order.
-
-    Output rows are a list of dicts or a pyarrow Table, as the sink takes them. Two executors: `LocalExecutor`
-    (decode in worker processes, compute here) and `btfast.ray.cli.RayExecutor` (Ray Data, an actor pool)."""
-
-    def run(self, chunks: Iterable[Chunk]) -> Iterator[tuple[int, Any]]: ...
+# An executor computes chunks, yielding (chunk index, output rows: dicts or a pyarrow Table) as each completes, in
+# any order: `LocalExecutor` (decode in worker processes, compute here) or `btfast.ray.cli.run_on_ray`.
+Run = Callable[[Iterable[Chunk]], Iterator[tuple[int, Any]]]
 
 
 def stream(
@@ -69,18 +62,14 @@ def stream(
     compute: Callable[[Chunk, dict[str, Any]], list[dict[str, Any]]],
     prefetch: int = 2,
     limits: Limits | None = None,
-) -> Iterator[tuple[Chunk, list[dict[str, Any]]]]:
-    """(chunk, output rows) in order; the images of the next `prefetch` pieces decode while one computes.
+) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+    """(chunk index, output rows) in order; the images of the next `prefetch` pieces decode while one computes.
 
     A chunk larger than `limits` (a tar shard of 10,000 samples: the unit written and resumed) is decoded and
     computed in pieces planned within `limits` (the unit held in memory); its rows come out together. An error
     from `chunks` (a shard that cannot be read) is raised after the chunks already taken are computed.
-    With `loader=None` nothing is decoded ahead: `compute` gets no images (it fetches what it needs itself).
+    With `loader=None` nothing is decoded: `compute` gets no images (it fetches what it needs itself).
     """
-    if loader is None:
-        for c in chunks:
-            yield c, compute(c, {})
-        return
     pieces = _pieces(chunks, limits)
     pending: deque[tuple[Chunk, Chunk, bool, Any]] = deque()
     failure: BaseException | None = None
@@ -96,17 +85,17 @@ def stream(
             if item is None:
                 return
             c, piece, last = item
-            images = piece.images
-            pending.append((c, piece, last, loader.submit(list(images), list(images.values()))))
+            images = piece.images if loader else {}
+            pending.append((c, piece, last, loader and loader.submit(list(images), list(images.values()))))
 
     fill()
     outs: list[dict[str, Any]] = []
     while pending:
         c, piece, last, handle = pending.popleft()
         fill()  # the workers start on the next pieces before this one is computed
-        outs += compute(piece, loader.result(handle)) if piece.rows else []
+        outs += compute(piece, loader.result(handle) if loader else {}) if piece.rows else []
         if last:
-            yield c, outs
+            yield c.index, outs
             outs = []
     if failure is not None:
         raise failure
@@ -115,32 +104,21 @@ def stream(
 def _pieces(chunks: Iterable[Chunk], limits: Limits | None) -> Iterator[tuple[Chunk, Chunk, bool]]:
     """(chunk, piece, last piece of the chunk); a chunk within `limits` is its own single piece."""
     for c in chunks:
-        if limits is None or not _over(c, limits):
-            yield c, c, True
-            continue
-        ps = list(plan(c.rows, limits))
+        over = limits is not None and (
+            len(c.rows) > limits.rows
+            or len(c.images) > limits.images
+            or len({r.text for r in c.rows if r.error is None}) > limits.texts
+        )
+        ps = list(plan(c.rows, limits)) if over else [c]
         for j, p in enumerate(ps):
             yield c, p, j == len(ps) - 1
 
 
-def _over(c: Chunk, limits: Limits) -> bool:
-    if len(c.rows) > limits.rows:
-        return True
-    return len(c.images) > limits.images or len({r.text for r in c.rows if r.error is None}) > limits.texts
-
-
-@dataclass
-class LocalExecutor:
+def LocalExecutor(  # the name retrieve.py knows; an executor is a function now
+    loader: Any, compute: Callable[[Chunk, dict[str, Any]], list[dict[str, Any]]], limits: Limits | None = None
+) -> Run:
     """This process computes; `loader`'s worker processes decode the images of the next chunks meanwhile."""
-
-    loader: Any
-    compute: Callable[[Chunk, dict[str, Any]], list[dict[str, Any]]]
-    prefetch: int = 2
-    limits: Limits | None = None  # pieces of a larger chunk are decoded and computed one at a time
-
-    def run(self, chunks: Iterable[Chunk]) -> Iterator[tuple[int, list[dict[str, Any]]]]:
-        for c, outs in stream(chunks, self.loader, self.compute, self.prefetch, self.limits):
-            yield c.index, outs
+    return lambda chunks: stream(chunks, loader, compute, limits=limits)
 
 
 UNITS = {"score": "pair", "embed": "item", "retrieve": "query"}
@@ -150,7 +128,7 @@ def run_chunks(
     cfg: JobConfig,
     chunks: Iterable[Chunk],
     sink: Sink,
-    executor: Executor,
+    executor: Run,
     *,
     total_rows: int | None = None,
     desc: str = "btfast",
@@ -162,25 +140,22 @@ def run_chunks(
     `cfg.interrupt` (tests only): (n, signal) sends this process the signal once n chunks of this run are durable."""
     from tqdm import tqdm
 
-    summary = Summary(out=str(sink.out), resumed_rows=sink.rows_done)
-    t0 = time.perf_counter()
+    t0, resumed, new_rows = time.perf_counter(), sink.rows_done, 0
     i, n = cfg.shard
-    interrupt, unit = cfg.interrupt, UNITS[cfg.command]
     if not sink.finished:
         indices: list[int] = []
 
         def todo() -> Iterable[Chunk]:
             for c in chunks:
-                if c.index % n != i:
-                    continue
-                indices.append(c.index)
-                if c.index not in sink.done:
-                    yield c
+                if c.index % n == i:
+                    indices.append(c.index)
+                    if c.index not in sink.done:
+                        yield c
 
         bar = tqdm(
             total=total_rows,
             initial=sink.rows_done,
-            unit=unit,
+            unit=UNITS[cfg.command],
             desc=desc,
             disable=not (progress and cfg.progress),
             dynamic_ncols=True,
@@ -188,97 +163,87 @@ def run_chunks(
             file=sys.stderr,
         )
         errors = sink.errors_done
-        written = 0
         try:
-            for index, outs in executor.run(todo()):
+            for written, (index, outs) in enumerate(executor(todo()), 1):
                 rec = sink.write(index, outs)
-                written += 1
-                if interrupt is not None and written == interrupt[0]:
-                    os.kill(os.getpid(), interrupt[1])
-                summary.new_rows += rec["rows"]
+                if cfg.interrupt is not None and written == cfg.interrupt[0]:
+                    os.kill(os.getpid(), cfg.interrupt[1])
+                new_rows += rec["rows"]
                 errors += rec["errors"]
                 bar.update(rec["rows"])
                 bar.set_postfix(errors=errors, refresh=False)
         finally:
             bar.close()
         sink.finish(indices)
-    summary.seconds = time.perf_counter() - t0
-    summary.rows = sink.rows_done
-    summary.errors = sink.errors_done
-    summary.chunks = len(sink.done)
-    return summary
+    seconds = time.perf_counter() - t0
+    return Summary(str(sink.out), sink.rows_done, sink.errors_done, resumed, new_rows, seconds, len(sink.done))
+
+
+def run_job(cfg: JobConfig, start: Callable[[ExitStack], Any], *, desc: str, parts: bool = False) -> Summary:
+    """The job `cfg` (`btfast score` / `embed`) on any executor: plan → decode → compute → sink.
+
+    Checks the input, then `start(stack)` readies the executor (its cleanup on `stack`) and returns the resume
+    header and `begin(id_type) -> (executor, stats)`, called only when the sink is not finished (it may load a
+    model). `parts`: always a folder of Parquet parts (`--ray`)."""
+    from btfast.score.source import source_for
+
+    source = source_for(cfg)
+    source.check()  # a missing column or a wrong image root: fatal, before the model loads or Ray starts
+    with ExitStack() as stack:
+        header, begin = start(stack)
+        parquet = parts or is_url(cfg.out) or output_format(cfg.out) == "parquet"
+        id_type = cfg.id_type(parquet)
+        schema = output_schema(cfg, id_type) if parquet else None
+        sink = stack.enter_context(open_sink(cfg, header, schema, parts))
+        if sink.finished:
+            return run_chunks(cfg, [], sink, LocalExecutor(None, lambda c, x: []))
+        executor, stats = begin(id_type)
+        i, n = cfg.shard
+        chunks = source.chunks(lambda k: k % n == i and k not in sink.done)  # those this run computes
+        total = source.total() if cfg.progress else None
+        total = None if total is None else -(-total // n)
+        summary = run_chunks(cfg, chunks, sink, executor, total_rows=total, desc=desc)
+        truncated = getattr(source, "truncated", None)  # tar shards that ended early: their readable rows were written
+        summary.stats = {**stats, **({"shards_truncated": len(truncated)} if truncated else {})}
+        return summary
 
 
 def local_job(cfg: JobConfig) -> Summary:
-    """Run the `btfast score` or `btfast embed` job `cfg`: this process computes, worker processes decode images."""
+    """The job `cfg` in this process: worker processes decode images, this process computes."""
     from btfast.score.engine import Context, Runtime, compute_chunk
     from btfast.score.loader import ImageLoader
-    from btfast.score.source import source_for
 
-    embed = cfg.command == "embed"
-    source = source_for(cfg)
-    source.check()  # a missing column or a wrong image root: fatal, before the model loads
-    rt = Runtime.of(cfg)
-    parquet = is_url(cfg.out) or output_format(cfg.out) == "parquet"
-    id_type = cfg.id_type(parquet)
-    schema = output_schema(cfg, id_type) if parquet else None
-    sink = open_sink(cfg, rt.header(cfg), schema)
-    images = cfg.image_preprocessor()
-    loader = None
-    try:
-        if sink.finished:
-            return run_chunks(cfg, [], sink, LocalExecutor(None, lambda c, x: []), progress=False)
-        loader = ImageLoader(images, rt.workers)  # the workers start while the model loads
-        ctx = Context.load(cfg.model, cfg.head, rt.device, rt.dtype, images, **cfg.compute(rt.batch_size))
-        total = source.total()
-        with loader:
-            summary = run_chunks(
-                cfg,
-                source.chunks(wanted(cfg, sink)),
-                sink,
-                LocalExecutor(
-                    loader,
-                    lambda c, canvases: compute_chunk(ctx, cfg.command, id_type, c.rows, canvases),
-                    limits=cfg.limits,  # a tar shard is computed in pieces within the chunk limits
-                ),
-                total_rows=None if total is None else -(-total // cfg.shard[1]),
-                desc="embed" if embed else f"score {cfg.head}",
-            )
-        summary.stats = {**ctx.stats, **shard_stats(source)}
-        return summary
-    finally:
-        if loader is not None:
-            loader.close()
-        sink.close()
+    def start(stack: ExitStack) -> Any:
+        rt = Runtime.of(cfg)
+
+        def begin(id_type: str) -> tuple[Run, dict[str, int]]:
+            images = cfg.image_preprocessor()
+            loader = stack.enter_context(ImageLoader(images, rt.workers))  # the workers start while the model loads
+            ctx = Context.load(cfg.model, cfg.head, rt.device, rt.dtype, images, **cfg.compute(rt.batch_size))
+
+            def compute(c: Chunk, canvases: dict[str, Any]) -> list[dict[str, Any]]:
+                return compute_chunk(ctx, cfg.command, id_type, c.rows, canvases)
+
+            return LocalExecutor(loader, compute, limits=cfg.limits), ctx.stats  # a tar shard: in pieces
+
+        return rt.header(cfg), begin
+
+    return run_job(cfg, start, desc="embed" if cfg.command == "embed" else f"score {cfg.head}")
 
 
 def output_schema(cfg: JobConfig, id_type: str) -> Any:
     """The Arrow schema of the job's output rows."""
-    if cfg.command == "embed":
-        return embed_schema()
-    return score_schema(cfg.head, id_type, cfg.with_text)
+    return embed_schema() if cfg.command == "embed" else score_schema(cfg.head, id_type, cfg.with_text)
 
 
-def open_sink(cfg: JobConfig, header: dict[str, Any], schema: Any) -> Sink:
-    """A `.jsonl` / `.parquet` file: `ChunkSink`; a folder URL (s3://bucket/scores/): a folder of Parquet parts,
-    one per chunk or tar shard, each written whole (`btfast.score.parts.PartStore`, on any fsspec store)."""
-    if is_url(cfg.out):
+def open_sink(cfg: JobConfig, header: dict[str, Any], schema: Any, parts: bool = False) -> Sink:
+    """A `.jsonl` / `.parquet` file: `ChunkSink`; a folder URL (s3://bucket/scores/), or any folder with `parts`:
+    a folder of Parquet parts, one per chunk or tar shard, each written whole (`btfast.score.parts.PartStore`)."""
+    if parts or is_url(cfg.out):
         from btfast.score.parts import PartStore
 
         return PartStore(cfg.out, header, overwrite=cfg.overwrite, schema=schema)
     return ChunkSink(cfg.out, header, overwrite=cfg.overwrite, schema=schema)
-
-
-def wanted(cfg: JobConfig, sink: Sink) -> Callable[[int], bool]:
-    """The chunks this run computes: those of its `--shard` that the sink has not recorded."""
-    i, n = cfg.shard
-    return lambda k: k % n == i and k not in sink.done
-
-
-def shard_stats(source: Any) -> dict[str, int]:
-    """`shards truncated` for the summary line (a tar shard that ended early: its readable rows were written)."""
-    truncated = getattr(source, "truncated", None)
-    return {"shards_truncated": len(truncated)} if truncated else {}
 
 
 def default_batch_size(device_type: str) -> int:
@@ -286,13 +251,15 @@ def default_batch_size(device_type: str) -> int:
     return 64 if device_type == "cuda" else 16
 
 
-def _config(command: str, shard: str | None, limits: Limits | None, **kw: Any) -> JobConfig:
-    """The checked job of a Python API call (`score`, `embed`, `retrieve`): paths as strings, defaults filled."""
+def _config(command: str, shard: str | None, limits: Limits | None, check: bool = True, **kw: Any) -> JobConfig:
+    """The job of a Python API call (`score`, `embed`, `retrieve`, `btfast.ray`'s): paths as strings, defaults
+    filled, checked (`check`)."""
     kw = {k: (None if v is None else os.fspath(v)) if k in PATHS else v for k, v in kw.items()}
     if kw.get("max_pixels") is None:
         kw.pop("max_pixels", None)
     cfg = JobConfig(command=command, shard=parse_shard(shard), limits=limits or Limits(), **kw)
-    cfg.check()
+    if check:
+        cfg.check()
     return cfg
 
 
