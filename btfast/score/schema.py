@@ -19,7 +19,10 @@ RETRIEVE = ("direction", "query_row", "query_id", "query", "status", "error", "r
 ROWS = ("row", "id", "kind", "image", "text", "_error", "_key", "_path", "_bytes")
 DECODED = ROWS + ("_canvas", "_h", "_w", "_decode_error")
 
-_FLOATS = {"itm_logit", "itm_prob", "itc_cosine", "itc_logit"}
+# column -> pyarrow type factory (others: string); `_canvas` has 64-bit offsets: a block of canvases may pass 2 GiB
+_TYPES = dict.fromkeys(("itm_logit", "itm_prob", "itc_cosine", "itc_logit"), "float32")
+_TYPES |= dict.fromkeys(("rank", "_h", "_w"), "int32") | {"row": "int64", "query_row": "int64"}
+_TYPES |= {"text_truncated": "bool_", "_bytes": "binary", "_canvas": "large_binary"}
 
 
 def score_columns(head: str, with_text: bool = False) -> tuple[str, ...]:
@@ -32,27 +35,13 @@ def arrow_type(name: str, id_type: str = "string") -> Any:
     """The Arrow type of column `name` (ids: int64 or string, as `id_type` says)."""
     import pyarrow as pa
 
-    if name in _FLOATS:
-        return pa.float32()
-    if name in ("row", "query_row"):
-        return pa.int64()
-    if name == "rank":
-        return pa.int32()
     if name == "id":
         return pa.int64() if id_type == "int" else pa.string()
-    if name == "text_truncated":
-        return pa.bool_()
     if name == "embedding":
         return pa.list_(pa.float32())
-    if name == "_bytes":
-        return pa.binary()
-    if name == "_canvas":  # 64-bit offsets: a block of large canvases may pass 2 GiB
-        return pa.large_binary()
-    if name in ("_h", "_w"):
-        return pa.int32()
     if name == "results":
-        return pa.list_(pa.struct([(c, arrow_type(c, "string")) for c in RESULT]))
-    return pa.string()
+        return pa.list_(pa.struct([(c, arrow_type(c)) for c in RESULT]))
+    return getattr(pa, _TYPES.get(name, "string"))()
 
 
 def arrow_schema(columns: tuple[str, ...], id_type: str = "string") -> Any:

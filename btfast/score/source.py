@@ -4,19 +4,12 @@ A source yields `Row`s (id, image source, text, or the reason the record is unus
 grouped into `Chunk`s. A chunk is the unit of work, of output and of resume: its `index` must depend only on the
 input and the job configuration, so that a resumed or sharded run (shard i of n takes the indices = i mod n) cuts
 the same chunks. Every executor (local worker processes, Ray Data) and every sink takes chunks from a source, so a
-new input kind is one new `Source` class (`ShardsSource`: WebDataset tar shards, one chunk per shard):
-
-    def check(self) -> None: ...                    # fatal input errors, before any model loads
-    def chunks(self, wanted=None) -> Iterator[Chunk]: ...
-    def total(self) -> int | None: ...              # rows, for the progress bar (None: unknown)
-
-`wanted(index)` says which chunks this run will compute (its shard of the job, not yet written): a source that
-can skip reading the others (tar shards on an object store) yields them as empty placeholders, so the driver
-still knows every index of its shard.
+new input kind is one new `Source` class (`ShardsSource`: WebDataset tar shards, one chunk per shard).
 """
 
 from __future__ import annotations
 
+import itertools
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -39,13 +32,12 @@ from btfast.score.rows import (
 
 
 class Source(Protocol):
-    """Records grouped into resumable units of work (see the module doc)."""
-
     def check(self) -> None:
-        """Raise InputError for a problem that would make every row an error (a missing column, a wrong root)."""
+        """InputError, before any model loads, for a problem that would make every row an error (a missing column)."""
 
     def chunks(self, wanted: Callable[[int], bool] | None = None) -> Iterator[Chunk]:
-        """The units of work in order, each with an index that depends only on the input and the job."""
+        """The chunks in order. `wanted(index)`: those this run computes (its shard, not yet written); a source that
+        can skip reading the others (tar shards on an object store) yields them as empty placeholders."""
 
     def total(self) -> int | None:
         """The number of rows (for progress), or None when unknown without reading everything."""
@@ -101,12 +93,10 @@ class ListSource:
         return iter(()) if self.cfg.texts is None else read_texts(self.cfg.texts, text_field=c.text, id_field=c.id)
 
     def chunks(self, wanted: Callable[[int], bool] | None = None) -> Iterator[Chunk]:
-        k = 0
-        for rows in (self._images(), self._texts()):
-            for chunk in plan(rows, self.cfg.limits):
-                chunk.index = k
-                k += 1
-                yield chunk
+        planned = (plan(rows, self.cfg.limits) for rows in (self._images(), self._texts()))
+        for k, chunk in enumerate(itertools.chain.from_iterable(planned)):
+            chunk.index = k
+            yield chunk
 
     def total(self) -> int | None:
         return None
@@ -145,15 +135,13 @@ class ShardsSource:
             raise InputError(f"--shards: {e}") from None
 
     def chunks(self, wanted: Callable[[int], bool] | None = None) -> Iterator[Chunk]:
-        n = len(self.reader.shards)
-        want = [k for k in range(n) if wanted is None or wanted(k)]
-        read = self.reader.read(set(want).__contains__)
+        want = {k for k in range(len(self.reader.shards)) if wanted is None or wanted(k)}
+        read = self.reader.read(want.__contains__)
         failed: list[str] = []
-        for k in range(n):
-            if not want or k != want[0]:
+        for k in range(len(self.reader.shards)):
+            if k not in want:
                 yield Chunk(k)  # not this run's: a placeholder, never computed
                 continue
-            want.pop(0)
             shard = next(read)
             if shard.error is not None:
                 failed.append(f"{shard.name}: {shard.error}")
@@ -181,11 +169,10 @@ class ShardsSource:
         and the queries of `btfast retrieve`."""
         images: list[Row] = []
         texts: list[Row] = []
-        for c in self.chunks():
-            for r in c.rows:
-                side = images if r.kind == "image" else texts
-                r.row = len(side)
-                side.append(r)
+        for r in itertools.chain.from_iterable(c.rows for c in self.chunks()):
+            side = images if r.kind == "image" else texts
+            r.row = len(side)
+            side.append(r)
         return images, texts
 
 
