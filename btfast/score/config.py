@@ -42,10 +42,8 @@ class Columns:
 
 @dataclass(frozen=True)
 class JobConfig:
-    """Everything a scoring / embedding job is: what it reads, how it computes, where it writes.
-
-    `header()` is the part that decides the output's numbers and rows: a rerun resumes only when it is equal.
-    """
+    """Everything a job is: what it reads, how it computes, where it writes. `header()` is the part that decides the
+    output's numbers and rows: a rerun resumes only when it is equal."""
 
     command: str  # "score", "embed" or "retrieve"
     model: str | None  # the model folder (score / embed; retrieve: the ITM folder, or None with --no-rerank)
@@ -174,19 +172,9 @@ class JobConfig:
         )
 
 
-def check_parquet(*paths: str | None) -> None:
-    """Parquet input or output needs pyarrow: say how to install it now, not after the model has loaded."""
-    parquet = [p for p in paths if p and not Path(p).is_dir() and str(p).lower().endswith((".parquet", ".pq"))]
-    if parquet and importlib.util.find_spec("pyarrow") is None:
-        raise UsageError(f"{parquet[0]}: Parquet needs pyarrow, which is not installed: {PYARROW_HINT}")
-
-
 EMBED_KINDS = {"both": ("image", "text"), "images": ("image",), "texts": ("text",)}
 JOB_FIELDS = {f.name for f in dataclasses.fields(JobConfig)}
 INTERRUPT_ENV = "BTFAST_TEST_INTERRUPT"
-
-
-# ---- checks (no heavy imports) -----------------------------------------------------------------------------------
 
 
 def check_model_folder(folder: str | os.PathLike | None, flag: str = "--model") -> None:
@@ -214,6 +202,13 @@ def check_model_folder(folder: str | os.PathLike | None, flag: str = "--model") 
         )
 
 
+def check_parquet(*paths: str | None) -> None:
+    """Parquet input or output needs pyarrow: say how to install it now, not after the model has loaded."""
+    parquet = [p for p in paths if p and not Path(p).is_dir() and str(p).lower().endswith((".parquet", ".pq"))]
+    if parquet and importlib.util.find_spec("pyarrow") is None:
+        raise UsageError(f"{parquet[0]}: Parquet needs pyarrow, which is not installed: {PYARROW_HINT}")
+
+
 def _input_file(path: str | None, flag: str, *, may_be_dir: bool = False) -> None:
     if path is None or is_url(path):  # a URL is read when the job starts (before the model loads)
         return
@@ -233,7 +228,6 @@ def _input_file(path: str | None, flag: str, *, may_be_dir: bool = False) -> Non
 def from_args(command: str, args: argparse.Namespace) -> JobConfig:
     """The checked job of a parsed `btfast score|embed|retrieve` command line; UsageError on a bad argument."""
     get = functools.partial(getattr, args)
-    engine = get("engine", "btfast")
     shards, pairs, images, texts = (get(k, None) for k in ("shards", "pairs", "images", "texts"))
     kinds = EMBED_KINDS[get("embed", "both")]
     if shards is None and pairs is not None and is_shard_spec(pairs):
@@ -250,10 +244,8 @@ def from_args(command: str, args: argparse.Namespace) -> JobConfig:
         fields.update(columns=Columns(get("image_field", "image"), get("text_field", "text"), get("id_field", "id")))
         fields.update(shard=parse_shard(args.shard), max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS)
         limits = Limits(rows=get("chunk_rows", Limits.rows), images=args.chunk_images, texts=args.chunk_texts)
-        fields.update(
-            limits=limits, dedup=not (get("no_dedup", False) or engine == "hf"), progress=not args.no_progress
-        )
-        fields.update(rerank=not get("no_rerank", False), interrupt=interrupt_from_env())
+        fields.update(limits=limits, dedup=not (get("no_dedup", False) or get("engine", "btfast") == "hf"))
+        fields.update(progress=not args.no_progress, rerank=not get("no_rerank", False), interrupt=interrupt_from_env())
         cfg = JobConfig(**fields)
     except ValueError as e:  # --shard, chunk limits
         raise UsageError(str(e)) from None

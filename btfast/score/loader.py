@@ -25,10 +25,8 @@ _PRE: ImagePreprocessor | None = None
 
 
 def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def default_workers() -> int:
@@ -63,9 +61,8 @@ class ImageLoader:
     """`submit(keys, sources)` now, `result(handle)` later → {key: canvas or reason}."""
 
     def __init__(self, pre: ImagePreprocessor, workers: int) -> None:
-        self.pre = pre
-        self.workers = workers
-        self.pool = None
+        self.pre, self.workers = pre, workers
+        self.pool: Any = None
         self._starting: threading.Thread | None = None
         self._error: BaseException | None = None
         if workers > 0:
@@ -75,8 +72,7 @@ class ImageLoader:
 
     def _start(self) -> None:
         try:
-            methods = mp.get_all_start_methods()
-            ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+            ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
             if ctx.get_start_method() == "forkserver":
                 ctx.set_forkserver_preload(["btfast.score.loader"])
             with _main_hidden():
@@ -103,9 +99,8 @@ class ImageLoader:
         return dict(zip(keys, get()))
 
     def close(self) -> None:
-        if self._starting is not None:
-            self._starting.join()
-            self._starting = None
+        with contextlib.suppress(RuntimeError):  # a pool that failed to start: nothing to close
+            self._ready()
         if self.pool is not None:
             self.pool.terminate()
             self.pool.join()

@@ -43,11 +43,7 @@ class Row:
 
 def image_sources(rows: Iterable[Row]) -> dict[str, Any]:
     """Image key → source (a path or bytes) of the valid rows, once per image, in first-appearance order."""
-    out: dict[str, Any] = {}
-    for r in rows:
-        if r.error is None and r.image_key is not None and r.image_key not in out:
-            out[r.image_key] = r.image
-    return out
+    return {r.image_key: r.image for r in rows if r.error is None and r.image_key is not None}  # same key: same image
 
 
 def input_format(path: str | os.PathLike) -> str:
@@ -103,13 +99,14 @@ def count_records(path: str | os.PathLike) -> int:
     """Rows in the file (cheap: Parquet metadata, or a line count), for progress bars and ETAs."""
     fmt = input_format(path)
     if fmt == "parquet":
-        return _parquet_metadata(path).num_rows
+        return parquet_metadata(path).num_rows
     with fs.open_file(path, "rb") as f:
         n = sum(1 for line in f if line.strip())
     return n - 1 if fmt in ("csv", "tsv") and n else n
 
 
-def _parquet_metadata(path: str | os.PathLike) -> Any:
+def parquet_metadata(path: str | os.PathLike) -> Any:
+    """The metadata (rows, schema) of a Parquet file (a path or a URL)."""
     import pyarrow.parquet as pq
 
     with fs.open_file(path, "rb") as raw:
@@ -252,15 +249,12 @@ def read_texts(path: str | os.PathLike, text_field: str = "text", id_field: str 
     return read_rows(path, ImageResolver(None), "text", text_field=text_field, id_field=id_field)
 
 
-# ---- whole-input checks, before any model loads ------------------------------------------------------------------
-
-
 def columns_of(path: str | os.PathLike, sample: int = 1000) -> list[str] | None:
     """The columns of a table input (CSV header, Parquet schema, keys of the first `sample` JSONL records);
     None for a .txt list (one value a line: no columns)."""
     fmt = input_format(path)
     if fmt == "parquet":
-        return list(_parquet_metadata(path).schema.to_arrow_schema().names)
+        return list(parquet_metadata(path).schema.to_arrow_schema().names)
     records = itertools.islice(iter_records(path), sample)
     return None if fmt == "txt" else list(dict.fromkeys(k for rec, _ in records if rec is not None for k in rec))
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from btfast.score.rows import parquet_metadata
+
 BASE = ("row", "id", "image", "status", "error", "text_truncated")
 SCORES = {"itm": ("itm_logit", "itm_prob"), "itc": ("itc_cosine", "itc_logit")}
 EMBED = ("kind", "row", "id", "image", "text", "status", "error", "text_truncated", "embedding")
@@ -71,16 +73,10 @@ def id_type_of(path: str | os.PathLike | None, id_column: str = "id", schema: An
     if schema is None:
         if path is None or not str(path).lower().endswith((".parquet", ".pq")):
             return "string"
-        import pyarrow.parquet as pq
-
-        from btfast.io import fs
-
-        with fs.open_file(path, "rb") as f:
-            schema = pq.read_schema(f)
-    names = list(schema.names)
-    if id_column not in names:
+        schema = parquet_metadata(path).schema.to_arrow_schema()
+    if id_column not in schema.names:
         return "int"
-    t = schema.types[names.index(id_column)]
+    t = schema.types[list(schema.names).index(id_column)]
     try:
         return "int" if pa.types.is_integer(t) else "string"
     except TypeError:  # a non-Arrow type (a numpy dtype)
@@ -91,6 +87,4 @@ def id_value(v: Any, id_type: str) -> Any:
     """An id as its output column holds it ('keep': JSONL, unchanged)."""
     if v is None or id_type == "keep":
         return v
-    if id_type == "int":
-        return int(v)
-    return v if isinstance(v, str) else str(v)
+    return int(v) if id_type == "int" else str(v)

@@ -1,10 +1,16 @@
-"""Sources: where a job's records come from, and how they are cut into units of work.
+"""Sources: where a job's records come from (`Row`s, see `btfast.score.rows`), cut into `Chunk`s.
 
-A source yields `Row`s (id, image source, text, or the reason the record is unusable; see `btfast.score.rows`)
-grouped into `Chunk`s. A chunk is the unit of work, of output and of resume: its `index` must depend only on the
-input and the job configuration, so that a resumed or sharded run (shard i of n takes the indices = i mod n) cuts
-the same chunks. Every executor (local worker processes, Ray Data) and every sink takes chunks from a source, so a
-new input kind is one new `Source` class (`ShardsSource`: WebDataset tar shards, one chunk per shard).
+A chunk is the unit of work, of output and of resume: its `index` must depend only on the input and the job
+configuration, so that a resumed or sharded run (shard i of n takes the indices = i mod n) cuts the same chunks.
+Every executor (local worker processes, Ray Data) and every sink takes chunks from a source, so a new input kind
+is one new class (`ShardsSource`: WebDataset tar shards, one chunk per shard) with:
+
+    def check(self) -> None: ...                    # InputError, before any model loads, for what spoils every row
+    def chunks(self, wanted=None) -> Iterator[Chunk]: ...
+    def total(self) -> int | None: ...              # rows, for the progress bar (None: unknown)
+
+`wanted(index)` says which chunks this run will compute (its shard, not yet written): a source that can skip
+reading the others (tar shards on an object store) yields them as empty placeholders.
 """
 
 from __future__ import annotations
@@ -13,34 +19,12 @@ import itertools
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Protocol
 
 from btfast.io import fs
+from btfast.score import rows as inputs
 from btfast.score.config import JobConfig
 from btfast.score.plan import Chunk, plan
-from btfast.score.rows import (
-    ImageResolver,
-    Row,
-    check_columns,
-    check_image_paths,
-    count_records,
-    input_format,
-    read_images,
-    read_rows,
-    read_texts,
-)
-
-
-class Source(Protocol):
-    def check(self) -> None:
-        """InputError, before any model loads, for a problem that would make every row an error (a missing column)."""
-
-    def chunks(self, wanted: Callable[[int], bool] | None = None) -> Iterator[Chunk]:
-        """The chunks in order. `wanted(index)`: those this run computes (its shard, not yet written); a source that
-        can skip reading the others (tar shards on an object store) yields them as empty placeholders."""
-
-    def total(self) -> int | None:
-        """The number of rows (for progress), or None when unknown without reading everything."""
+from btfast.score.rows import Row
 
 
 class PairsSource:
@@ -48,23 +32,22 @@ class PairsSource:
 
     def __init__(self, cfg: JobConfig) -> None:
         assert cfg.pairs is not None
-        self.cfg = cfg
-        self.path = cfg.pairs
-        self.resolver = ImageResolver(cfg.image_root, base=fs.parent(cfg.pairs))
+        self.cfg, self.path = cfg, cfg.pairs
+        self.resolver = inputs.ImageResolver(cfg.image_root, base=fs.parent(cfg.pairs))
 
     def rows(self) -> Iterator[Row]:
         c = self.cfg.columns
-        return read_rows(self.path, self.resolver, "pair", c.image, c.text, c.id)
+        return inputs.read_rows(self.path, self.resolver, "pair", c.image, c.text, c.id)
 
     def check(self) -> None:
-        check_columns(self.path, {"image": self.cfg.columns.image, "text": self.cfg.columns.text})
-        check_image_paths(self.rows())
+        inputs.check_columns(self.path, {"image": self.cfg.columns.image, "text": self.cfg.columns.text})
+        inputs.check_image_paths(self.rows())
 
     def chunks(self, wanted: Callable[[int], bool] | None = None) -> Iterator[Chunk]:
         return plan(self.rows(), self.cfg.limits)
 
     def total(self) -> int | None:
-        return count_records(self.path)
+        return inputs.count_records(self.path)
 
 
 class ListSource:
@@ -77,20 +60,21 @@ class ListSource:
     def check(self) -> None:
         c, images, texts = self.cfg.columns, self.cfg.images, self.cfg.texts
         if images is not None and Path(images).is_file() and _is_table(images):
-            check_columns(images, {"image": c.image})
-            check_image_paths(self._images())
+            inputs.check_columns(images, {"image": c.image})
+            inputs.check_image_paths(self._images())
         if texts is not None and _is_table(texts):
-            check_columns(texts, {"text": c.text})
+            inputs.check_columns(texts, {"text": c.text})
 
     def _images(self) -> Iterator[Row]:
         if self.cfg.images is None:
             return iter(())
         c = self.cfg.columns
-        return read_images(self.cfg.images, self.cfg.image_root, image_field=c.image, id_field=c.id)
+        return inputs.read_images(self.cfg.images, self.cfg.image_root, image_field=c.image, id_field=c.id)
 
     def _texts(self) -> Iterator[Row]:
-        c = self.cfg.columns
-        return iter(()) if self.cfg.texts is None else read_texts(self.cfg.texts, text_field=c.text, id_field=c.id)
+        if self.cfg.texts is None:
+            return iter(())
+        return inputs.read_texts(self.cfg.texts, text_field=self.cfg.columns.text, id_field=self.cfg.columns.id)
 
     def chunks(self, wanted: Callable[[int], bool] | None = None) -> Iterator[Chunk]:
         planned = (plan(rows, self.cfg.limits) for rows in (self._images(), self._texts()))
@@ -148,18 +132,15 @@ class ShardsSource:
                 continue
             if shard.truncated is not None:
                 self.truncated[shard.name] = shard.truncated
-                print(
-                    f"btfast: warning: shard {shard.name} is truncated ({shard.truncated}); its {len(shard.rows)} "
-                    "readable rows are written",
-                    file=sys.stderr,
-                )
+                why = f"{shard.truncated}); its {len(shard.rows)} readable rows are written"
+                print(f"btfast: warning: shard {shard.name} is truncated ({why}", file=sys.stderr)
             name = shard.name.rpartition("/")[2]
             for r in shard.rows:
                 r.image_name = f"{name}/{r.image_name}" if r.image_name else None
             yield Chunk(k, shard.rows)
         if failed:
-            reasons = "; ".join(failed)
-            raise ShardReadError(f"{len(failed)} shard(s) could not be read; the others are written, rerun: {reasons}")
+            n, reasons = len(failed), "; ".join(failed)
+            raise ShardReadError(f"{n} shard(s) could not be read; the others are written, rerun: {reasons}")
 
     def total(self) -> int | None:
         return None
@@ -176,6 +157,9 @@ class ShardsSource:
         return images, texts
 
 
+Source = PairsSource | ListSource | ShardsSource
+
+
 def source_for(cfg: JobConfig) -> Source:
     """The source of job `cfg`: tar shards, a pairs file (score) or image / text lists (embed)."""
     if cfg.shards is not None:
@@ -185,6 +169,6 @@ def source_for(cfg: JobConfig) -> Source:
 
 def _is_table(path: str) -> bool:
     try:
-        return input_format(path) != "txt"
+        return inputs.input_format(path) != "txt"
     except ValueError:
         return False
