@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from btfast.errors import InputError
 from btfast.io import fs
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".jfif"}
@@ -262,8 +263,6 @@ def columns_of(path: str | os.PathLike, sample: int = 1000) -> list[str] | None:
 def check_columns(path: str | os.PathLike, needed: dict[str, str]) -> None:
     """InputError unless the input has every needed column (`needed`: role -> column name, e.g. "text" -> "caption"):
     a missing one is fatal (every row would be an error), named with the columns seen and the flag to pick one."""
-    from btfast.errors import InputError
-
     cols = columns_of(path)
     for role, name in needed.items():
         if cols and name not in cols:
@@ -276,8 +275,6 @@ def check_columns(path: str | os.PathLike, needed: dict[str, str]) -> None:
 def check_image_paths(rows: Iterator[Row], sample: int = 64) -> None:
     """InputError when none of the first `sample` image paths exists: a wrong --image-root, found before the model
     loads rather than as a job of error rows."""
-    from btfast.errors import InputError
-
     paths = list(itertools.islice((r for r in rows if r.error is None and isinstance(r.image, str)), sample))
     if paths and not any(fs.exists(r.image) for r in paths):  # type: ignore[arg-type]
         raise InputError(

@@ -7,6 +7,7 @@ input's id column is integer (or absent: ids are row numbers), else a string; JS
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -57,12 +58,8 @@ def score_schema(head: str, id_type: str, with_text: bool = False) -> Any:
     return arrow_schema(score_columns(head, with_text), id_type)
 
 
-def embed_schema() -> Any:
-    return arrow_schema(EMBED)
-
-
-def retrieve_schema() -> Any:
-    return arrow_schema(RETRIEVE)
+embed_schema = functools.partial(arrow_schema, EMBED)
+retrieve_schema = functools.partial(arrow_schema, RETRIEVE)
 
 
 def id_type_of(path: str | os.PathLike | None, id_column: str = "id", schema: Any = None) -> str:

@@ -20,6 +20,7 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from btfast.errors import InputError
 from btfast.io import fs
 from btfast.score import rows as inputs
 from btfast.score.config import JobConfig
@@ -61,23 +62,20 @@ class ListSource:
         c, images, texts = self.cfg.columns, self.cfg.images, self.cfg.texts
         if images is not None and Path(images).is_file() and _is_table(images):
             inputs.check_columns(images, {"image": c.image})
-            inputs.check_image_paths(self._images())
+            inputs.check_image_paths(self._rows("image"))
         if texts is not None and _is_table(texts):
             inputs.check_columns(texts, {"text": c.text})
 
-    def _images(self) -> Iterator[Row]:
-        if self.cfg.images is None:
+    def _rows(self, kind: str) -> Iterator[Row]:
+        c, path = self.cfg.columns, self.cfg.images if kind == "image" else self.cfg.texts
+        if path is None:
             return iter(())
-        c = self.cfg.columns
-        return inputs.read_images(self.cfg.images, self.cfg.image_root, image_field=c.image, id_field=c.id)
-
-    def _texts(self) -> Iterator[Row]:
-        if self.cfg.texts is None:
-            return iter(())
-        return inputs.read_texts(self.cfg.texts, text_field=self.cfg.columns.text, id_field=self.cfg.columns.id)
+        if kind == "image":
+            return inputs.read_images(path, self.cfg.image_root, image_field=c.image, id_field=c.id)
+        return inputs.read_texts(path, text_field=c.text, id_field=c.id)
 
     def chunks(self, wanted: Callable[[int], bool] | None = None) -> Iterator[Chunk]:
-        planned = (plan(rows, self.cfg.limits) for rows in (self._images(), self._texts()))
+        planned = (plan(rows, self.cfg.limits) for rows in (self._rows("image"), self._rows("text")))
         for k, chunk in enumerate(itertools.chain.from_iterable(planned)):
             chunk.index = k
             yield chunk
@@ -87,7 +85,7 @@ class ListSource:
 
     def lists(self) -> tuple[list[Row], list[Row]]:
         """(image rows, text rows): the gallery and the queries of `btfast retrieve`."""
-        return list(self._images()), list(self._texts())
+        return list(self._rows("image")), list(self._rows("text"))
 
 
 class ShardReadError(OSError):
@@ -111,8 +109,6 @@ class ShardsSource:
         self.truncated: dict[str, str] = {}  # shard -> why, for the shards read by this run
 
     def check(self) -> None:
-        from btfast.errors import InputError
-
         try:
             self.reader.shards  # noqa: B018 - lists the collection (no shard is read)
         except (OSError, ValueError) as e:
