@@ -5,7 +5,6 @@ partners. Within a window of rows, rows are grouped by image (first appearance o
 greedily into chunks bounded by rows, unique images and unique texts. The plan depends only on the input and
 these bounds, so every run (resumed, sharded or not) cuts the same chunks, and a chunk's numbers depend only on
 the chunk: resumed and sharded runs give the same scores as one uninterrupted run, bit for bit on one device.
-
 Shard i of n takes the chunks whose number is i mod n.
 """
 

@@ -49,7 +49,8 @@ def image_sources(rows: Iterable[Row]) -> dict[str, Any]:
 
 def input_format(path: str | os.PathLike) -> str:
     """'jsonl', 'csv', 'tsv', 'parquet' or 'txt', from the file name."""
-    fmt = FORMATS.get("." + str(path).lower().rpartition(".")[2])
+    name = str(path).lower()
+    fmt = FORMATS.get(name[name.rfind(".") :])  # from the last dot (no dot: the last character, never a suffix)
     if fmt is not None:
         return fmt
     raise ValueError(f"{path}: unknown input format (want .jsonl, .csv, .tsv, .parquet or .txt)")
