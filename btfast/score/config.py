@@ -1,8 +1,6 @@
-"""One frozen job configuration: built from the command line (or the Python API) and checked before torch is
-imported, passed unchanged to the executors and their workers; the resume header is derived from it here only.
-
-Nothing here imports torch, transformers or pyarrow (Pillow and numpy, through btfast.preprocess, are quick): a bad
-argument is refused in a fraction of a second.
+"""One frozen job configuration: built from the command line (or the Python API), checked before torch is imported
+(nothing here imports torch, transformers or pyarrow, so a bad argument is refused in a fraction of a second), passed
+unchanged to the executors and their workers; the resume header is derived from it here only.
 """
 
 from __future__ import annotations
@@ -20,9 +18,10 @@ from typing import Any
 
 from btfast.io.fs import display, is_url
 from btfast.io.shards import is_shard_spec
-from btfast.preprocess import DEFAULT_MAX_PIXELS
+from btfast.preprocess import DEFAULT_MAX_PIXELS, ImagePreprocessor
 from btfast.score.plan import Limits, parse_shard
 from btfast.score.rows import IMAGE_SUFFIXES, input_format
+from btfast.score.schema import id_type_of
 from btfast.score.sink import output_format
 
 PYARROW_HINT = "pip install pyarrow"
@@ -43,10 +42,8 @@ class Columns:
 
 @dataclass(frozen=True)
 class JobConfig:
-    """Everything a scoring / embedding job is: what it reads, how it computes, where it writes.
-
-    `header()` is the part that decides the output's numbers and rows: a rerun resumes only when it is equal.
-    """
+    """Everything a job is: what it reads, how it computes, where it writes. `header()` is the part that decides the
+    output's numbers and rows: a rerun resumes only when it is equal."""
 
     command: str  # "score", "embed" or "retrieve"
     model: str | None  # the model folder (score / embed; retrieve: the ITM folder, or None with --no-rerank)
@@ -89,15 +86,14 @@ class JobConfig:
         """How output ids are typed (`btfast.score.schema`): 'keep' (JSONL score output), 'int' or 'string'."""
         if self.command != "score":
             return "string"
-        if not parquet:
-            return "keep"
-        from btfast.score.schema import id_type_of
-
-        return id_type_of(self.pairs, self.columns.id)
+        return id_type_of(self.pairs, self.columns.id) if parquet else "keep"
 
     def check(self, ray: bool = False) -> None:
         """UsageError for an argument that cannot work, found without importing anything heavy."""
-        fmt = output_format_or_none(self.out)
+        try:
+            fmt: str | None = output_format(self.out)
+        except ValueError:
+            fmt = None
         if ray and fmt == "jsonl":
             raise UsageError(f"--out {self.out}: with --ray the output is a folder of Parquet files; name a folder")
         if is_url(self.out) and fmt is not None:
@@ -119,16 +115,14 @@ class JobConfig:
         given = [f for f, v in (("--pairs", self.pairs), ("--images", self.images), ("--texts", self.texts)) if v]
         if self.shards is not None and given:
             raise UsageError(f"--shards is the whole input: leave out {', '.join(given)}")
-        if self.shards is not None:
-            pass
-        elif self.command == "score":
-            if self.pairs is None:
-                raise UsageError("give --pairs FILE or --shards SHARDS")
-            _input_file(self.pairs, "--pairs")
-        elif self.command == "retrieve" and (self.images is None or self.texts is None):
-            raise UsageError("give --images and --texts, or --shards")
-        elif self.images is None and self.texts is None:
-            raise UsageError("give --images, --texts or both, or --shards")
+        missing, needs = {
+            "score": (self.pairs is None, "give --pairs FILE or --shards SHARDS"),
+            "embed": (self.images is None and self.texts is None, "give --images, --texts or both, or --shards"),
+            "retrieve": (self.images is None or self.texts is None, "give --images and --texts, or --shards"),
+        }[self.command]
+        if self.shards is None and missing:
+            raise UsageError(needs)
+        _input_file(self.pairs, "--pairs")
         _input_file(self.images, "--images", may_be_dir=True)
         _input_file(self.texts, "--texts")
         if self.command == "retrieve":
@@ -146,30 +140,23 @@ class JobConfig:
     def header(self, **resolved: Any) -> dict[str, Any]:
         """The resume header: the job's identity (`resolved`: what the executor decided, e.g. dtype, batch size)."""
 
-        def absolute(p: str | None) -> str | None:  # URLs without credentials (btfast.io.fs.display)
+        def shown(p: str | None) -> str | None:  # absolute; URLs without credentials (btfast.io.fs.display)
             return None if p is None else display(p)
 
         h: dict[str, Any] = {"command": self.command}
         if self.command == "score":
-            h.update(head=self.head, model=absolute(self.model), pairs=absolute(self.pairs))
+            h.update(head=self.head, model=shown(self.model), pairs=shown(self.pairs))
             h.update(fields=list(dataclasses.astuple(self.columns)), dedup=self.dedup, engine=self.engine)
             h.update(with_text=self.with_text)
         elif self.command == "embed":
-            h.update(model=absolute(self.model), images=absolute(self.images), texts=absolute(self.texts))
+            h.update(model=shown(self.model), images=shown(self.images), texts=shown(self.texts))
         else:
-            h.update(itm_model=absolute(self.model) if self.rerank else None)
-            h.update(itc_model=absolute(self.itc_model or self.model))
-            h.update(images=absolute(self.images), texts=absolute(self.texts))
+            h.update(itm_model=shown(self.model) if self.rerank else None)
+            h.update(itc_model=shown(self.itc_model or self.model), images=shown(self.images), texts=shown(self.texts))
             h.update(top_k=self.top_k, chunk_queries=self.chunk_queries)
-        h.update(
-            image_root=absolute(self.image_root),
-            shard=f"{self.shard[0]}/{self.shard[1]}",
-            limits=dataclasses.asdict(self.limits),
-            exact=self.exact,
-            max_pixels=self.max_pixels,
-            exif_orientation=self.exif_orientation,
-            **resolved,
-        )
+        h.update(image_root=shown(self.image_root), shard=f"{self.shard[0]}/{self.shard[1]}")
+        h.update(limits=dataclasses.asdict(self.limits), exact=self.exact, max_pixels=self.max_pixels)
+        h.update(exif_orientation=self.exif_orientation, **resolved)
         if self.shards is not None:
             h.update(shards=display(self.shards), caption_field=self.caption_field, kinds=list(self.shard_kinds()))
         return json.loads(json.dumps(h))
@@ -180,17 +167,14 @@ class JobConfig:
 
     def image_preprocessor(self, folder: str | os.PathLike | None = None) -> Any:
         """The image preprocessor of `folder` (default: the model) with this job's decoding options."""
-        from btfast.preprocess import ImagePreprocessor
-
         return ImagePreprocessor.from_pretrained(
-            folder or self.model,
-            exact=self.exact,
-            max_pixels=self.max_pixels,
-            exif_orientation=self.exif_orientation,
+            folder or self.model, exact=self.exact, max_pixels=self.max_pixels, exif_orientation=self.exif_orientation
         )
 
 
-# ---- checks (no heavy imports) -----------------------------------------------------------------------------------
+EMBED_KINDS = {"both": ("image", "text"), "images": ("image",), "texts": ("text",)}
+JOB_FIELDS = {f.name for f in dataclasses.fields(JobConfig)}
+INTERRUPT_ENV = "BTFAST_TEST_INTERRUPT"
 
 
 def check_model_folder(folder: str | os.PathLike | None, flag: str = "--model") -> None:
@@ -220,34 +204,21 @@ def check_model_folder(folder: str | os.PathLike | None, flag: str = "--model") 
 
 def check_parquet(*paths: str | None) -> None:
     """Parquet input or output needs pyarrow: say how to install it now, not after the model has loaded."""
-    for p in paths:
-        if p is None or Path(p).is_dir():
-            continue
-        try:
-            fmt = input_format(p)
-        except ValueError:
-            continue
-        if fmt == "parquet" and importlib.util.find_spec("pyarrow") is None:
-            raise UsageError(f"{p}: Parquet needs pyarrow, which is not installed: {PYARROW_HINT}")
-
-
-EMBED_KINDS = {"both": ("image", "text"), "images": ("image",), "texts": ("text",)}
+    parquet = [p for p in paths if p and not Path(p).is_dir() and str(p).lower().endswith((".parquet", ".pq"))]
+    if parquet and importlib.util.find_spec("pyarrow") is None:
+        raise UsageError(f"{parquet[0]}: Parquet needs pyarrow, which is not installed: {PYARROW_HINT}")
 
 
 def _input_file(path: str | None, flag: str, *, may_be_dir: bool = False) -> None:
-    if path is None:
-        return
-    if is_url(path):  # read when the job starts (a missing object is reported then, before the model loads)
+    if path is None or is_url(path):  # a URL is read when the job starts (before the model loads)
         return
     p = Path(path)
     if not p.exists():
         raise UsageError(f"{flag} {path}: no such file")
-    if p.is_dir():
-        if may_be_dir:
-            return
-        raise UsageError(f"{flag} {path}: a folder, not a file")
-    if may_be_dir and p.suffix.lower() in IMAGE_SUFFIXES:
+    if may_be_dir and (p.is_dir() or p.suffix.lower() in IMAGE_SUFFIXES):
         return
+    if p.is_dir():
+        raise UsageError(f"{flag} {path}: a folder, not a file")
     try:
         input_format(p)
     except ValueError as e:
@@ -257,7 +228,6 @@ def _input_file(path: str | None, flag: str, *, may_be_dir: bool = False) -> Non
 def from_args(command: str, args: argparse.Namespace) -> JobConfig:
     """The checked job of a parsed `btfast score|embed|retrieve` command line; UsageError on a bad argument."""
     get = functools.partial(getattr, args)
-    engine = get("engine", "btfast")
     shards, pairs, images, texts = (get(k, None) for k in ("shards", "pairs", "images", "texts"))
     kinds = EMBED_KINDS[get("embed", "both")]
     if shards is None and pairs is not None and is_shard_spec(pairs):
@@ -269,49 +239,23 @@ def from_args(command: str, args: argparse.Namespace) -> JobConfig:
         shards, images, texts, kinds = next(iter(tars.values())), None, None, tuple(tars)
     same = {k: v for k, v in vars(args).items() if k in JOB_FIELDS}  # flags named as the field they set
     try:
-        cfg = JobConfig(
-            **{
-                **same,
-                "command": command,
-                "head": {"score": get("head", "itm"), "embed": "itc"}.get(command, "itm"),
-                "pairs": pairs,
-                "shards": shards,
-                "embed_kinds": kinds,
-                "images": images,
-                "texts": texts,
-                "columns": Columns(get("image_field", "image"), get("text_field", "text"), get("id_field", "id")),
-                "shard": parse_shard(args.shard),
-                "limits": Limits(rows=get("chunk_rows", Limits.rows), images=args.chunk_images, texts=args.chunk_texts),
-                "max_pixels": args.max_pixels or DEFAULT_MAX_PIXELS,
-                "dedup": not (get("no_dedup", False) or engine == "hf"),
-                "progress": not args.no_progress,
-                "rerank": not get("no_rerank", False),
-                "interrupt": interrupt_from_env(),
-            }
-        )
+        fields = dict(same, command=command, head={"score": get("head", "itm"), "embed": "itc"}.get(command, "itm"))
+        fields.update(pairs=pairs, shards=shards, embed_kinds=kinds, images=images, texts=texts)
+        fields.update(columns=Columns(get("image_field", "image"), get("text_field", "text"), get("id_field", "id")))
+        fields.update(shard=parse_shard(args.shard), max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS)
+        limits = Limits(rows=get("chunk_rows", Limits.rows), images=args.chunk_images, texts=args.chunk_texts)
+        fields.update(limits=limits, dedup=not (get("no_dedup", False) or get("engine", "btfast") == "hf"))
+        fields.update(progress=not args.no_progress, rerank=not get("no_rerank", False), interrupt=interrupt_from_env())
+        cfg = JobConfig(**fields)
     except ValueError as e:  # --shard, chunk limits
         raise UsageError(str(e)) from None
     cfg.check(ray=get("ray", False))
     return cfg
 
 
-JOB_FIELDS = {f.name for f in dataclasses.fields(JobConfig)}
-
-
-def output_format_or_none(path: str) -> str | None:
-    try:
-        return output_format(path)
-    except ValueError:
-        return None
-
-
-INTERRUPT_ENV = "BTFAST_TEST_INTERRUPT"
-
-
 def interrupt_from_env() -> tuple[int, int] | None:
-    """The test-only interruption hook, read from the command's environment: BTFAST_TEST_INTERRUPT=N:KILL makes the
-    job SIGKILL itself once N chunks of this run are durable; N:STOP makes it SIGSTOP itself there, for the test to
-    `kill -9` it from outside. A kill -9 test then interrupts at a known point on any machine, however fast."""
+    """Test hook: BTFAST_TEST_INTERRUPT=N:KILL (or N:STOP, for the test to `kill -9` it) makes the job signal itself
+    once N chunks of this run are durable: a kill -9 test interrupts at a known point on any machine, however fast."""
     v = os.environ.get(INTERRUPT_ENV)
     if not v:
         return None

@@ -9,6 +9,7 @@ forks cheap workers from it. `workers=0` decodes in the calling process.
 from __future__ import annotations
 
 import contextlib
+import functools
 import multiprocessing as mp
 import os
 import sys
@@ -24,10 +25,8 @@ _PRE: ImagePreprocessor | None = None
 
 
 def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def default_workers() -> int:
@@ -41,44 +40,29 @@ def _init(pre: ImagePreprocessor) -> None:
 
 
 def _load(source: Any) -> np.ndarray | str:
-    assert _PRE is not None
-    return _PRE.load_or_reason(source)
+    return _PRE.load_or_reason(source)  # type: ignore[union-attr]
 
 
 @contextlib.contextmanager
 def _main_hidden() -> Iterator[None]:
-    """Start workers without re-running the caller's `__main__` in them.
-
-    forkserver and spawn children import the parent's main script or module: a script calling `score()` without
-    an `if __name__ == "__main__":` guard would run again in every worker (and start pools of its own). The
-    workers need only this module, so the main module's file and spec are hidden while they start.
-    """
-    main = sys.modules.get("__main__")
-    if main is None:
-        yield
-        return
-    missing = object()
-    saved_file = main.__dict__.get("__file__", missing)
-    saved_spec = main.__dict__.get("__spec__", missing)
+    """Start workers without re-running the caller's `__main__` in them: forkserver and spawn children import the
+    parent's main script or module, so a script calling `score()` without an `if __name__ == "__main__":` guard would
+    run again in every worker. The workers need only this module: the main module's file and spec are hidden."""
+    main = getattr(sys.modules.get("__main__"), "__dict__", {})
+    saved = {k: main.pop(k) for k in ("__file__", "__spec__") if k in main}
+    main["__spec__"] = None
     try:
-        if saved_file is not missing:
-            del main.__file__
-        main.__spec__ = None
         yield
     finally:
-        if saved_file is not missing:
-            main.__file__ = saved_file  # type: ignore[assignment]
-        if saved_spec is not missing:
-            main.__spec__ = saved_spec  # type: ignore[assignment]
+        main.update(saved)
 
 
 class ImageLoader:
     """`submit(keys, sources)` now, `result(handle)` later → {key: canvas or reason}."""
 
     def __init__(self, pre: ImagePreprocessor, workers: int) -> None:
-        self.pre = pre
-        self.workers = workers
-        self.pool = None
+        self.pre, self.workers = pre, workers
+        self.pool: Any = None
         self._starting: threading.Thread | None = None
         self._error: BaseException | None = None
         if workers > 0:
@@ -88,8 +72,7 @@ class ImageLoader:
 
     def _start(self) -> None:
         try:
-            methods = mp.get_all_start_methods()
-            ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+            ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
             if ctx.get_start_method() == "forkserver":
                 ctx.set_forkserver_preload(["btfast.score.loader"])
             with _main_hidden():
@@ -105,20 +88,19 @@ class ImageLoader:
                 raise RuntimeError(f"cannot start image worker processes: {self._error}") from self._error
 
     def submit(self, keys: Sequence[str], sources: Sequence[Any]) -> tuple[list[str], Any]:
-        if self.workers == 0:
-            return list(keys), _Lazy(self.pre, list(sources))
+        if self.workers == 0:  # in this process, when the result is asked for (so `submit` never blocks)
+            return list(keys), functools.partial(list, map(self.pre.load_or_reason, list(sources)))
         self._ready()
         chunksize = max(1, min(16, len(sources) // (4 * self.workers) or 1))
-        return list(keys), self.pool.map_async(_load, sources, chunksize=chunksize)
+        return list(keys), self.pool.map_async(_load, sources, chunksize=chunksize).get
 
     def result(self, handle: tuple[list[str], Any]) -> dict[str, np.ndarray | str]:
-        keys, res = handle
-        return dict(zip(keys, res.get()))
+        keys, get = handle
+        return dict(zip(keys, get()))
 
     def close(self) -> None:
-        if self._starting is not None:
-            self._starting.join()
-            self._starting = None
+        with contextlib.suppress(RuntimeError):  # a pool that failed to start: nothing to close
+            self._ready()
         if self.pool is not None:
             self.pool.terminate()
             self.pool.join()
@@ -129,15 +111,3 @@ class ImageLoader:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-class _Lazy:
-    """In-process loading, done when the result is asked for (so `submit` never blocks the pipeline)."""
-
-    def __init__(self, pre: ImagePreprocessor, sources: list[Any]) -> None:
-        self.pre, self.sources = pre, sources
-
-    def get(self) -> list[Any]:
-        global _PRE
-        _PRE = self.pre
-        return [_load(s) for s in self.sources]

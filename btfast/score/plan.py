@@ -5,7 +5,6 @@ partners. Within a window of rows, rows are grouped by image (first appearance o
 greedily into chunks bounded by rows, unique images and unique texts. The plan depends only on the input and
 these bounds, so every run (resumed, sharded or not) cuts the same chunks, and a chunk's numbers depend only on
 the chunk: resumed and sharded runs give the same scores as one uninterrupted run, bit for bit on one device.
-
 Shard i of n takes the chunks whose number is i mod n.
 """
 
@@ -15,6 +14,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from btfast.preprocess import iter_chunks
 from btfast.score.rows import Row, image_sources
 
 
@@ -38,7 +38,7 @@ class Chunk:
 
     @property
     def images(self) -> dict[str, Any]:
-        """Image key → source (a path or bytes) of the valid rows, once per image, in first-appearance order."""
+        """`image_sources` of the rows: key → source, once per image."""
         return image_sources(self.rows)
 
 
@@ -57,20 +57,11 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
 
 def plan(rows: Iterable[Row], limits: Limits, text_key=None) -> Iterator[Chunk]:
     """Chunks of `rows` (see the module doc). `text_key(row)` names a text for dedup (default: the text)."""
-    text_key = text_key or (lambda r: r.text)
     index = 0
-    window: list[Row] = []
-    for r in rows:
-        window.append(r)
-        if len(window) >= limits.window:
-            for c in _pack(window, limits, text_key, index):
-                index += 1
-                yield c
-            window = []
-    if window:
-        for c in _pack(window, limits, text_key, index):
-            index += 1
+    for window in iter_chunks(rows, limits.window):
+        for c in _pack(window, limits, text_key or (lambda r: r.text), index):
             yield c
+        index = c.index + 1
 
 
 def _pack(window: list[Row], limits: Limits, text_key, start: int) -> Iterator[Chunk]:
@@ -78,17 +69,7 @@ def _pack(window: list[Row], limits: Limits, text_key, start: int) -> Iterator[C
     for r in window:
         key = ("img", r.image_key) if r.error is None and r.image_key is not None else ("row", r.row)
         groups.setdefault(key, []).append(r)
-    cur = Chunk(start)
-    images: set[str] = set()
-    texts: set[object] = set()
-
-    def close() -> Chunk:
-        nonlocal cur, images, texts
-        done = cur
-        cur = Chunk(done.index + 1)
-        images, texts = set(), set()
-        return done
-
+    cur, images, texts = Chunk(start), set[str](), set[object]()
     for (kind, _), group in groups.items():
         if kind == "img":
             new_texts = {text_key(r) for r in group if r.text is not None}
@@ -99,7 +80,8 @@ def _pack(window: list[Row], limits: Limits, text_key, start: int) -> Iterator[C
                 and len(texts | new_texts) <= limits.texts
             )
             if not fits and cur.rows and len(cur.rows) * 2 >= limits.rows:
-                yield close()
+                yield cur
+                cur, images, texts = Chunk(cur.index + 1), set(), set()
         for r in group:
             tk = text_key(r) if r.error is None and r.text is not None else None
             ik = r.image_key if r.error is None else None
@@ -109,7 +91,8 @@ def _pack(window: list[Row], limits: Limits, text_key, start: int) -> Iterator[C
                 or (tk is not None and tk not in texts and len(texts) + 1 > limits.texts)
             )
             if over and cur.rows:
-                yield close()
+                yield cur
+                cur, images, texts = Chunk(cur.index + 1), set(), set()
             cur.rows.append(r)
             if ik is not None:
                 images.add(ik)

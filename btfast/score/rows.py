@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import json
 import os
 import posixpath
@@ -19,9 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from btfast.errors import InputError
 from btfast.io import fs
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".jfif"}
+FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
+FORMATS.update({".parquet": "parquet", ".pq": "parquet", ".txt": "txt"})
 
 
 @dataclass
@@ -40,28 +44,15 @@ class Row:
 
 def image_sources(rows: Iterable[Row]) -> dict[str, Any]:
     """Image key → source (a path or bytes) of the valid rows, once per image, in first-appearance order."""
-    out: dict[str, Any] = {}
-    for r in rows:
-        if r.error is None and r.image_key is not None and r.image_key not in out:
-            out[r.image_key] = r.image
-    return out
+    return {r.image_key: r.image for r in rows if r.error is None and r.image_key is not None}  # same key: same image
 
 
 def input_format(path: str | os.PathLike) -> str:
-    """'jsonl', 'csv', 'parquet' or 'txt', from the file name."""
+    """'jsonl', 'csv', 'tsv', 'parquet' or 'txt', from the file name."""
     name = str(path).lower()
-    for suffix, fmt in (
-        (".jsonl", "jsonl"),
-        (".ndjson", "jsonl"),
-        (".json", "jsonl"),
-        (".csv", "csv"),
-        (".tsv", "tsv"),
-        (".parquet", "parquet"),
-        (".pq", "parquet"),
-        (".txt", "txt"),
-    ):
-        if name.endswith(suffix):
-            return fmt
+    fmt = FORMATS.get(name[name.rfind(".") :])  # from the last dot (no dot: the last character, never a suffix)
+    if fmt is not None:
+        return fmt
     raise ValueError(f"{path}: unknown input format (want .jsonl, .csv, .tsv, .parquet or .txt)")
 
 
@@ -72,34 +63,24 @@ def iter_records(
     fmt = input_format(path)
     if fmt == "jsonl":
         with fs.open_file(path, "rb") as f:
-            for raw in f:
-                line = raw.strip()
-                if not line:
-                    continue  # blank lines are not rows
+            for line in filter(None, (raw.strip() for raw in f)):  # blank lines are not rows
                 try:
                     rec = json.loads(line)
                 except (ValueError, UnicodeDecodeError) as e:
                     yield None, f"malformed JSON: {e}"
                     continue
-                if not isinstance(rec, dict):
-                    yield None, f"malformed row: a JSON {type(rec).__name__}, not an object"
-                    continue
-                yield rec, None
+                bad = f"malformed row: a JSON {type(rec).__name__}, not an object"
+                yield (rec, None) if isinstance(rec, dict) else (None, bad)
     elif fmt in ("csv", "tsv"):
         csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
         with _text(path, newline="") as f:
             reader = csv.reader(f, delimiter="\t" if fmt == "tsv" else ",")
-            header = next(reader, None)
-            if header is None:
-                return
-            header = [h.strip() for h in header]
-            for fields in reader:
-                if not fields:
-                    continue
-                if len(fields) != len(header):
+            header = [h.strip() for h in next(reader, [])]
+            for fields in filter(None, reader):
+                if len(fields) == len(header):
+                    yield dict(zip(header, fields)), None
+                else:
                     yield None, f"malformed row: {len(fields)} fields, the header has {len(header)}"
-                    continue
-                yield dict(zip(header, fields)), None
     elif fmt == "parquet":
         import pyarrow.parquet as pq
 
@@ -108,10 +89,7 @@ def iter_records(
                 yield from ((rec, None) for rec in batch.to_pylist())
     else:  # txt: one value per line, for image lists and text lists
         with _text(path) as f:
-            for line in f:
-                line = line.rstrip("\n").rstrip("\r")
-                if line.strip():
-                    yield {text_field: line}, None
+            yield from (({text_field: line.rstrip("\n").rstrip("\r")}, None) for line in f if line.strip())
 
 
 def _text(path: str | os.PathLike, newline: str | None = None) -> io.TextIOWrapper:
@@ -123,16 +101,18 @@ def count_records(path: str | os.PathLike) -> int:
     """Rows in the file (cheap: Parquet metadata, or a line count), for progress bars and ETAs."""
     fmt = input_format(path)
     if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        with fs.open_file(path, "rb") as raw:
-            return pq.ParquetFile(raw).metadata.num_rows
-    n = 0
+        return parquet_metadata(path).num_rows
     with fs.open_file(path, "rb") as f:
-        for line in f:
-            if line.strip():
-                n += 1
+        n = sum(1 for line in f if line.strip())
     return n - 1 if fmt in ("csv", "tsv") and n else n
+
+
+def parquet_metadata(path: str | os.PathLike) -> Any:
+    """The metadata (rows, schema) of a Parquet file (a path or a URL)."""
+    import pyarrow.parquet as pq
+
+    with fs.open_file(path, "rb") as raw:
+        return pq.read_metadata(raw)
 
 
 class ImageResolver:
@@ -150,16 +130,17 @@ class ImageResolver:
         self.root = where.rstrip("/") if self.url else os.path.abspath(where)
 
     def __call__(self, value: Any) -> tuple[str | bytes, str, str]:
+        if isinstance(value, dict):  # HF datasets Image(): {"bytes": ..., "path": ...}
+            if isinstance(value.get("bytes"), (bytes, bytearray)):
+                value = value["bytes"]
+            elif isinstance(value.get("path"), str):
+                value = value["path"]
         if isinstance(value, (bytes, bytearray, memoryview)):
             data = bytes(value)
             if not data:
                 raise ValueError("empty image bytes")
             key = "sha1:" + hashlib.sha1(data).hexdigest()
             return data, key, key
-        if isinstance(value, dict) and isinstance(value.get("bytes"), (bytes, bytearray)):  # HF datasets Image()
-            return self(value["bytes"])
-        if isinstance(value, dict) and isinstance(value.get("path"), str):
-            value = value["path"]
         if not isinstance(value, str):
             raise ValueError(f"image must be a path string or bytes, got {type(value).__name__}")
         name = value.strip()
@@ -167,36 +148,26 @@ class ImageResolver:
             raise ValueError("empty image path")
         if "\x00" in name:
             raise ValueError("image path contains a NUL byte")
-        if fs.is_url(name) or self.url:
-            return self._url(name, value)
-        path = os.path.abspath(os.path.join(self.root, name))
-        if self.confine and not (path == self.root or path.startswith(self.root.rstrip(os.sep) + os.sep)):
+        if fs.is_url(name) or (self.url and name.startswith("/")):  # a URL, or a path with a URL root: outside it
+            where, inside = (name if fs.is_url(name) else os.path.abspath(name)), False
+        elif self.url:  # a relative name under a root (or list) that is a URL: read via fsspec
+            scheme, _, folder = self.root.partition("://")
+            folder = "/" + folder.strip("/")
+            joined = posixpath.normpath(posixpath.join(folder, name))
+            where, inside = f"{scheme}://{joined.lstrip('/')}", joined.startswith(folder.rstrip("/") + "/")
+        else:
+            where = os.path.abspath(os.path.join(self.root, name))
+            inside = where == self.root or where.startswith(self.root.rstrip(os.sep) + os.sep)
+        if self.confine and not inside:
             raise ValueError(f"image path leaves --image-root: {name}")
-        return path, path, value
-
-    def _url(self, name: str, value: str) -> tuple[str, str, str]:
-        """An image named by a URL, or by a relative name under a root (or list) that is a URL: read via fsspec."""
-        if fs.is_url(name) or name.startswith("/"):
-            if self.confine:
-                raise ValueError(f"image path leaves --image-root: {name}")
-            where = name if fs.is_url(name) else os.path.abspath(name)
-            return where, where, value
-        scheme, _, folder = self.root.partition("://")
-        folder = "/" + folder.strip("/")
-        joined = posixpath.normpath(posixpath.join(folder, name))
-        if self.confine and not joined.startswith(folder.rstrip("/") + "/"):
-            raise ValueError(f"image path leaves --image-root: {name}")
-        url = f"{scheme}://{joined.lstrip('/')}"
-        return url, url, value
+        return where, where, value
 
 
 def _id_of(rec: dict[str, Any], id_field: str, row: int | None) -> Any:
     v = rec.get(id_field)
     if v is None or v == "":
         return row
-    if isinstance(v, (str, int, float, bool)):
-        return v
-    return json.dumps(v, default=str)
+    return v if isinstance(v, (str, int, float, bool)) else json.dumps(v, default=str)
 
 
 def parse_record(
@@ -215,12 +186,23 @@ def parse_record(
     if rec is None:
         return Row(row=row, id=row, error=f"row: {error}", kind=kind)
     r = Row(row=row, id=_id_of(rec, id_field, row), kind=kind)
-    if kind in ("pair", "image"):
-        r.error = _set_image(r, rec, image_field, resolver)
+    image, text = rec.get(image_field), rec.get(text_field)
+    if kind in ("pair", "image") and image is None:
+        r.error = f"row: missing field '{image_field}'"
+    elif kind in ("pair", "image"):
+        try:
+            r.image, r.image_key, r.image_name = resolver(image)
+        except ValueError as e:
+            r.image_name = image if isinstance(image, str) else None
+            r.error = f"image: {e}"
     if kind in ("pair", "text"):
-        r.error = r.error or _set_text(r, rec, text_field)
-        if r.text is None and isinstance(rec.get(text_field), str):
-            r.text = rec[text_field]
+        r.text = text if isinstance(text, str) else None
+        if r.error is None and text is None:
+            r.error = f"row: missing field '{text_field}'"
+        elif r.error is None and not isinstance(text, str):
+            r.error = f"text: must be a string, got {type(text).__name__}"
+        elif r.error is None and not text.strip():
+            r.error = "text: empty"
     return r
 
 
@@ -261,9 +243,7 @@ def read_images(
     else:  # a single image file
         resolver, files = ImageResolver(None, p.parent), [p.name]
     for i, name in enumerate(files):
-        r = Row(row=i, id=name, kind="image")
-        r.error = _set_image(r, {image_field: name}, image_field, resolver)
-        yield r
+        yield parse_record({image_field: name, id_field: name}, i, resolver, "image", image_field, id_field=id_field)
 
 
 def read_texts(path: str | os.PathLike, text_field: str = "text", id_field: str = "id") -> Iterator[Row]:
@@ -271,85 +251,34 @@ def read_texts(path: str | os.PathLike, text_field: str = "text", id_field: str 
     return read_rows(path, ImageResolver(None), "text", text_field=text_field, id_field=id_field)
 
 
-def _set_image(r: Row, rec: dict[str, Any], field: str, resolver: ImageResolver) -> str | None:
-    if field not in rec or rec[field] is None:
-        return f"row: missing field '{field}'"
-    try:
-        r.image, r.image_key, r.image_name = resolver(rec[field])
-    except ValueError as e:
-        r.image_name = rec[field] if isinstance(rec[field], str) else None
-        return f"image: {e}"
-    return None
-
-
-def _set_text(r: Row, rec: dict[str, Any], field: str) -> str | None:
-    if field not in rec or rec[field] is None:
-        return f"row: missing field '{field}'"
-    t = rec[field]
-    if not isinstance(t, str):
-        return f"text: must be a string, got {type(t).__name__}"
-    if not t.strip():
-        return "text: empty"
-    r.text = t
-    return None
-
-
-# ---- whole-input checks, before any model loads ------------------------------------------------------------------
-
-COLUMN_FLAGS = {"image": "--image-column", "text": "--text-column", "id": "--id-column"}
-
-
 def columns_of(path: str | os.PathLike, sample: int = 1000) -> list[str] | None:
     """The columns of a table input (CSV header, Parquet schema, keys of the first `sample` JSONL records);
     None for a .txt list (one value a line: no columns)."""
     fmt = input_format(path)
-    if fmt == "txt":
-        return None
     if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        with fs.open_file(path, "rb") as raw:
-            return list(pq.read_schema(raw).names)
-    seen: dict[str, None] = {}
-    for k, (rec, _) in enumerate(iter_records(path)):
-        if k >= sample:
-            break
-        if rec is not None:
-            seen.update(dict.fromkeys(rec))
-    return list(seen)
+        return list(parquet_metadata(path).schema.to_arrow_schema().names)
+    records = itertools.islice(iter_records(path), sample)
+    return None if fmt == "txt" else list(dict.fromkeys(k for rec, _ in records if rec is not None for k in rec))
 
 
 def check_columns(path: str | os.PathLike, needed: dict[str, str]) -> None:
-    """InputError unless the input has every needed column (`needed`: role -> column name, e.g. "text" -> "caption").
-
-    A missing column is fatal (every row would be an error): it names the columns seen and the flag to pick one."""
-    from btfast.errors import InputError
-
+    """InputError unless the input has every needed column (`needed`: role -> column name, e.g. "text" -> "caption"):
+    a missing one is fatal (every row would be an error), named with the columns seen and the flag to pick one."""
     cols = columns_of(path)
-    if cols is None or not cols:
-        return
     for role, name in needed.items():
-        if name not in cols:
-            flag = COLUMN_FLAGS[role]
+        if cols and name not in cols:
             raise InputError(
-                f"{path} has no column '{name}' for the {role} (columns: {', '.join(cols)}); pick one with {flag}"
+                f"{path} has no column '{name}' for the {role} (columns: {', '.join(cols)}); "
+                f"pick one with --{role}-column"
             )
 
 
 def check_image_paths(rows: Iterator[Row], sample: int = 64) -> None:
     """InputError when none of the first `sample` image paths exists: a wrong --image-root, found before the model
     loads rather than as a job of error rows."""
-    from btfast.errors import InputError
-
-    paths = []
-    for r in rows:
-        if r.error is None and isinstance(r.image, str):
-            paths.append(r)
-            if len(paths) >= sample:
-                break
+    paths = list(itertools.islice((r for r in rows if r.error is None and isinstance(r.image, str)), sample))
     if paths and not any(fs.exists(r.image) for r in paths):  # type: ignore[arg-type]
-        r = paths[0]
         raise InputError(
-            f"none of the first {len(paths)} images exists (e.g. {r.image_name!r} -> {r.image}): "
+            f"none of the first {len(paths)} images exists (e.g. {paths[0].image_name!r} -> {paths[0].image}): "
             "give the folder the paths are relative to with --image-root"
         )

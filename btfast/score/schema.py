@@ -7,8 +7,11 @@ input's id column is integer (or absent: ids are row numbers), else a string; JS
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
+
+from btfast.score.rows import parquet_metadata
 
 BASE = ("row", "id", "image", "status", "error", "text_truncated")
 SCORES = {"itm": ("itm_logit", "itm_prob"), "itc": ("itc_cosine", "itc_logit")}
@@ -19,7 +22,10 @@ RETRIEVE = ("direction", "query_row", "query_id", "query", "status", "error", "r
 ROWS = ("row", "id", "kind", "image", "text", "_error", "_key", "_path", "_bytes")
 DECODED = ROWS + ("_canvas", "_h", "_w", "_decode_error")
 
-_FLOATS = {"itm_logit", "itm_prob", "itc_cosine", "itc_logit"}
+# column -> pyarrow type factory (others: string); `_canvas` has 64-bit offsets: a block of canvases may pass 2 GiB
+_TYPES = dict.fromkeys(("itm_logit", "itm_prob", "itc_cosine", "itc_logit"), "float32")
+_TYPES |= dict.fromkeys(("rank", "_h", "_w"), "int32") | {"row": "int64", "query_row": "int64"}
+_TYPES |= {"text_truncated": "bool_", "_bytes": "binary", "_canvas": "large_binary"}
 
 
 def score_columns(head: str, with_text: bool = False) -> tuple[str, ...]:
@@ -32,27 +38,13 @@ def arrow_type(name: str, id_type: str = "string") -> Any:
     """The Arrow type of column `name` (ids: int64 or string, as `id_type` says)."""
     import pyarrow as pa
 
-    if name in _FLOATS:
-        return pa.float32()
-    if name in ("row", "query_row"):
-        return pa.int64()
-    if name == "rank":
-        return pa.int32()
     if name == "id":
         return pa.int64() if id_type == "int" else pa.string()
-    if name == "text_truncated":
-        return pa.bool_()
     if name == "embedding":
         return pa.list_(pa.float32())
-    if name == "_bytes":
-        return pa.binary()
-    if name == "_canvas":  # 64-bit offsets: a block of large canvases may pass 2 GiB
-        return pa.large_binary()
-    if name in ("_h", "_w"):
-        return pa.int32()
     if name == "results":
-        return pa.list_(pa.struct([(c, arrow_type(c, "string")) for c in RESULT]))
-    return pa.string()
+        return pa.list_(pa.struct([(c, arrow_type(c)) for c in RESULT]))
+    return getattr(pa, _TYPES.get(name, "string"))()
 
 
 def arrow_schema(columns: tuple[str, ...], id_type: str = "string") -> Any:
@@ -66,12 +58,8 @@ def score_schema(head: str, id_type: str, with_text: bool = False) -> Any:
     return arrow_schema(score_columns(head, with_text), id_type)
 
 
-def embed_schema() -> Any:
-    return arrow_schema(EMBED)
-
-
-def retrieve_schema() -> Any:
-    return arrow_schema(RETRIEVE)
+embed_schema = functools.partial(arrow_schema, EMBED)
+retrieve_schema = functools.partial(arrow_schema, RETRIEVE)
 
 
 def id_type_of(path: str | os.PathLike | None, id_column: str = "id", schema: Any = None) -> str:
@@ -82,16 +70,10 @@ def id_type_of(path: str | os.PathLike | None, id_column: str = "id", schema: An
     if schema is None:
         if path is None or not str(path).lower().endswith((".parquet", ".pq")):
             return "string"
-        import pyarrow.parquet as pq
-
-        from btfast.io import fs
-
-        with fs.open_file(path, "rb") as f:
-            schema = pq.read_schema(f)
-    names = list(schema.names)
-    if id_column not in names:
+        schema = parquet_metadata(path).schema.to_arrow_schema()
+    if id_column not in schema.names:
         return "int"
-    t = schema.types[names.index(id_column)]
+    t = schema.types[list(schema.names).index(id_column)]
     try:
         return "int" if pa.types.is_integer(t) else "string"
     except TypeError:  # a non-Arrow type (a numpy dtype)
@@ -102,6 +84,4 @@ def id_value(v: Any, id_type: str) -> Any:
     """An id as its output column holds it ('keep': JSONL, unchanged)."""
     if v is None or id_type == "keep":
         return v
-    if id_type == "int":
-        return int(v)
-    return v if isinstance(v, str) else str(v)
+    return int(v) if id_type == "int" else str(v)

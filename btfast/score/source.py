@@ -1,54 +1,31 @@
-"""Sources: where a job's records come from, and how they are cut into units of work.
+"""Sources: where a job's records come from (`Row`s, see `btfast.score.rows`), cut into `Chunk`s.
 
-A source yields `Row`s (id, image source, text, or the reason the record is unusable; see `btfast.score.rows`)
-grouped into `Chunk`s. A chunk is the unit of work, of output and of resume: its `index` must depend only on the
-input and the job configuration, so that a resumed or sharded run (shard i of n takes the indices = i mod n) cuts
-the same chunks. Every executor (local worker processes, Ray Data) and every sink takes chunks from a source, so a
-new input kind is one new `Source` class (`ShardsSource`: WebDataset tar shards, one chunk per shard):
+A chunk is the unit of work, of output and of resume: its `index` must depend only on the input and the job
+configuration, so that a resumed or sharded run (shard i of n takes the indices = i mod n) cuts the same chunks.
+Every executor (local worker processes, Ray Data) and every sink takes chunks from a source, so a new input kind
+is one new class (`ShardsSource`: WebDataset tar shards, one chunk per shard) with:
 
-    def check(self) -> None: ...                    # fatal input errors, before any model loads
+    def check(self) -> None: ...                    # InputError, before any model loads, for what spoils every row
     def chunks(self, wanted=None) -> Iterator[Chunk]: ...
     def total(self) -> int | None: ...              # rows, for the progress bar (None: unknown)
 
-`wanted(index)` says which chunks this run will compute (its shard of the job, not yet written): a source that
-can skip reading the others (tar shards on an object store) yields them as empty placeholders, so the driver
-still knows every index of its shard.
+`wanted(index)` says which chunks this run will compute (its shard, not yet written): a source that can skip
+reading the others (tar shards on an object store) yields them as empty placeholders.
 """
 
 from __future__ import annotations
 
+import itertools
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Protocol
 
+from btfast.errors import InputError
 from btfast.io import fs
+from btfast.score import rows as inputs
 from btfast.score.config import JobConfig
 from btfast.score.plan import Chunk, plan
-from btfast.score.rows import (
-    ImageResolver,
-    Row,
-    check_columns,
-    check_image_paths,
-    count_records,
-    input_format,
-    read_images,
-    read_rows,
-    read_texts,
-)
-
-
-class Source(Protocol):
-    """Records grouped into resumable units of work (see the module doc)."""
-
-    def check(self) -> None:
-        """Raise InputError for a problem that would make every row an error (a missing column, a wrong root)."""
-
-    def chunks(self, wanted: Callable[[int], bool] | None = None) -> Iterator[Chunk]:
-        """The units of work in order, each with an index that depends only on the input and the job."""
-
-    def total(self) -> int | None:
-        """The number of rows (for progress), or None when unknown without reading everything."""
+from btfast.score.rows import Row
 
 
 class PairsSource:
@@ -56,23 +33,22 @@ class PairsSource:
 
     def __init__(self, cfg: JobConfig) -> None:
         assert cfg.pairs is not None
-        self.cfg = cfg
-        self.path = cfg.pairs
-        self.resolver = ImageResolver(cfg.image_root, base=fs.parent(cfg.pairs))
+        self.cfg, self.path = cfg, cfg.pairs
+        self.resolver = inputs.ImageResolver(cfg.image_root, base=fs.parent(cfg.pairs))
 
     def rows(self) -> Iterator[Row]:
         c = self.cfg.columns
-        return read_rows(self.path, self.resolver, "pair", c.image, c.text, c.id)
+        return inputs.read_rows(self.path, self.resolver, "pair", c.image, c.text, c.id)
 
     def check(self) -> None:
-        check_columns(self.path, {"image": self.cfg.columns.image, "text": self.cfg.columns.text})
-        check_image_paths(self.rows())
+        inputs.check_columns(self.path, {"image": self.cfg.columns.image, "text": self.cfg.columns.text})
+        inputs.check_image_paths(self.rows())
 
     def chunks(self, wanted: Callable[[int], bool] | None = None) -> Iterator[Chunk]:
         return plan(self.rows(), self.cfg.limits)
 
     def total(self) -> int | None:
-        return count_records(self.path)
+        return inputs.count_records(self.path)
 
 
 class ListSource:
@@ -85,35 +61,31 @@ class ListSource:
     def check(self) -> None:
         c, images, texts = self.cfg.columns, self.cfg.images, self.cfg.texts
         if images is not None and Path(images).is_file() and _is_table(images):
-            check_columns(images, {"image": c.image})
-            check_image_paths(self._images())
+            inputs.check_columns(images, {"image": c.image})
+            inputs.check_image_paths(self._rows("image"))
         if texts is not None and _is_table(texts):
-            check_columns(texts, {"text": c.text})
+            inputs.check_columns(texts, {"text": c.text})
 
-    def _images(self) -> Iterator[Row]:
-        if self.cfg.images is None:
+    def _rows(self, kind: str) -> Iterator[Row]:
+        c, path = self.cfg.columns, self.cfg.images if kind == "image" else self.cfg.texts
+        if path is None:
             return iter(())
-        c = self.cfg.columns
-        return read_images(self.cfg.images, self.cfg.image_root, image_field=c.image, id_field=c.id)
-
-    def _texts(self) -> Iterator[Row]:
-        c = self.cfg.columns
-        return iter(()) if self.cfg.texts is None else read_texts(self.cfg.texts, text_field=c.text, id_field=c.id)
+        if kind == "image":
+            return inputs.read_images(path, self.cfg.image_root, image_field=c.image, id_field=c.id)
+        return inputs.read_texts(path, text_field=c.text, id_field=c.id)
 
     def chunks(self, wanted: Callable[[int], bool] | None = None) -> Iterator[Chunk]:
-        k = 0
-        for rows in (self._images(), self._texts()):
-            for chunk in plan(rows, self.cfg.limits):
-                chunk.index = k
-                k += 1
-                yield chunk
+        planned = (plan(rows, self.cfg.limits) for rows in (self._rows("image"), self._rows("text")))
+        for k, chunk in enumerate(itertools.chain.from_iterable(planned)):
+            chunk.index = k
+            yield chunk
 
     def total(self) -> int | None:
         return None
 
     def lists(self) -> tuple[list[Row], list[Row]]:
         """(image rows, text rows): the gallery and the queries of `btfast retrieve`."""
-        return list(self._images()), list(self._texts())
+        return list(self._rows("image")), list(self._rows("text"))
 
 
 class ShardReadError(OSError):
@@ -137,41 +109,34 @@ class ShardsSource:
         self.truncated: dict[str, str] = {}  # shard -> why, for the shards read by this run
 
     def check(self) -> None:
-        from btfast.errors import InputError
-
         try:
             self.reader.shards  # noqa: B018 - lists the collection (no shard is read)
         except (OSError, ValueError) as e:
             raise InputError(f"--shards: {e}") from None
 
     def chunks(self, wanted: Callable[[int], bool] | None = None) -> Iterator[Chunk]:
-        n = len(self.reader.shards)
-        want = [k for k in range(n) if wanted is None or wanted(k)]
-        read = self.reader.read(set(want).__contains__)
+        want = {k for k in range(len(self.reader.shards)) if wanted is None or wanted(k)}
+        read = self.reader.read(want.__contains__)
         failed: list[str] = []
-        for k in range(n):
-            if not want or k != want[0]:
+        for k in range(len(self.reader.shards)):
+            if k not in want:
                 yield Chunk(k)  # not this run's: a placeholder, never computed
                 continue
-            want.pop(0)
             shard = next(read)
             if shard.error is not None:
                 failed.append(f"{shard.name}: {shard.error}")
                 continue
             if shard.truncated is not None:
                 self.truncated[shard.name] = shard.truncated
-                print(
-                    f"btfast: warning: shard {shard.name} is truncated ({shard.truncated}); its {len(shard.rows)} "
-                    "readable rows are written",
-                    file=sys.stderr,
-                )
+                why = f"{shard.truncated}); its {len(shard.rows)} readable rows are written"
+                print(f"btfast: warning: shard {shard.name} is truncated ({why}", file=sys.stderr)
             name = shard.name.rpartition("/")[2]
             for r in shard.rows:
                 r.image_name = f"{name}/{r.image_name}" if r.image_name else None
             yield Chunk(k, shard.rows)
         if failed:
-            reasons = "; ".join(failed)
-            raise ShardReadError(f"{len(failed)} shard(s) could not be read; the others are written, rerun: {reasons}")
+            n, reasons = len(failed), "; ".join(failed)
+            raise ShardReadError(f"{n} shard(s) could not be read; the others are written, rerun: {reasons}")
 
     def total(self) -> int | None:
         return None
@@ -181,12 +146,14 @@ class ShardsSource:
         and the queries of `btfast retrieve`."""
         images: list[Row] = []
         texts: list[Row] = []
-        for c in self.chunks():
-            for r in c.rows:
-                side = images if r.kind == "image" else texts
-                r.row = len(side)
-                side.append(r)
+        for r in itertools.chain.from_iterable(c.rows for c in self.chunks()):
+            side = images if r.kind == "image" else texts
+            r.row = len(side)
+            side.append(r)
         return images, texts
+
+
+Source = PairsSource | ListSource | ShardsSource
 
 
 def source_for(cfg: JobConfig) -> Source:
@@ -198,6 +165,6 @@ def source_for(cfg: JobConfig) -> Source:
 
 def _is_table(path: str) -> bool:
     try:
-        return input_format(path) != "txt"
+        return inputs.input_format(path) != "txt"
     except ValueError:
         return False
