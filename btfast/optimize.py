@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import sys
+import types
 from collections.abc import Iterable
 from functools import partial
 from typing import Any
@@ -463,3 +465,14 @@ def optimize(
     if dtype is not None:
         model.to(dtype)
     return OptimizedBridgeTower(model, kernels=kernels, buckets=buckets, compile=compile, cuda_graphs=cuda_graphs)
+
+
+class _CallableModule(types.ModuleType):
+    """`btfast.optimize` names this module and its function: importing the module (`from btfast.optimize import
+    OptimizedBridgeTower`) makes the package attribute the module, so calling the module optimizes too."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> OptimizedBridgeTower:
+        return optimize(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -64,3 +64,17 @@ ENGINE += ["btfast.ops", "btfast.optimize", "btfast.runtime", "btfast.spec", "bt
 def test_each_engine_module_imports_alone(name):
     result = subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_optimize_stays_callable_after_its_module_is_imported():
+    # Importing the submodule btfast.optimize rebinds the package attribute `optimize` to the module.
+    code = (
+        "import btfast\n"
+        "from btfast.optimize import OptimizedBridgeTower\n"
+        "from btfast.testing import build, tiny_config\n"
+        "from transformers import BridgeTowerModel\n"
+        "fast = btfast.optimize(build(BridgeTowerModel, tiny_config()))\n"
+        "assert isinstance(fast, OptimizedBridgeTower), type(fast)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
