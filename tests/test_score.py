@@ -518,15 +518,6 @@ def test_bad_ray_arguments_exit_2_before_ray(saved_models, data, tmp_path):
     assert rc == 2 and "want 0 <= i < n" in err and heavy == "-", err
 
 
-def test_parquet_without_pyarrow_is_refused_with_the_install_line(saved_models, data, tmp_path, monkeypatch, capsys):
-    import importlib.util
-
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "pyarrow" else find_spec(n, *a))
-    rc = score("--model", saved_models["itm"], "--pairs", data["pairs"], "--out", tmp_path / "o.parquet")
-    assert rc == 2 and "pip install pyarrow" in capsys.readouterr().err
-
-
 def _no_model(monkeypatch):
     """Loading a model fails the test: what is checked must be found before."""
     import btfast.score.engine

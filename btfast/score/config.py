@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import importlib.util
 import json
 import os
 import signal
@@ -23,8 +22,6 @@ from btfast.score.plan import Limits, parse_shard
 from btfast.score.rows import IMAGE_SUFFIXES, input_format
 from btfast.score.schema import id_type_of
 from btfast.score.sink import output_format
-
-PYARROW_HINT = "pip install pyarrow"
 
 
 class UsageError(ValueError):
@@ -112,7 +109,8 @@ class JobConfig:
             raise UsageError(f"--image-root {self.image_root}: no such folder")
         if self.head not in ("itm", "itc"):
             raise UsageError(f"head must be itm or itc, got {self.head}")
-        given = [f for f, v in (("--pairs", self.pairs), ("--images", self.images), ("--texts", self.texts)) if v]
+        files = {"--pairs": self.pairs, "--images": self.images, "--texts": self.texts}
+        given = [f for f, v in files.items() if v]
         if self.shards is not None and given:
             raise UsageError(f"--shards is the whole input: leave out {', '.join(given)}")
         missing, needs = {
@@ -122,9 +120,8 @@ class JobConfig:
         }[self.command]
         if self.shards is None and missing:
             raise UsageError(needs)
-        _input_file(self.pairs, "--pairs")
-        _input_file(self.images, "--images", may_be_dir=True)
-        _input_file(self.texts, "--texts")
+        for f, v in files.items():
+            _input_file(v, f, may_be_dir=f == "--images")
         if self.command == "retrieve":
             if self.model is None and self.itc_model is None:
                 raise UsageError("give --model (ITM) and/or --itc-model")
@@ -132,7 +129,6 @@ class JobConfig:
                 raise UsageError("re-ranking needs --model (an ITM folder); or pass --no-rerank")
             check_model_folder(self.itc_model, "--itc-model")
         check_model_folder(self.model)
-        check_parquet(self.pairs, self.images, self.texts, None if ray else self.out)
 
     def replace(self, **changes: Any) -> JobConfig:
         return dataclasses.replace(self, **changes)
@@ -200,13 +196,6 @@ def check_model_folder(folder: str | os.PathLike | None, flag: str = "--model") 
             f"{flag} {folder}: a BridgeTower model without its processor (no preprocessor_config.json); save it "
             "next to the weights: BridgeTowerProcessor.from_pretrained(checkpoint).save_pretrained(folder)"
         )
-
-
-def check_parquet(*paths: str | None) -> None:
-    """Parquet input or output needs pyarrow: say how to install it now, not after the model has loaded."""
-    parquet = [p for p in paths if p and not Path(p).is_dir() and str(p).lower().endswith((".parquet", ".pq"))]
-    if parquet and importlib.util.find_spec("pyarrow") is None:
-        raise UsageError(f"{parquet[0]}: Parquet needs pyarrow, which is not installed: {PYARROW_HINT}")
 
 
 def _input_file(path: str | None, flag: str, *, may_be_dir: bool = False) -> None:
