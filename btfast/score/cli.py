@@ -195,18 +195,6 @@ embed = Command("embed", "items")
 retrieve = Command("retrieve", "queries")
 
 
-def set_threads(cfg: Any) -> None:
-    """On CPU, leave the image workers their cores: oversubscribed OpenMP threads wait on each other."""
-    import torch
-
-    from btfast.score.engine import Runtime
-    from btfast.score.loader import cpu_count
-
-    rt = Runtime.of(cfg)
-    if rt.device.type == "cpu":
-        torch.set_num_threads(cfg.threads or max(1, cpu_count() - rt.workers))
-
-
 def run(
     args: argparse.Namespace,
     command: str,
@@ -219,6 +207,7 @@ def run(
 
     Exit status: 0 all rows ok, 3 done with error rows, 1 fatal, 2 bad arguments, 130 interrupted."""
     from btfast.score.config import UsageError, from_args
+    from btfast.score.sink import ResumeError
 
     label = label or command
     try:
@@ -227,21 +216,20 @@ def run(
         print(f"btfast {label}: error: {e}", file=sys.stderr)
         return 2
     try:
-        set_threads(cfg)
+        import torch  # only now: bad arguments are refused without it
+
+        from btfast.score.engine import ModelLoadError, Runtime
+        from btfast.score.loader import cpu_count
+
+        rt = Runtime.of(cfg)
+        if rt.device.type == "cpu":  # leave the image workers their cores: oversubscribed OpenMP threads wait
+            torch.set_num_threads(cfg.threads or max(1, cpu_count() - rt.workers))
         summary = job(cfg)
     except KeyboardInterrupt:
         print(f"btfast {label}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-    except (*known_errors(), *errors) as e:
+    except (ResumeError, ModelLoadError, OSError, ValueError, *errors) as e:  # BtfastError is a ValueError
         print(f"btfast {label}: error: {e}", file=sys.stderr)
         return 1
     print(f"btfast {label}: {summary.line(unit)}", file=sys.stderr)
     return summary.exit_code
-
-
-def known_errors() -> tuple[type[BaseException], ...]:
-    from btfast.errors import BtfastError
-    from btfast.score.engine import ModelLoadError
-    from btfast.score.sink import ResumeError
-
-    return (ResumeError, ModelLoadError, BtfastError, FileNotFoundError, ValueError, OSError)
