@@ -55,16 +55,16 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
     return i, n
 
 
-def plan(rows: Iterable[Row], limits: Limits, text_key=None) -> Iterator[Chunk]:
-    """Chunks of `rows` (see the module doc). `text_key(row)` names a text for dedup (default: the text)."""
+def plan(rows: Iterable[Row], limits: Limits) -> Iterator[Chunk]:
+    """Chunks of `rows` (see the module doc)."""
     index = 0
     for window in iter_chunks(rows, limits.window):
-        for c in _pack(window, limits, text_key or (lambda r: r.text), index):
+        for c in _pack(window, limits, index):
             yield c
         index = c.index + 1
 
 
-def _pack(window: list[Row], limits: Limits, text_key, start: int) -> Iterator[Chunk]:
+def _pack(window: list[Row], limits: Limits, start: int) -> Iterator[Chunk]:
     groups: dict[object, list[Row]] = {}
     for r in window:
         key = ("img", r.image_key) if r.error is None and r.image_key is not None else ("row", r.row)
@@ -72,7 +72,7 @@ def _pack(window: list[Row], limits: Limits, text_key, start: int) -> Iterator[C
     cur, images, texts = Chunk(start), set[str](), set[object]()
     for (kind, _), group in groups.items():
         if kind == "img":
-            new_texts = {text_key(r) for r in group if r.text is not None}
+            new_texts = {r.text for r in group if r.text is not None}
             # Start a fresh chunk rather than split an image's rows, when the current one is at least half full.
             fits = (
                 len(cur.rows) + len(group) <= limits.rows
@@ -83,7 +83,7 @@ def _pack(window: list[Row], limits: Limits, text_key, start: int) -> Iterator[C
                 yield cur
                 cur, images, texts = Chunk(cur.index + 1), set(), set()
         for r in group:
-            tk = text_key(r) if r.error is None and r.text is not None else None
+            tk = r.text if r.error is None else None
             ik = r.image_key if r.error is None else None
             over = (
                 len(cur.rows) + 1 > limits.rows
