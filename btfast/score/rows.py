@@ -208,63 +208,46 @@ def parse_record(
 
 def read_rows(
     path: str | os.PathLike,
-    resolver: ImageResolver,
     kind: str = "pair",
     image_field: str = "image",
     text_field: str = "text",
     id_field: str = "id",
+    image_root: str | os.PathLike | None = None,
 ) -> Iterator[Row]:
-    """Rows of a pairs file (`kind` "pair"), an image list ("image") or a text list ("text"), each valid or
-    carrying its error. In a .txt list each line is the image or the text."""
-    value = image_field if kind == "image" else text_field
-    for i, (rec, err) in enumerate(iter_records(path, text_field=value)):
+    """Rows of a pairs file (`kind` "pair"), an image collection ("image") or a text list ("text"), each valid or
+    carrying its error. In a .txt list each line is the image or the text. An image collection is a folder (every
+    image file below it, sorted), an image file or a list (a URL list: relative names are under its folder URL).
+    Relative image names are under `image_root` (and may not leave it), else the list's folder."""
+    p = Path(path)
+    if kind == "image" and not fs.is_url(path) and (p.is_dir() or p.suffix.lower() in IMAGE_SUFFIXES):
+        if p.is_dir():
+            root = Path(image_root) if image_root is not None else p
+            resolver = ImageResolver(root)
+            files = sorted(
+                str(f.relative_to(root)) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+            )
+        else:  # a single image file
+            resolver, files = ImageResolver(None, p.parent), [p.name]
+        records: Iterable[Any] = (({image_field: f, id_field: f}, None) for f in files)
+    else:
+        resolver = ImageResolver(image_root, fs.parent(path))
+        records = iter_records(path, text_field=image_field if kind == "image" else text_field)
+    for i, (rec, err) in enumerate(records):
         yield parse_record(rec, i, resolver, kind, image_field, text_field, id_field, err)
 
 
-def read_images(
-    path_or_dir: str | os.PathLike,
-    resolver_root: str | os.PathLike | None = None,
-    image_field: str = "image",
-    id_field: str = "id",
-) -> Iterator[Row]:
-    """Image rows from a folder (every image file below it, sorted) or a list file (.txt / JSONL / CSV / Parquet);
-    a list may be a URL (its relative names are then under the list's folder URL, or under `resolver_root`)."""
-    p = Path(path_or_dir)
-    if fs.is_url(path_or_dir) or not (p.is_dir() or p.suffix.lower() in IMAGE_SUFFIXES):
-        resolver = ImageResolver(resolver_root, fs.parent(path_or_dir))
-        yield from read_rows(path_or_dir, resolver, "image", image_field, id_field=id_field)
-        return
-    if p.is_dir():
-        root = Path(resolver_root) if resolver_root is not None else p
-        resolver = ImageResolver(root)
-        files = sorted(
-            str(f.relative_to(root)) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
-        )
-    else:  # a single image file
-        resolver, files = ImageResolver(None, p.parent), [p.name]
-    for i, name in enumerate(files):
-        yield parse_record({image_field: name, id_field: name}, i, resolver, "image", image_field, id_field=id_field)
-
-
-def read_texts(path: str | os.PathLike, text_field: str = "text", id_field: str = "id") -> Iterator[Row]:
-    """Text rows from a .txt file (one per line) or a JSONL / CSV / Parquet file with a `text` column."""
-    return read_rows(path, ImageResolver(None), "text", text_field=text_field, id_field=id_field)
-
-
-def columns_of(path: str | os.PathLike, sample: int = 1000) -> list[str] | None:
-    """The columns of a table input (CSV header, Parquet schema, keys of the first `sample` JSONL records);
-    None for a .txt list (one value a line: no columns)."""
+def check_columns(path: str | os.PathLike, needed: dict[str, str], sample: int = 1000) -> None:
+    """InputError unless a table input has every needed column (`needed`: role -> column name, e.g. "text" ->
+    "caption"): a missing one is fatal (every row would be an error), named with the columns seen (CSV header,
+    Parquet schema, keys of the first `sample` JSONL records) and the flag to pick one. A .txt list has no columns."""
     fmt = input_format(path)
     if fmt == "parquet":
-        return list(parquet_metadata(path).schema.to_arrow_schema().names)
-    records = itertools.islice(iter_records(path), sample)
-    return None if fmt == "txt" else list(dict.fromkeys(k for rec, _ in records if rec is not None for k in rec))
-
-
-def check_columns(path: str | os.PathLike, needed: dict[str, str]) -> None:
-    """InputError unless the input has every needed column (`needed`: role -> column name, e.g. "text" -> "caption"):
-    a missing one is fatal (every row would be an error), named with the columns seen and the flag to pick one."""
-    cols = columns_of(path)
+        cols = list(parquet_metadata(path).schema.to_arrow_schema().names)
+    elif fmt == "txt":
+        return
+    else:
+        records = itertools.islice(iter_records(path), sample)
+        cols = list(dict.fromkeys(k for rec, _ in records if rec is not None for k in rec))
     for role, name in needed.items():
         if cols and name not in cols:
             raise InputError(

@@ -21,71 +21,51 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from btfast.errors import InputError
-from btfast.io import fs
 from btfast.score import rows as inputs
 from btfast.score.config import JobConfig
 from btfast.score.plan import Chunk, plan
 from btfast.score.rows import Row
 
 
-class PairsSource:
-    """(image, text[, id]) pairs from a JSONL / CSV / TSV / Parquet file, chunked by the planner (`btfast score`)."""
-
-    def __init__(self, cfg: JobConfig) -> None:
-        assert cfg.pairs is not None
-        self.cfg, self.path = cfg, cfg.pairs
-        self.resolver = inputs.ImageResolver(cfg.image_root, base=fs.parent(cfg.pairs))
-
-    def rows(self) -> Iterator[Row]:
-        c = self.cfg.columns
-        return inputs.read_rows(self.path, self.resolver, "pair", c.image, c.text, c.id)
-
-    def check(self) -> None:
-        inputs.check_columns(self.path, {"image": self.cfg.columns.image, "text": self.cfg.columns.text})
-        inputs.check_image_paths(self.rows())
-
-    def chunks(self, wanted: Callable[[int], bool] | None = None) -> Iterator[Chunk]:
-        return plan(self.rows(), self.cfg.limits)
-
-    def total(self) -> int | None:
-        return inputs.count_records(self.path)
-
-
 class ListSource:
-    """An image collection (a folder or a list file) then a text list (`btfast embed`): image rows and text rows
-    never share a chunk; chunk numbers continue from the images to the texts."""
+    """Input files chunked by the planner: a pairs file (`btfast score`), or an image collection (a folder or a list
+    file) then a text list (`btfast embed` / `retrieve`): image rows and text rows never share a chunk; chunk numbers
+    continue from the images to the texts."""
 
     def __init__(self, cfg: JobConfig) -> None:
         self.cfg = cfg
+        self.paths = {"pair": cfg.pairs} if cfg.command == "score" else {"image": cfg.images, "text": cfg.texts}
+
+    def rows(self, kind: str) -> Iterator[Row]:
+        path, c = self.paths[kind], self.cfg.columns
+        if path is None:
+            return iter(())
+        return inputs.read_rows(path, kind, c.image, c.text, c.id, self.cfg.image_root)
 
     def check(self) -> None:
-        c, images, texts = self.cfg.columns, self.cfg.images, self.cfg.texts
+        c, (pairs, images, texts) = self.cfg.columns, (self.paths.get(k) for k in ("pair", "image", "text"))
+        if pairs is not None:
+            inputs.check_columns(pairs, {"image": c.image, "text": c.text})
+            inputs.check_image_paths(self.rows("pair"))
         if images is not None and Path(images).is_file() and _is_table(images):
             inputs.check_columns(images, {"image": c.image})
-            inputs.check_image_paths(self._rows("image"))
+            inputs.check_image_paths(self.rows("image"))
         if texts is not None and _is_table(texts):
             inputs.check_columns(texts, {"text": c.text})
 
-    def _rows(self, kind: str) -> Iterator[Row]:
-        c, path = self.cfg.columns, self.cfg.images if kind == "image" else self.cfg.texts
-        if path is None:
-            return iter(())
-        if kind == "image":
-            return inputs.read_images(path, self.cfg.image_root, image_field=c.image, id_field=c.id)
-        return inputs.read_texts(path, text_field=c.text, id_field=c.id)
-
     def chunks(self, wanted: Callable[[int], bool] | None = None) -> Iterator[Chunk]:
-        planned = (plan(rows, self.cfg.limits) for rows in (self._rows("image"), self._rows("text")))
+        planned = (plan(self.rows(kind), self.cfg.limits) for kind in self.paths)
         for k, chunk in enumerate(itertools.chain.from_iterable(planned)):
             chunk.index = k
             yield chunk
 
     def total(self) -> int | None:
-        return None
+        pairs = self.paths.get("pair")
+        return None if pairs is None else inputs.count_records(pairs)
 
     def lists(self) -> tuple[list[Row], list[Row]]:
         """(image rows, text rows): the gallery and the queries of `btfast retrieve`."""
-        return list(self._rows("image")), list(self._rows("text"))
+        return list(self.rows("image")), list(self.rows("text"))
 
 
 class ShardReadError(OSError):
@@ -153,14 +133,12 @@ class ShardsSource:
         return images, texts
 
 
-Source = PairsSource | ListSource | ShardsSource
+Source = ListSource | ShardsSource
 
 
 def source_for(cfg: JobConfig) -> Source:
     """The source of job `cfg`: tar shards, a pairs file (score) or image / text lists (embed)."""
-    if cfg.shards is not None:
-        return ShardsSource(cfg)
-    return PairsSource(cfg) if cfg.command == "score" else ListSource(cfg)
+    return ShardsSource(cfg) if cfg.shards is not None else ListSource(cfg)
 
 
 def _is_table(path: str) -> bool:
