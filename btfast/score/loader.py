@@ -45,9 +45,8 @@ def _load(source: Any) -> np.ndarray | str:
 
 @contextlib.contextmanager
 def _main_hidden() -> Iterator[None]:
-    """Start workers without re-running the caller's `__main__` in them: forkserver and spawn children import the
-    parent's main script or module, so a script calling `score()` without an `if __name__ == "__main__":` guard would
-    run again in every worker. The workers need only this module: the main module's file and spec are hidden."""
+    """Start workers without re-running the caller's `__main__` (forkserver and spawn children import it, so a script
+    calling `score()` without a `__name__` guard would run again in each); they need only this module."""
     main = getattr(sys.modules.get("__main__"), "__dict__", {})
     saved = {k: main.pop(k) for k in ("__file__", "__spec__") if k in main}
     main["__spec__"] = None

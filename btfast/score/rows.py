@@ -26,6 +26,7 @@ from btfast.io import fs
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".jfif"}
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
 FORMATS.update({".parquet": "parquet", ".pq": "parquet", ".txt": "txt"})
+Record = tuple[dict[str, Any] | None, str | None]  # an input's columns, or None and why the row could not be read
 
 
 @dataclass
@@ -56,9 +57,7 @@ def input_format(path: str | os.PathLike) -> str:
     raise ValueError(f"{path}: unknown input format (want .jsonl, .csv, .tsv, .parquet or .txt)")
 
 
-def iter_records(
-    path: str | os.PathLike, text_field: str = "text"
-) -> Iterator[tuple[dict[str, Any] | None, str | None]]:
+def iter_records(path: str | os.PathLike, text_field: str = "text") -> Iterator[Record]:
     """(record, None) per row, or (None, reason) for a row that cannot be parsed. Order = file order."""
     fmt = input_format(path)
     if fmt == "jsonl":
@@ -228,7 +227,7 @@ def read_rows(
             )
         else:  # a single image file
             resolver, files = ImageResolver(None, p.parent), [p.name]
-        records: Iterable[Any] = (({image_field: f, id_field: f}, None) for f in files)
+        records: Iterable[Record] = (({image_field: f, id_field: f}, None) for f in files)
     else:
         resolver = ImageResolver(image_root, fs.parent(path))
         records = iter_records(path, text_field=image_field if kind == "image" else text_field)

@@ -1,9 +1,6 @@
-"""Sources: where a job's records come from (`Row`s, see `btfast.score.rows`), cut into `Chunk`s.
-
-A chunk is the unit of work, of output and of resume: its `index` must depend only on the input and the job
-configuration, so that a resumed or sharded run (shard i of n takes the indices = i mod n) cuts the same chunks.
-Every executor (local worker processes, Ray Data) and every sink takes chunks from a source, so a new input kind
-is one new class (`ShardsSource`: WebDataset tar shards, one chunk per shard) with:
+"""Sources: where a job's records come from (`Row`s, see `btfast.score.rows`), cut into `Chunk`s whose index
+depends only on the input and the job (`btfast.score.plan`), so that resumed and sharded runs cut the same chunks.
+Every executor (local worker processes, Ray Data) and every sink takes chunks from a source, which has:
 
     def check(self) -> None: ...                    # InputError, before any model loads, for what spoils every row
     def chunks(self, wanted=None) -> Iterator[Chunk]: ...
