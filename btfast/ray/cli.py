@@ -67,7 +67,7 @@ def run_on_ray(chunks: Iterable[Chunk], cfg: JobConfig, where: Any, id_type: str
         yield k, []
     if todo:
         model_rows, block_rows = batch_rows(where.batch_size)
-        whole = pa.Table.from_pylist(recs, schema=arrow_schema(ROWS, id_type).append(pa.field("part", pa.int64())))
+        whole = pa.Table.from_pylist(recs, schema=arrow_schema((*ROWS, "part"), id_type))
         per = -(-whole.num_rows // (8 * where.actors))
         if per < block_rows:  # little work: smaller blocks (a multiple of a model call)
             block_rows = max(model_rows, -(-per // model_rows) * model_rows)

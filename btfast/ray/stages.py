@@ -136,33 +136,26 @@ class ModelWorker:
         hs, ws = t.column("_h").to_pylist(), t.column("_w").to_pylist()
         out: dict[str, np.ndarray | str] = {}
         for i, k in enumerate(keys):
-            if k is None or k in out:
-                continue
             if errors[i] is not None:
                 out[k] = errors[i]
             elif hs[i] is not None:
                 buf = t.column("_canvas")[i].as_buffer()
                 out[k] = self._remember(k, np.frombuffer(buf, dtype=np.uint8).reshape(hs[i], ws[i], 3))
-            elif k in self.cache:
-                out[k] = self._remember(k, self.cache[k])
         missing = [i for i, k in enumerate(keys) if k is not None and k not in out]
-        if missing:  # the canvas went to another batch or actor: decode it here
-            paths, blobs = t.column("_path").to_pylist(), t.column("_bytes").to_pylist()
-            for i in missing:
-                if keys[i] not in out:
-                    out[keys[i]] = c = self.pre.load_or_reason(paths[i] if paths[i] is not None else blobs[i])
-                    self.redecoded += 1
-                    if isinstance(c, np.ndarray):
-                        self._remember(keys[i], c)
+        paths, blobs = (t.column(c).to_pylist() if missing else None for c in ("_path", "_bytes"))
+        for i in (i for i in missing if keys[i] not in out):
+            c = self.cache.get(keys[i])
+            if c is None:  # the canvas went to another batch or actor: decode it here
+                c = self.pre.load_or_reason(paths[i] if paths[i] is not None else blobs[i])
+                self.redecoded += 1
+            out[keys[i]] = self._remember(keys[i], c) if isinstance(c, np.ndarray) else c
         return out
 
     def _remember(self, key: str, canvas: np.ndarray) -> np.ndarray:
         """Keep `canvas` as the most recent (up to `CACHE_BYTES` in all); returns it."""
-        if key in self.cache:
-            self.cache.move_to_end(key)
-            return canvas
+        self.cached += 0 if key in self.cache else canvas.nbytes
         self.cache[key] = canvas
-        self.cached += canvas.nbytes
+        self.cache.move_to_end(key)
         while self.cached > self.CACHE_BYTES and len(self.cache) > 1:
             self.cached -= self.cache.popitem(last=False)[1].nbytes
         return canvas

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -17,7 +18,7 @@ from typing import Any
 from btfast.io.fs import is_url
 from btfast.score.config import Columns, JobConfig
 from btfast.score.plan import Chunk, Limits, parse_shard, plan
-from btfast.score.schema import embed_schema, score_schema
+from btfast.score.schema import EMBED, arrow_schema, score_columns
 from btfast.score.sink import ChunkSink, Sink, output_format
 
 
@@ -180,21 +181,24 @@ def run_chunks(
 
 
 def run_job(cfg: JobConfig, start: Callable[[ExitStack], Any], *, desc: str, parts: bool = False) -> Summary:
-    """The job `cfg` (`btfast score` / `embed`) on any executor: plan → decode → compute → sink.
+    """The job `cfg` (`btfast score` / `embed`) on any executor, after checking its input.
 
-    Checks the input, then `start(stack)` readies the executor (its cleanup on `stack`) and returns the resume
-    header and `begin(id_type) -> (executor, stats)`, called only when the sink is not finished (it may load a
-    model). `parts`: always a folder of Parquet parts (`--ray`)."""
+    `start(stack)` readies the executor (cleanup on `stack`), returning the resume header and `begin(id_type) ->
+    (executor, stats)`, called unless the sink is finished (it may load a model). `parts`: a folder of Parquet
+    parts (`--ray`), as is any folder URL (s3://bucket/scores/); else a `.jsonl` / `.parquet` `ChunkSink`."""
+    from btfast.score.parts import PartStore
     from btfast.score.source import source_for
 
     source = source_for(cfg)
     source.check()  # a missing column or a wrong image root: fatal, before the model loads or Ray starts
     with ExitStack() as stack:
         header, begin = start(stack)
-        parquet = parts or is_url(cfg.out) or output_format(cfg.out) == "parquet"
+        parts = parts or is_url(cfg.out)
+        parquet = parts or output_format(cfg.out) == "parquet"
         id_type = cfg.id_type(parquet)
         schema = output_schema(cfg, id_type) if parquet else None
-        sink = stack.enter_context(open_sink(cfg, header, schema, parts))
+        store = PartStore if parts else ChunkSink
+        sink = stack.enter_context(store(cfg.out, header, overwrite=cfg.overwrite, schema=schema))
         if sink.finished:
             return run_chunks(cfg, [], sink, LocalExecutor(None, lambda c, x: []))
         executor, stats = begin(id_type)
@@ -221,10 +225,8 @@ def local_job(cfg: JobConfig) -> Summary:
             loader = stack.enter_context(ImageLoader(images, rt.workers))  # the workers start while the model loads
             ctx = Context.load(cfg.model, cfg.head, rt.device, rt.dtype, images, **cfg.compute(rt.batch_size))
 
-            def compute(c: Chunk, canvases: dict[str, Any]) -> list[dict[str, Any]]:
-                return compute_chunk(ctx, cfg.command, id_type, c.rows, canvases)
-
-            return LocalExecutor(loader, compute, limits=cfg.limits), ctx.stats  # a tar shard: in pieces
+            compute = functools.partial(compute_chunk, ctx, cfg.command, id_type)
+            return LocalExecutor(loader, lambda c, cv: compute(c.rows, cv), cfg.limits), ctx.stats  # tar: in pieces
 
         return rt.header(cfg), begin
 
@@ -232,18 +234,10 @@ def local_job(cfg: JobConfig) -> Summary:
 
 
 def output_schema(cfg: JobConfig, id_type: str) -> Any:
-    """The Arrow schema of the job's output rows."""
-    return embed_schema() if cfg.command == "embed" else score_schema(cfg.head, id_type, cfg.with_text)
-
-
-def open_sink(cfg: JobConfig, header: dict[str, Any], schema: Any, parts: bool = False) -> Sink:
-    """A `.jsonl` / `.parquet` file: `ChunkSink`; a folder URL (s3://bucket/scores/), or any folder with `parts`:
-    a folder of Parquet parts, one per chunk or tar shard, each written whole (`btfast.score.parts.PartStore`)."""
-    if parts or is_url(cfg.out):
-        from btfast.score.parts import PartStore
-
-        return PartStore(cfg.out, header, overwrite=cfg.overwrite, schema=schema)
-    return ChunkSink(cfg.out, header, overwrite=cfg.overwrite, schema=schema)
+    """The Arrow schema of the job's output rows (embed ids: always strings)."""
+    if cfg.command == "embed":
+        return arrow_schema(EMBED)
+    return arrow_schema(score_columns(cfg.head, cfg.with_text), id_type)
 
 
 def default_batch_size(device_type: str) -> int:
@@ -255,8 +249,7 @@ def _config(command: str, shard: str | None, limits: Limits | None, check: bool 
     """The job of a Python API call (`score`, `embed`, `retrieve`, `btfast.ray`'s): paths as strings, defaults
     filled, checked (`check`)."""
     kw = {k: (None if v is None else os.fspath(v)) if k in PATHS else v for k, v in kw.items()}
-    if kw.get("max_pixels") is None:
-        kw.pop("max_pixels", None)
+    kw = {k: v for k, v in kw.items() if k != "max_pixels" or v is not None}  # None: JobConfig's default
     cfg = JobConfig(command=command, shard=parse_shard(shard), limits=limits or Limits(), **kw)
     if check:
         cfg.check()
