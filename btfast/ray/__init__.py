@@ -83,7 +83,6 @@ def pipeline(
         ray.cluster_resources(), cfg.device, gpus_per_worker, cfg.workers, cfg.batch_size, cfg.dtype
     )
     rows_per_call, default_decode_rows = batch_rows(where.batch_size)
-    keep = tuple(keep)
     root = None if cfg.image_root is None else os.path.abspath(cfg.image_root)
     decode_kw = dict(pre=cfg.image_preprocessor(), kind=kind, prepared=prepared, columns=cfg.columns, keep=keep)
     decode_kw.update(image_root=root, base=os.getcwd(), id_type=id_type)

@@ -1,10 +1,8 @@
 """The two Ray Data stages, on pyarrow Tables (nothing here imports Ray), and how to size the actor pool.
 
-`decode_batch` (CPU tasks) parses input records as `btfast score` does and decodes each unique image of the batch
-once into a uint8 canvas, shipped on the image's first row only: later rows carry the image's source instead (they
-may land in another model batch); a failed image carries its reason on every row. `ModelWorker` (one per actor)
-loads the head once and maps decoded rows to output rows with `btfast.score.engine.compute_chunk`, keeping recent
-canvases; a canvas it never saw is decoded there.
+`decode_batch` decodes each unique image of a batch once; its canvas rides on the image's first row only, later rows
+carry the image's source (they may land in another model batch), a failed image its reason on every row.
+`ModelWorker` keeps recent canvases and decodes one it never saw.
 """
 
 from __future__ import annotations
@@ -258,8 +256,8 @@ def batch_rows(batch_size: int) -> tuple[int, int]:
     """(rows per model call, rows per decode task) for a model batch size.
 
     A model call takes 4 batches' worth of rows (dedup finds shared images and texts within a call); a decode task
-    a multiple of that, at least 256 rows (scheduling a task costs more than decoding a small image), cut into
-    model calls run one after the other on one actor: an image's canvas, sent on its first row, is then in that
-    actor's cache for its later rows."""
+    a multiple of that, at least 256 rows (scheduling a task costs more than decoding a small image): its model
+    calls run one after the other on one actor, so an image's canvas, sent on its first row, is in that actor's
+    cache for its later rows."""
     model = 4 * batch_size
     return model, model * max(1, -(-256 // model))

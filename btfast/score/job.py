@@ -61,23 +61,21 @@ def stream(
     chunks: Iterable[Chunk],
     loader: Any,
     compute: Callable[[Chunk, dict[str, Any]], list[dict[str, Any]]],
-    prefetch: int = 2,
     limits: Limits | None = None,
 ) -> Iterator[tuple[int, list[dict[str, Any]]]]:
-    """(chunk index, output rows) in order; the images of the next `prefetch` pieces decode while one computes.
+    """(chunk index, output rows) in order; the images of the next pieces decode while one computes.
 
     A chunk larger than `limits` (a tar shard of 10,000 samples: the unit written and resumed) is decoded and
     computed in pieces planned within `limits` (the unit held in memory); its rows come out together. An error
     from `chunks` (a shard that cannot be read) is raised after the chunks already taken are computed.
-    With `loader=None` nothing is decoded: `compute` gets no images (it fetches what it needs itself).
-    """
+    With `loader=None` nothing is decoded: `compute` gets no images (it fetches what it needs itself)."""
     pieces = _pieces(chunks, limits)
     pending: deque[tuple[Chunk, Chunk, bool, Any]] = deque()
     failure: BaseException | None = None
 
     def fill() -> None:
         nonlocal failure
-        while failure is None and len(pending) <= prefetch:
+        while failure is None and len(pending) <= 2:  # the piece computing now and two ahead
             try:
                 item = next(pieces, None)
             except Exception as e:  # raised once the pieces taken so far are done
@@ -135,13 +133,11 @@ def run_chunks(
     desc: str = "btfast",
     progress: bool = True,
 ) -> Summary:
-    """The one driver loop: run every chunk of the job `cfg`'s shard that the sink has not recorded, write each as
-    it completes, then mark the job finished.
-
+    """Run every chunk of `cfg`'s shard not yet in `sink`, write each as it completes, then finish the sink.
     `cfg.interrupt` (tests only): (n, signal) sends this process the signal once n chunks of this run are durable."""
     from tqdm import tqdm
 
-    t0, resumed, new_rows = time.perf_counter(), sink.rows_done, 0
+    t0, resumed = time.perf_counter(), sink.rows_done
     i, n = cfg.shard
     if not sink.finished:
         indices: list[int] = []
@@ -169,7 +165,6 @@ def run_chunks(
                 rec = sink.write(index, outs)
                 if cfg.interrupt is not None and written == cfg.interrupt[0]:
                     os.kill(os.getpid(), cfg.interrupt[1])
-                new_rows += rec["rows"]
                 errors += rec["errors"]
                 bar.update(rec["rows"])
                 bar.set_postfix(errors=errors, refresh=False)
@@ -177,15 +172,15 @@ def run_chunks(
             bar.close()
         sink.finish(indices)
     seconds = time.perf_counter() - t0
+    new_rows = sink.rows_done - resumed
     return Summary(str(sink.out), sink.rows_done, sink.errors_done, resumed, new_rows, seconds, len(sink.done))
 
 
 def run_job(cfg: JobConfig, start: Callable[[ExitStack], Any], *, desc: str, parts: bool = False) -> Summary:
-    """The job `cfg` (`btfast score` / `embed`) on any executor, after checking its input.
-
-    `start(stack)` readies the executor (cleanup on `stack`), returning the resume header and `begin(id_type) ->
-    (executor, stats)`, called unless the sink is finished (it may load a model). `parts`: a folder of Parquet
-    parts (`--ray`), as is any folder URL (s3://bucket/scores/); else a `.jsonl` / `.parquet` `ChunkSink`."""
+    """The job `cfg` (`btfast score` / `embed`) on any executor, after checking its input. `start(stack)` readies
+    the executor (cleanup on `stack`), returning the resume header and `begin(id_type) -> (executor, stats)`, called
+    unless the sink is finished (it may load a model). `parts` (`--ray`) or a folder URL (s3://bucket/scores/): a
+    folder of Parquet parts; else a `.jsonl` / `.parquet` `ChunkSink`."""
     from btfast.score.parts import PartStore
     from btfast.score.source import source_for
 
@@ -246,8 +241,7 @@ def default_batch_size(device_type: str) -> int:
 
 
 def _config(command: str, shard: str | None, limits: Limits | None, check: bool = True, **kw: Any) -> JobConfig:
-    """The job of a Python API call (`score`, `embed`, `retrieve`, `btfast.ray`'s): paths as strings, defaults
-    filled, checked (`check`)."""
+    """The job of a Python API call (`score`, `embed`, `retrieve`, `btfast.ray`'s): paths as strings, checked."""
     kw = {k: (None if v is None else os.fspath(v)) if k in PATHS else v for k, v in kw.items()}
     kw = {k: v for k, v in kw.items() if k != "max_pixels" or v is not None}  # None: JobConfig's default
     cfg = JobConfig(command=command, shard=parse_shard(shard), limits=limits or Limits(), **kw)
