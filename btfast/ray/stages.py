@@ -71,21 +71,18 @@ def decode_batch(
             row = int(row) if isinstance(row, (int, np.integer)) else None
             recs.append(row_record(parse_record(rec, row, resolver, kind, c.image, c.text, c.id), id_type))
     canvases: dict[str, np.ndarray | str] = {}
-    rows = []
-    for rec in recs:
+    for rec in recs:  # (the columns of DECODED a record lacks are null in the table)
         key = rec["_key"]
         first = key is not None and key not in canvases
         if first:
             canvases[key] = pre.load_or_reason(rec["_path"] if rec["_path"] is not None else rec["_bytes"])
         c = canvases.get(key)
-        failed = c if isinstance(c, str) else None
-        row = {**rec, "_canvas": None, "_h": None, "_w": None, "_decode_error": failed}
-        if first or failed is not None:  # a row with the canvas or the reason needs the source no more
-            row.update(_path=None, _bytes=None)
-        if first and failed is None:
-            row.update(_canvas=c.tobytes(), _h=c.shape[0], _w=c.shape[1])
-        rows.append(row)
-    table = pa.Table.from_pylist(rows, schema=arrow_schema(DECODED, id_type))
+        rec["_decode_error"] = c if isinstance(c, str) else None
+        if first or isinstance(c, str):  # a row with the canvas or the reason needs the source no more
+            rec.update(_path=None, _bytes=None)
+        if first and not isinstance(c, str):
+            rec.update(_canvas=c.tobytes(), _h=c.shape[0], _w=c.shape[1])
+    table = pa.Table.from_pylist(recs, schema=arrow_schema(DECODED, id_type))
     for name in keep:
         table = table.append_column(name, batch.column(name))
     return table
@@ -163,9 +160,8 @@ class ModelWorker:
 
         from btfast.score.engine import compute_chunk
 
-        canvases = self._canvases(t)
         rows = list(map(record_row, t.select(["row", "id", "kind", "image", "text", "_error", "_key"]).to_pylist()))
-        outs = compute_chunk(self.ctx, self.mode, self.id_type, rows, canvases)
+        outs = compute_chunk(self.ctx, self.mode, self.id_type, rows, self._canvases(t))
         table = pa.Table.from_pylist(outs, schema=self.schema)
         for name in self.keep:
             table = table.append_column(name, t.column(name))
@@ -215,8 +211,7 @@ def place(
     from btfast.score.engine import DTYPES, resolve_dtype
     from btfast.score.job import default_batch_size
 
-    cpus = float(resources.get("CPU", 0) or 0)
-    gpus = float(resources.get("GPU", 0) or 0)
+    cpus, gpus = (float(resources.get(k, 0) or 0) for k in ("CPU", "GPU"))
     if workers is not None and workers < 1:
         raise ValueError(f"--workers must be >= 1 with --ray, got {workers}")
     if gpus_per_worker is not None and gpus_per_worker < 0:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -52,8 +51,7 @@ class Summary:
         return "; ".join(parts) + f" -> {self.out}"
 
 
-# An executor computes chunks, yielding (chunk index, output rows: dicts or a pyarrow Table) as each completes, in
-# any order: `LocalExecutor` (decode in worker processes, compute here) or `btfast.ray.cli.run_on_ray`.
+# An executor (`LocalExecutor`, `btfast.ray.cli.run_on_ray`): chunks -> (index, rows: dicts or Arrow table), any order
 Run = Callable[[Iterable[Chunk]], Iterator[tuple[int, Any]]]
 
 
@@ -156,8 +154,7 @@ def run_chunks(
             desc=desc,
             disable=not (progress and cfg.progress),
             dynamic_ncols=True,
-            smoothing=0.05,
-            file=sys.stderr,
+            smoothing=0.05,  # (on sys.stderr, tqdm's default)
         )
         errors = sink.errors_done
         try:
