@@ -47,8 +47,7 @@ def require_ray() -> Any:
 
 
 def connect(address: str | None = None, **kw: Any) -> bool:
-    """Connect to Ray at `address` (else RAY_ADDRESS, else a new local instance) unless connected already, as Ray
-    Data itself would; `kw`: `ray.init`'s options. True if this call started Ray."""
+    """`ray.init(address, **kw)` unless connected already (as Ray Data would); True if this call started Ray."""
     ray = require_ray()
     if ray.is_initialized():
         return False

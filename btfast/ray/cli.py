@@ -60,9 +60,8 @@ def run_on_ray(chunks: Iterable[Chunk], cfg: JobConfig, where: Any, id_type: str
             recs.extend(row_record(r, id_type, part=c.index) for r in c.rows)
     except Exception as e:  # a shard that cannot be read: the others are run first, then this is raised
         failure = e
-    for k in [k for k, n in todo.items() if n == 0]:  # a shard without a readable sample: written empty
-        del todo[k]
-        yield k, []
+    yield from ((k, []) for k, n in todo.items() if n == 0)  # a shard without a readable sample: written empty
+    todo = {k: n for k, n in todo.items() if n}
     if todo:
         model_rows, block_rows = batch_rows(where.batch_size)
         whole = pa.Table.from_pylist(recs, schema=arrow_schema((*ROWS, "part"), id_type))
