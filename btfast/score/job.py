@@ -73,7 +73,7 @@ def stream(
 
     def fill() -> None:
         nonlocal failure
-        while failure is None and len(pending) <= 2:  # the piece computing now and two ahead
+        while failure is None and len(pending) <= 2:  # up to three pieces queued ahead of the one computing
             try:
                 item = next(pieces, None)
             except Exception as e:  # raised once the pieces taken so far are done
