@@ -47,8 +47,7 @@ def require_ray() -> Any:
 
 
 def connect(address: str | None = None, **kw: Any) -> bool:
-    """Connect to Ray at `address` (else RAY_ADDRESS, else a new local instance) unless connected already, as Ray
-    Data itself would; `kw`: `ray.init`'s options. True if this call started Ray."""
+    """`ray.init(address, **kw)` unless connected already (as Ray Data would); True if this call started Ray."""
     ray = require_ray()
     if ray.is_initialized():
         return False
@@ -83,50 +82,41 @@ def pipeline(
         ray.cluster_resources(), cfg.device, gpus_per_worker, cfg.workers, cfg.batch_size, cfg.dtype
     )
     rows_per_call, default_decode_rows = batch_rows(where.batch_size)
-
-    # Each stage gets its own worker environment (BTFAST_STAGE differs): Ray Data fuses a task stage into the
-    # actor stage after it when their remote arguments are equal, and then the model would wait on Pillow.
-    def env(stage: str, threads: int) -> dict[str, Any]:
-        n = str(threads)
-        return {
-            "env_vars": dict(BTFAST_STAGE=stage, OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, TOKENIZERS_PARALLELISM="false")
-        }
-
-    keep = tuple(keep)
     root = None if cfg.image_root is None else os.path.abspath(cfg.image_root)
     decode_kw = dict(pre=cfg.image_preprocessor(), kind=kind, prepared=prepared, columns=cfg.columns, keep=keep)
     decode_kw.update(image_root=root, base=os.getcwd(), id_type=id_type)
-    decoded = ds.map_batches(
-        decode_batch,
-        batch_size=decode_rows or default_decode_rows,
-        batch_format="pyarrow",
-        num_cpus=1,
-        zero_copy_batch=True,
-        fn_kwargs=decode_kw,
-        runtime_env=env("decode", 1),
+
+    # Each stage gets its own worker environment (BTFAST_STAGE differs): Ray Data fuses a task stage into the
+    # actor stage after it when their remote arguments are equal, and then the model would wait on Pillow.
+    def stage(ds: Any, fn: Any, name: str, threads: int, **kw: Any) -> Any:
+        n = str(threads)
+        env = dict(BTFAST_STAGE=name, OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, TOKENIZERS_PARALLELISM="false")
+        return ds.map_batches(fn, batch_format="pyarrow", zero_copy_batch=True, runtime_env={"env_vars": env}, **kw)
+
+    ds = stage(
+        ds, decode_batch, "decode", 1, batch_size=decode_rows or default_decode_rows, num_cpus=1, fn_kwargs=decode_kw
     )
-    out = decoded.map_batches(
+    ds = stage(
+        ds,
         ModelWorker,
+        "model",
+        where.threads,
         batch_size=rows_per_call,
-        batch_format="pyarrow",
-        zero_copy_batch=True,
         compute=ray.data.ActorPoolStrategy(size=where.actors),
         num_cpus=where.actor_cpus,
         num_gpus=where.actor_gpus or None,
         fn_constructor_args=(cfg, cfg.command, where.device, where.dtype, where.batch_size, id_type, keep),
         fn_constructor_kwargs={"threads": where.threads, "warmup": warmup},
-        runtime_env=env("model", where.threads),
     )
     log.info("btfast.ray: %s; batch %d, %d rows per call", where.describe(), where.batch_size, rows_per_call)
-    return out
+    return ds
 
 
 def _run(
     ds: Any,
     model_dir: str | os.PathLike,
-    kind: str,
+    kind: str | None,
     outputs: Sequence[str],
-    schema: Any,
     *,
     image_field: str = "image",
     text_field: str = "text",
@@ -134,14 +124,23 @@ def _run(
     keep: Sequence[str] = (),
     **job: Any,
 ) -> Any:
-    """The pipeline of `score` (kind "pair") or `embed` (kind "image" / "text"); `job`: `pipeline`'s gpus_per_worker
-    and warmup, and other `JobConfig` fields."""
+    """The pipeline of `score` (kind "pair") or `embed` (kind "image" / "text"; None: the one column `ds` has);
+    `job`: `pipeline`'s gpus_per_worker and warmup, and other `JobConfig` fields."""
     placing = {k: job.pop(k) for k in ("gpus_per_worker", "warmup") if k in job}
     columns = Columns(image_field, text_field, id_field)
+    try:
+        schema = ds.schema()
+    except Exception:  # pragma: no cover - a source that cannot tell before running
+        schema = None
+    cols = None if schema is None else list(schema.names)
+    if kind is None:
+        has_i, has_t = (cols is not None and c in cols for c in (image_field, text_field))
+        if has_i == has_t:
+            raise ValueError(f"pass kind='image' or kind='text' (the dataset has columns {cols})")
+        kind = "image" if has_i else "text"
     clash = [c for c in keep if c in outputs]
     if clash:
         raise ValueError(f"keep={list(keep)}: {', '.join(map(repr, clash))} is already an output column")
-    cols = None if schema is None else list(schema.names)
     needed = [getattr(columns, role) for role in (("image", "text") if kind == "pair" else (kind,))]
     absent = [c for c in (*needed, *keep) if cols is not None and c not in cols]
     if absent:
@@ -150,13 +149,6 @@ def _run(
     id_type = "string" if mode == "embed" or not schema else id_type_of(None, id_field, schema=schema)
     cfg = _config(mode, None, None, check=False, model=model_dir, out="", columns=columns, **job)
     return pipeline(ds, cfg, kind=kind, keep=keep, id_type=id_type, **placing)
-
-
-def _schema(ds: Any) -> Any:
-    try:
-        return ds.schema()
-    except Exception:  # pragma: no cover - a source that cannot tell before running
-        return None
 
 
 def score(ds: Any, model_dir: str | os.PathLike, head: str = "itm", **options: Any) -> Any:
@@ -178,7 +170,7 @@ def score(ds: Any, model_dir: str | os.PathLike, head: str = "itm", **options: A
     """
     if head not in ("itm", "itc"):
         raise ValueError(f"head must be itm or itc, got {head}")
-    return _run(ds, model_dir, "pair", score_columns(head), _schema(ds), head=head, **options)
+    return _run(ds, model_dir, "pair", score_columns(head), head=head, **options)
 
 
 def embed(ds: Any, model_dir: str | os.PathLike, kind: str | None = None, **options: Any) -> Any:
@@ -189,13 +181,6 @@ def embed(ds: Any, model_dir: str | os.PathLike, kind: str | None = None, **opti
     (a string), image, text, status, error, text_truncated, embedding (list of float32; cosine = dot product).
     Embed the image collection once, write it, index it: the first stage of retrieval. `options` as `score`'s.
     """
-    schema = _schema(ds)
-    cols = None if schema is None else list(schema.names)
-    if kind is None:
-        has_i, has_t = (cols is not None and options.get(f"{k}_field", k) in cols for k in ("image", "text"))
-        if has_i == has_t:
-            raise ValueError(f"pass kind='image' or kind='text' (the dataset has columns {cols})")
-        kind = "image" if has_i else "text"
-    if kind not in ("image", "text"):
+    if kind not in (None, "image", "text"):
         raise ValueError(f"kind must be image or text, got {kind}")
-    return _run(ds, model_dir, kind, EMBED, schema, head="itc", **options)
+    return _run(ds, model_dir, kind, EMBED, head="itc", **options)

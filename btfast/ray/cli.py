@@ -1,11 +1,10 @@
-"""`btfast score --ray` / `btfast embed --ray`: the jobs of `btfast.score.job.run_job` on Ray Data, written as a
+"""`btfast score --ray` / `btfast embed --ray`: `btfast.score.job.run_job` with Ray Data as the executor, into a
 resumable folder of Parquet parts (`btfast.score.parts`).
 
-The driver plans the parts as the single-process job does (deterministic), skips those already written and hands
-the rest to Ray Data (`btfast.ray.stages`); each part is written atomically once all its rows are back, in any
-order. Kill the driver or an actor at any moment and rerun the same command: every input row ends up once in the
-output. What is Ray's is here: connecting, placing the actor pool, the executor. The flags are declared in
-`btfast.score.cli.add_ray`; `python -m btfast.ray.cli score ...` is `btfast score --ray ...`.
+The driver plans the parts as the single-process job does, skips those already written and hands the rest to Ray
+Data (`btfast.ray.stages`); each part is written atomically once all its rows are back, in any order. Kill the
+driver or an actor at any moment and rerun the same command: every input row ends up once in the output. The flags
+are declared in `btfast.score.cli`; `python -m btfast.ray.cli score ...` is `btfast score --ray ...`.
 """
 
 from __future__ import annotations
@@ -41,11 +40,10 @@ class PipelineError(RuntimeError):
 
 
 def run_on_ray(chunks: Iterable[Chunk], cfg: JobConfig, where: Any, id_type: str) -> Iterator[tuple[int, Any]]:
-    """The Ray executor: the chunks' rows become blocks, `pipeline` appends the decode and model stages (placed by
-    `where`), and each chunk is yielded (a pyarrow Table sorted by `row`) once all its rows are back.
-
-    Blocks hold `batch_rows(...)`'s decode rows, fewer when the work is small, so that every actor gets blocks and
-    parts are written as the job goes (an actor returns a block's rows when it has done the whole block)."""
+    """The Ray executor: the chunks' rows become blocks through `pipeline`'s stages (placed by `where`); each chunk
+    is yielded (a pyarrow Table sorted by `row`) once all its rows are back. Blocks hold `batch_rows`' decode rows,
+    fewer when the work is small, so that every actor gets blocks and parts are written as the job goes (an actor
+    returns a block's rows when it has done the whole block)."""
     import pyarrow as pa
     import ray
 
@@ -62,12 +60,11 @@ def run_on_ray(chunks: Iterable[Chunk], cfg: JobConfig, where: Any, id_type: str
             recs.extend(row_record(r, id_type, part=c.index) for r in c.rows)
     except Exception as e:  # a shard that cannot be read: the others are run first, then this is raised
         failure = e
-    for k in [k for k, n in todo.items() if n == 0]:  # a shard without a readable sample: written empty
-        del todo[k]
-        yield k, []
+    yield from ((k, []) for k, n in todo.items() if n == 0)  # a shard without a readable sample: written empty
+    todo = {k: n for k, n in todo.items() if n}
     if todo:
         model_rows, block_rows = batch_rows(where.batch_size)
-        whole = pa.Table.from_pylist(recs, schema=arrow_schema(ROWS, id_type).append(pa.field("part", pa.int64())))
+        whole = pa.Table.from_pylist(recs, schema=arrow_schema((*ROWS, "part"), id_type))
         per = -(-whole.num_rows // (8 * where.actors))
         if per < block_rows:  # little work: smaller blocks (a multiple of a model call)
             block_rows = max(model_rows, -(-per // model_rows) * model_rows)
@@ -93,11 +90,9 @@ def run_on_ray(chunks: Iterable[Chunk], cfg: JobConfig, where: Any, id_type: str
 
 
 class Assembler:
-    """Gathers output batches (any order, any split) into whole parts; a row seen twice is kept once.
-
-    `expected` maps each part still to do to its number of rows. `add(table)` returns the parts it completed,
-    each as a table sorted by `row`, without the `part` column.
-    """
+    """Gathers output batches (any order, any split) into whole parts; a row seen twice is kept once. `expected`:
+    part still to do -> its number of rows. `add(table)` yields the parts it completed, sorted by `row`, without
+    the `part` column."""
 
     def __init__(self, expected: dict[int, int]) -> None:
         self.expected = dict(expected)
@@ -110,29 +105,20 @@ class Assembler:
         return len(self.expected)
 
     def add(self, table: Any) -> Iterator[tuple[int, Any]]:
-        import numpy as np
         import pyarrow as pa
 
-        if table.num_rows == 0:
-            return
-        parts = table.column("part").to_numpy(zero_copy_only=False)
-        rows = table.column("row").to_pylist()
-        for k in np.unique(parts).tolist():
-            if k not in self.expected:  # a part already written (a retried task's output): drop it
-                self.duplicates += int((parts == k).sum())
-                continue
-            idx = np.flatnonzero(parts == k).tolist()
-            seen = self.seen[k]
-            new = {rows[i]: i for i in reversed(idx) if rows[i] not in seen}  # each row's first copy
-            seen.update(new)
-            self.duplicates += len(idx) - len(new)
-            if new:
-                self.pieces[k].append(table.take(pa.array(sorted(new.values()), type=pa.int64())))
-            if len(seen) >= self.expected[k]:
-                whole = pa.concat_tables(self.pieces.pop(k))
-                whole = whole.take(np.argsort(whole.column("row").to_numpy(zero_copy_only=False), kind="stable"))
+        picked: dict[int, list[int]] = defaultdict(list)  # part -> indices in `table` of each new row's first copy
+        for i, (k, row) in enumerate(zip(table.column("part").to_pylist(), table.column("row").to_pylist())):
+            if k in self.expected and row not in self.seen[k]:  # else a duplicate, or a part already written
+                self.seen[k].add(row)
+                picked[k].append(i)
+            else:
+                self.duplicates += 1
+        for k in sorted(picked):
+            self.pieces[k].append(table.take(pa.array(picked[k], type=pa.int64())))
+            if len(self.seen[k]) >= self.expected[k]:
                 del self.expected[k], self.seen[k]
-                yield k, whole.drop_columns(["part"])
+                yield k, pa.concat_tables(self.pieces.pop(k)).sort_by("row").drop_columns(["part"])
 
 
 def _reason(e: BaseException) -> str:
@@ -166,9 +152,7 @@ def ray_job(cfg: JobConfig, *, address: str | None = None, gpus_per_worker: floa
         if connect(address, logging_level=logging.WARNING, log_to_driver=True, **kw):
             stack.callback(ray.shutdown)  # only what we started
         ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False  # the driver shows one bar: rows written
-        if hasattr(ctx, "enable_operator_progress_bars"):
-            ctx.enable_operator_progress_bars = False
+        ctx.enable_progress_bars = ctx.enable_operator_progress_bars = False  # the driver shows one bar: rows written
         logging.getLogger("ray.data").setLevel(logging.INFO if cfg.progress else logging.WARNING)
         where = place(ray.cluster_resources(), cfg.device, gpus_per_worker, cfg.workers, cfg.batch_size, cfg.dtype)
         if cfg.threads:  # --threads: torch threads per actor
@@ -178,8 +162,7 @@ def ray_job(cfg: JobConfig, *, address: str | None = None, gpus_per_worker: floa
             print(f"btfast {cfg.command} --ray: {where.describe()}; batch {where.batch_size}", file=sys.stderr)
         return header, lambda id_type: (functools.partial(run_on_ray, cfg=cfg, where=where, id_type=id_type), {})
 
-    desc = f"score {cfg.head} (ray)" if cfg.command == "score" else "embed (ray)"
-    return run_job(cfg, start, desc=desc, parts=True)
+    return run_job(cfg, start, desc=f"score {cfg.head} (ray)" if cfg.command == "score" else "embed (ray)", parts=True)
 
 
 def main(argv: list[str] | None = None) -> int:

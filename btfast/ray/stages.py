@@ -1,10 +1,8 @@
 """The two Ray Data stages, on pyarrow Tables (nothing here imports Ray), and how to size the actor pool.
 
-`decode_batch` (CPU tasks) parses input records as `btfast score` does and decodes each unique image of the batch
-once into a uint8 canvas, shipped on the image's first row only: later rows carry the image's source instead (they
-may land in another model batch); a failed image carries its reason on every row. `ModelWorker` (one per actor)
-loads the head once and maps decoded rows to output rows with `btfast.score.engine.compute_chunk`, keeping recent
-canvases; a canvas it never saw is decoded there.
+`decode_batch` decodes each unique image of a batch once; its canvas rides on the image's first row only, later rows
+carry the image's source (they may land in another model batch), a failed image its reason on every row.
+`ModelWorker` keeps recent canvases and decodes one it never saw.
 """
 
 from __future__ import annotations
@@ -73,21 +71,18 @@ def decode_batch(
             row = int(row) if isinstance(row, (int, np.integer)) else None
             recs.append(row_record(parse_record(rec, row, resolver, kind, c.image, c.text, c.id), id_type))
     canvases: dict[str, np.ndarray | str] = {}
-    rows = []
-    for rec in recs:
+    for rec in recs:  # (the columns of DECODED a record lacks are null in the table)
         key = rec["_key"]
         first = key is not None and key not in canvases
         if first:
             canvases[key] = pre.load_or_reason(rec["_path"] if rec["_path"] is not None else rec["_bytes"])
         c = canvases.get(key)
-        failed = c if isinstance(c, str) else None
-        row = {**rec, "_canvas": None, "_h": None, "_w": None, "_decode_error": failed}
-        if first or failed is not None:  # a row with the canvas or the reason needs the source no more
-            row.update(_path=None, _bytes=None)
-        if first and failed is None:
-            row.update(_canvas=c.tobytes(), _h=c.shape[0], _w=c.shape[1])
-        rows.append(row)
-    table = pa.Table.from_pylist(rows, schema=arrow_schema(DECODED, id_type))
+        rec["_decode_error"] = c if isinstance(c, str) else None
+        if first or isinstance(c, str):  # a row with the canvas or the reason needs the source no more
+            rec.update(_path=None, _bytes=None)
+        if first and not isinstance(c, str):
+            rec.update(_canvas=c.tobytes(), _h=c.shape[0], _w=c.shape[1])
+    table = pa.Table.from_pylist(recs, schema=arrow_schema(DECODED, id_type))
     for name in keep:
         table = table.append_column(name, batch.column(name))
     return table
@@ -136,33 +131,26 @@ class ModelWorker:
         hs, ws = t.column("_h").to_pylist(), t.column("_w").to_pylist()
         out: dict[str, np.ndarray | str] = {}
         for i, k in enumerate(keys):
-            if k is None or k in out:
-                continue
             if errors[i] is not None:
                 out[k] = errors[i]
             elif hs[i] is not None:
                 buf = t.column("_canvas")[i].as_buffer()
                 out[k] = self._remember(k, np.frombuffer(buf, dtype=np.uint8).reshape(hs[i], ws[i], 3))
-            elif k in self.cache:
-                out[k] = self._remember(k, self.cache[k])
         missing = [i for i, k in enumerate(keys) if k is not None and k not in out]
-        if missing:  # the canvas went to another batch or actor: decode it here
-            paths, blobs = t.column("_path").to_pylist(), t.column("_bytes").to_pylist()
-            for i in missing:
-                if keys[i] not in out:
-                    out[keys[i]] = c = self.pre.load_or_reason(paths[i] if paths[i] is not None else blobs[i])
-                    self.redecoded += 1
-                    if isinstance(c, np.ndarray):
-                        self._remember(keys[i], c)
+        paths, blobs = (t.column(c).to_pylist() if missing else None for c in ("_path", "_bytes"))
+        for i in (i for i in missing if keys[i] not in out):
+            c = self.cache.get(keys[i])
+            if c is None:  # the canvas went to another batch or actor: decode it here
+                c = self.pre.load_or_reason(paths[i] if paths[i] is not None else blobs[i])
+                self.redecoded += 1
+            out[keys[i]] = self._remember(keys[i], c) if isinstance(c, np.ndarray) else c
         return out
 
     def _remember(self, key: str, canvas: np.ndarray) -> np.ndarray:
         """Keep `canvas` as the most recent (up to `CACHE_BYTES` in all); returns it."""
-        if key in self.cache:
-            self.cache.move_to_end(key)
-            return canvas
+        self.cached += 0 if key in self.cache else canvas.nbytes
         self.cache[key] = canvas
-        self.cached += canvas.nbytes
+        self.cache.move_to_end(key)
         while self.cached > self.CACHE_BYTES and len(self.cache) > 1:
             self.cached -= self.cache.popitem(last=False)[1].nbytes
         return canvas
@@ -172,9 +160,8 @@ class ModelWorker:
 
         from btfast.score.engine import compute_chunk
 
-        canvases = self._canvases(t)
         rows = list(map(record_row, t.select(["row", "id", "kind", "image", "text", "_error", "_key"]).to_pylist()))
-        outs = compute_chunk(self.ctx, self.mode, self.id_type, rows, canvases)
+        outs = compute_chunk(self.ctx, self.mode, self.id_type, rows, self._canvases(t))
         table = pa.Table.from_pylist(outs, schema=self.schema)
         for name in self.keep:
             table = table.append_column(name, t.column(name))
@@ -224,8 +211,7 @@ def place(
     from btfast.score.engine import DTYPES, resolve_dtype
     from btfast.score.job import default_batch_size
 
-    cpus = float(resources.get("CPU", 0) or 0)
-    gpus = float(resources.get("GPU", 0) or 0)
+    cpus, gpus = (float(resources.get(k, 0) or 0) for k in ("CPU", "GPU"))
     if workers is not None and workers < 1:
         raise ValueError(f"--workers must be >= 1 with --ray, got {workers}")
     if gpus_per_worker is not None and gpus_per_worker < 0:
@@ -265,8 +251,8 @@ def batch_rows(batch_size: int) -> tuple[int, int]:
     """(rows per model call, rows per decode task) for a model batch size.
 
     A model call takes 4 batches' worth of rows (dedup finds shared images and texts within a call); a decode task
-    a multiple of that, at least 256 rows (scheduling a task costs more than decoding a small image), cut into
-    model calls run one after the other on one actor: an image's canvas, sent on its first row, is then in that
-    actor's cache for its later rows."""
+    a multiple of that, at least 256 rows (scheduling a task costs more than decoding a small image): its model
+    calls run one after the other on one actor, so an image's canvas, sent on its first row, is in that actor's
+    cache for its later rows."""
     model = 4 * batch_size
     return model, model * max(1, -(-256 // model))

@@ -5,8 +5,8 @@
 
 from __future__ import annotations
 
+import functools
 import os
-import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -17,7 +17,7 @@ from typing import Any
 from btfast.io.fs import is_url
 from btfast.score.config import Columns, JobConfig
 from btfast.score.plan import Chunk, Limits, parse_shard, plan
-from btfast.score.schema import embed_schema, score_schema
+from btfast.score.schema import EMBED, arrow_schema, score_columns
 from btfast.score.sink import ChunkSink, Sink, output_format
 
 
@@ -51,8 +51,7 @@ class Summary:
         return "; ".join(parts) + f" -> {self.out}"
 
 
-# An executor computes chunks, yielding (chunk index, output rows: dicts or a pyarrow Table) as each completes, in
-# any order: `LocalExecutor` (decode in worker processes, compute here) or `btfast.ray.cli.run_on_ray`.
+# An executor (`LocalExecutor`, `btfast.ray.cli.run_on_ray`): chunks -> (index, rows: dicts or Arrow table), any order
 Run = Callable[[Iterable[Chunk]], Iterator[tuple[int, Any]]]
 
 
@@ -60,23 +59,21 @@ def stream(
     chunks: Iterable[Chunk],
     loader: Any,
     compute: Callable[[Chunk, dict[str, Any]], list[dict[str, Any]]],
-    prefetch: int = 2,
     limits: Limits | None = None,
 ) -> Iterator[tuple[int, list[dict[str, Any]]]]:
-    """(chunk index, output rows) in order; the images of the next `prefetch` pieces decode while one computes.
+    """(chunk index, output rows) in order; the images of the next pieces decode while one computes.
 
     A chunk larger than `limits` (a tar shard of 10,000 samples: the unit written and resumed) is decoded and
     computed in pieces planned within `limits` (the unit held in memory); its rows come out together. An error
     from `chunks` (a shard that cannot be read) is raised after the chunks already taken are computed.
-    With `loader=None` nothing is decoded: `compute` gets no images (it fetches what it needs itself).
-    """
+    With `loader=None` nothing is decoded: `compute` gets no images (it fetches what it needs itself)."""
     pieces = _pieces(chunks, limits)
     pending: deque[tuple[Chunk, Chunk, bool, Any]] = deque()
     failure: BaseException | None = None
 
     def fill() -> None:
         nonlocal failure
-        while failure is None and len(pending) <= prefetch:
+        while failure is None and len(pending) <= 2:  # up to three pieces queued ahead of the one computing
             try:
                 item = next(pieces, None)
             except Exception as e:  # raised once the pieces taken so far are done
@@ -134,13 +131,11 @@ def run_chunks(
     desc: str = "btfast",
     progress: bool = True,
 ) -> Summary:
-    """The one driver loop: run every chunk of the job `cfg`'s shard that the sink has not recorded, write each as
-    it completes, then mark the job finished.
-
+    """Run every chunk of `cfg`'s shard not yet in `sink`, write each as it completes, then finish the sink.
     `cfg.interrupt` (tests only): (n, signal) sends this process the signal once n chunks of this run are durable."""
     from tqdm import tqdm
 
-    t0, resumed, new_rows = time.perf_counter(), sink.rows_done, 0
+    t0, resumed = time.perf_counter(), sink.rows_done
     i, n = cfg.shard
     if not sink.finished:
         indices: list[int] = []
@@ -159,8 +154,7 @@ def run_chunks(
             desc=desc,
             disable=not (progress and cfg.progress),
             dynamic_ncols=True,
-            smoothing=0.05,
-            file=sys.stderr,
+            smoothing=0.05,  # (on sys.stderr, tqdm's default)
         )
         errors = sink.errors_done
         try:
@@ -168,7 +162,6 @@ def run_chunks(
                 rec = sink.write(index, outs)
                 if cfg.interrupt is not None and written == cfg.interrupt[0]:
                     os.kill(os.getpid(), cfg.interrupt[1])
-                new_rows += rec["rows"]
                 errors += rec["errors"]
                 bar.update(rec["rows"])
                 bar.set_postfix(errors=errors, refresh=False)
@@ -176,25 +169,28 @@ def run_chunks(
             bar.close()
         sink.finish(indices)
     seconds = time.perf_counter() - t0
+    new_rows = sink.rows_done - resumed
     return Summary(str(sink.out), sink.rows_done, sink.errors_done, resumed, new_rows, seconds, len(sink.done))
 
 
 def run_job(cfg: JobConfig, start: Callable[[ExitStack], Any], *, desc: str, parts: bool = False) -> Summary:
-    """The job `cfg` (`btfast score` / `embed`) on any executor: plan → decode → compute → sink.
-
-    Checks the input, then `start(stack)` readies the executor (its cleanup on `stack`) and returns the resume
-    header and `begin(id_type) -> (executor, stats)`, called only when the sink is not finished (it may load a
-    model). `parts`: always a folder of Parquet parts (`--ray`)."""
+    """The job `cfg` (`btfast score` / `embed`) on any executor, after checking its input. `start(stack)` readies
+    the executor (cleanup on `stack`), returning the resume header and `begin(id_type) -> (executor, stats)`, called
+    unless the sink is finished (it may load a model). `parts` (`--ray`) or a folder URL (s3://bucket/scores/): a
+    folder of Parquet parts; else a `.jsonl` / `.parquet` `ChunkSink`."""
+    from btfast.score.parts import PartStore
     from btfast.score.source import source_for
 
     source = source_for(cfg)
     source.check()  # a missing column or a wrong image root: fatal, before the model loads or Ray starts
     with ExitStack() as stack:
         header, begin = start(stack)
-        parquet = parts or is_url(cfg.out) or output_format(cfg.out) == "parquet"
+        parts = parts or is_url(cfg.out)
+        parquet = parts or output_format(cfg.out) == "parquet"
         id_type = cfg.id_type(parquet)
         schema = output_schema(cfg, id_type) if parquet else None
-        sink = stack.enter_context(open_sink(cfg, header, schema, parts))
+        store = PartStore if parts else ChunkSink
+        sink = stack.enter_context(store(cfg.out, header, overwrite=cfg.overwrite, schema=schema))
         if sink.finished:
             return run_chunks(cfg, [], sink, LocalExecutor(None, lambda c, x: []))
         executor, stats = begin(id_type)
@@ -221,10 +217,8 @@ def local_job(cfg: JobConfig) -> Summary:
             loader = stack.enter_context(ImageLoader(images, rt.workers))  # the workers start while the model loads
             ctx = Context.load(cfg.model, cfg.head, rt.device, rt.dtype, images, **cfg.compute(rt.batch_size))
 
-            def compute(c: Chunk, canvases: dict[str, Any]) -> list[dict[str, Any]]:
-                return compute_chunk(ctx, cfg.command, id_type, c.rows, canvases)
-
-            return LocalExecutor(loader, compute, limits=cfg.limits), ctx.stats  # a tar shard: in pieces
+            compute = functools.partial(compute_chunk, ctx, cfg.command, id_type)
+            return LocalExecutor(loader, lambda c, cv: compute(c.rows, cv), cfg.limits), ctx.stats  # tar: in pieces
 
         return rt.header(cfg), begin
 
@@ -232,18 +226,10 @@ def local_job(cfg: JobConfig) -> Summary:
 
 
 def output_schema(cfg: JobConfig, id_type: str) -> Any:
-    """The Arrow schema of the job's output rows."""
-    return embed_schema() if cfg.command == "embed" else score_schema(cfg.head, id_type, cfg.with_text)
-
-
-def open_sink(cfg: JobConfig, header: dict[str, Any], schema: Any, parts: bool = False) -> Sink:
-    """A `.jsonl` / `.parquet` file: `ChunkSink`; a folder URL (s3://bucket/scores/), or any folder with `parts`:
-    a folder of Parquet parts, one per chunk or tar shard, each written whole (`btfast.score.parts.PartStore`)."""
-    if parts or is_url(cfg.out):
-        from btfast.score.parts import PartStore
-
-        return PartStore(cfg.out, header, overwrite=cfg.overwrite, schema=schema)
-    return ChunkSink(cfg.out, header, overwrite=cfg.overwrite, schema=schema)
+    """The Arrow schema of the job's output rows (embed ids: always strings)."""
+    if cfg.command == "embed":
+        return arrow_schema(EMBED)
+    return arrow_schema(score_columns(cfg.head, cfg.with_text), id_type)
 
 
 def default_batch_size(device_type: str) -> int:
@@ -252,11 +238,9 @@ def default_batch_size(device_type: str) -> int:
 
 
 def _config(command: str, shard: str | None, limits: Limits | None, check: bool = True, **kw: Any) -> JobConfig:
-    """The job of a Python API call (`score`, `embed`, `retrieve`, `btfast.ray`'s): paths as strings, defaults
-    filled, checked (`check`)."""
+    """The job of a Python API call (`score`, `embed`, `retrieve`, `btfast.ray`'s): paths as strings, checked."""
     kw = {k: (None if v is None else os.fspath(v)) if k in PATHS else v for k, v in kw.items()}
-    if kw.get("max_pixels") is None:
-        kw.pop("max_pixels", None)
+    kw = {k: v for k, v in kw.items() if k != "max_pixels" or v is not None}  # None: JobConfig's default
     cfg = JobConfig(command=command, shard=parse_shard(shard), limits=limits or Limits(), **kw)
     if check:
         cfg.check()

@@ -24,7 +24,7 @@ DECODED = ROWS + ("_canvas", "_h", "_w", "_decode_error")
 
 # column -> pyarrow type factory (others: string); `_canvas` has 64-bit offsets: a block of canvases may pass 2 GiB
 _TYPES = dict.fromkeys(("itm_logit", "itm_prob", "itc_cosine", "itc_logit"), "float32")
-_TYPES |= dict.fromkeys(("rank", "_h", "_w"), "int32") | {"row": "int64", "query_row": "int64"}
+_TYPES |= dict.fromkeys(("rank", "_h", "_w"), "int32") | dict.fromkeys(("row", "query_row", "part"), "int64")
 _TYPES |= {"text_truncated": "bool_", "_bytes": "binary", "_canvas": "large_binary"}
 
 
@@ -54,11 +54,6 @@ def arrow_schema(columns: tuple[str, ...], id_type: str = "string") -> Any:
     return pa.schema([(c, arrow_type(c, id_type)) for c in columns])
 
 
-def score_schema(head: str, id_type: str, with_text: bool = False) -> Any:
-    return arrow_schema(score_columns(head, with_text), id_type)
-
-
-embed_schema = functools.partial(arrow_schema, EMBED)
 retrieve_schema = functools.partial(arrow_schema, RETRIEVE)
 
 
