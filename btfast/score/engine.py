@@ -15,11 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from btfast.benchmark.device import DTYPES  # the --dtype names
 from btfast.preprocess import ImagePreprocessor, TextPreprocessor
 from btfast.score.rows import ImageResolver, Row, image_sources, parse_record
 from btfast.score.schema import EMBED, SCORES, id_value, score_columns
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtype names
 
 
 class ModelLoadError(RuntimeError):
@@ -125,10 +124,6 @@ class Context:
     def device(self) -> torch.device:
         return self.model.device
 
-    def logit_scale(self) -> float:
-        m = getattr(self.model, "model", self.model)
-        return float(m.logit_scale.detach().float().exp())
-
 
 def pixels(ctx: Context, canvases: Sequence[np.ndarray]) -> torch.Tensor:
     """(N, 3, S, S) normalised pixels on the model's device from uint8 canvases (the table lookup runs there)."""
@@ -191,7 +186,7 @@ def _put(ctx: Context, outs: list[dict[str, Any]], x: Any) -> None:
     if ctx.head == "itm":
         vals = zip(x[:, 1].tolist(), x.softmax(-1)[:, 1].tolist())
     else:
-        scale = ctx.logit_scale()
+        scale = float(getattr(ctx.model, "model", ctx.model).logit_scale.detach().float().exp())
         vals = ((c, c * scale) for c in (x[0].float() * x[1].float()).sum(-1).cpu().tolist())
     for o, v in zip(outs, vals):
         o.update(zip(SCORES[ctx.head], v))
@@ -205,9 +200,8 @@ def _start(rows: Sequence[Row], canvases: dict[str, Any], columns: Sequence[str]
             cv = canvases.get(r.image_key)  # type: ignore[arg-type]
             if cv is None or isinstance(cv, str):
                 r.error = f"image: {cv or 'not loaded'}"
-        status = "ok" if r.error is None else "error"
         f = dict(kind="text" if r.kind == "text" else "image", row=r.row, id=r.id, image=r.image_name, text=r.text)
-        outs.append({c: f.get(c) for c in columns} | {"status": status, "error": r.error})
+        outs.append({c: f.get(c) for c in columns} | {"status": "ok" if r.error is None else "error", "error": r.error})
     return outs
 
 
@@ -237,8 +231,7 @@ def score_chunk(ctx: Context, rows: Sequence[Row], canvases: dict[str, np.ndarra
             _put(ctx, good_outs, fuse_scores(ctx, ts, im, [len(t.ids) for t in tok], ti, ii))
         else:
             t_emb, i_emb = ctx.model.itc_embeddings(text=ts, image=im)
-            dev = t_emb.device
-            _put(ctx, good_outs, (t_emb[torch.tensor(ti, device=dev)], i_emb[torch.tensor(ii, device=dev)]))
+            _put(ctx, good_outs, (t_emb[ti], i_emb[ii]))
     return outs
 
 
