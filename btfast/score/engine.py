@@ -130,29 +130,6 @@ def pixels(ctx: Context, canvases: Sequence[np.ndarray]) -> torch.Tensor:
     return ctx.images.normalize_torch(torch.from_numpy(np.stack(canvases)).to(ctx.device, non_blocking=True))
 
 
-def encode_images(ctx: Context, canvases: Sequence[np.ndarray]) -> Any:
-    """ImageStates of the canvases, in order, encoded in batches."""
-    from btfast.states import ImageStates
-
-    b = ctx.batch_size
-    return ImageStates.concat(
-        [ctx.model.encode_image(pixels(ctx, canvases[i : i + b])) for i in range(0, len(canvases), b)]
-    )
-
-
-def encode_texts(ctx: Context, ids: Sequence[Sequence[int]]) -> Any:
-    """TextStates of the token lists, in order (batches sorted by length, so little padding)."""
-    from btfast.states import TextStates
-
-    order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
-    parts = []
-    for s in range(0, len(order), ctx.batch_size):
-        input_ids, mask = ctx.texts.collate([ids[i] for i in order[s : s + ctx.batch_size]])
-        parts.append(ctx.model.encode_text(input_ids.to(ctx.device), mask.to(ctx.device)))
-    states = TextStates.concat(parts)
-    return states.index(torch.argsort(torch.tensor(order, dtype=torch.long)).to(states.bridges.device))
-
-
 def fuse_scores(ctx: Context, ts: Any, im: Any, lengths: Sequence[int], ti: Sequence[int], ii: Sequence[int]) -> Any:
     """(N, 2) ITM logits, on the CPU, of the pairs (text ti[k] of `lengths[k]` tokens, image ii[k]), fused in
     batches of pairs sorted by text length. Results stay on the device until all are done: one transfer."""
@@ -172,13 +149,25 @@ def fuse_scores(ctx: Context, ts: Any, im: Any, lengths: Sequence[int], ti: Sequ
 
 
 def _encode(ctx: Context, side: str, keys: list[Any], canvases: dict[str, Any]) -> tuple[Any, list[int]]:
-    """States of the distinct `keys` (image keys or token id tuples), each encoded once, and each key's position."""
+    """States of the distinct `keys` (image keys, or token id tuples: batched sorted by length, so little padding),
+    each encoded once, and each key's position among them."""
+    from btfast.states import ImageStates, TextStates
+
     index: dict[Any, int] = {}
     at = [index.setdefault(k, len(index)) for k in keys]
     ctx.stats[side + "s_encoded"] += len(index)
+    uniq, b = list(index), ctx.batch_size
     if side == "image":
-        return encode_images(ctx, [canvases[k] for k in index]), at
-    return encode_texts(ctx, list(index)), at
+        pics = [canvases[k] for k in uniq]
+        parts = [ctx.model.encode_image(pixels(ctx, pics[i : i + b])) for i in range(0, len(pics), b)]
+        return ImageStates.concat(parts), at
+    order = sorted(range(len(uniq)), key=lambda i: (len(uniq[i]), i))
+    parts = []
+    for s in range(0, len(order), b):
+        input_ids, mask = ctx.texts.collate([uniq[i] for i in order[s : s + b]])
+        parts.append(ctx.model.encode_text(input_ids.to(ctx.device), mask.to(ctx.device)))
+    states = TextStates.concat(parts)
+    return states.index(torch.argsort(torch.tensor(order, dtype=torch.long)).to(states.bridges.device)), at
 
 
 def _put(ctx: Context, outs: list[dict[str, Any]], x: Any) -> None:

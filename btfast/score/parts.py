@@ -86,19 +86,18 @@ class PartStore(Sink):
                 raise ResumeError(f"{self.out}/{JOB_FILE}: damaged; pass --overwrite to start again") from None
             same_job(old, self.header, self.out)
             self.finished = bool(record.get("finished"))
+            for n in names:
+                m = PART_RE.match(n)
+                info = self._read_meta(fs.join(self.url, n)) if m else None
+                if info is not None:
+                    self.done[int(m.group(1))] = info
+                elif m or TMP_RE.match(n):  # an unreadable part (cannot be ours and complete: redo it), or one cut
+                    self._remove(n)
         else:  # a fresh job (or --overwrite): clear what an earlier job left, then record the header
             for n in names:
                 if n != LOCK_FILE:
                     self._remove(n)
-            names = []
             self._write_job()
-        for n in names:
-            m = PART_RE.match(n)
-            info = self._read_meta(fs.join(self.url, n)) if m else None
-            if info is not None:
-                self.done[int(m.group(1))] = info
-            elif m or TMP_RE.match(n):  # an unreadable part (cannot be ours and complete: redo it), or one cut
-                self._remove(n)
 
     @staticmethod
     def _read_meta(path: str) -> dict[str, int] | None:
@@ -133,7 +132,6 @@ class PartStore(Sink):
         return info
 
     def finish(self, parts: Iterable[int]) -> None:
-        """Mark the job complete once every one of `parts` is written."""
         parts = sorted(parts)
         missing = [k for k in parts if k not in self.done]
         if missing:

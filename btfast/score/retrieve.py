@@ -97,11 +97,10 @@ def _gallery(cfg: JobConfig, rows: dict[str, list[Row]], header: dict[str, Any],
 
 
 class _Ranker:
-    """The gallery (ITC embeddings of every image and text) and the ITM model; ranks one chunk of queries."""
+    """The `_gallery` of `rows` (side -> rows) and the ITM model (none with `cfg.rerank=False`: ITC only); ranks one
+    chunk of queries a call. `id_type`: of the results' ids, "string" (Parquet) or "keep"."""
 
-    def __init__(self, cfg: JobConfig, rows: dict[str, list[Row]], rt: Any, id_type: str, header: dict[str, Any]):
-        """The `_gallery` of `rows` (side -> rows) and the ITM model (none with `cfg.rerank=False`: ITC only).
-        `id_type`: of the results' ids, "string" (Parquet) or "keep"."""
+    def __init__(self, cfg: JobConfig, rows: dict[str, list[Row]], rt: Any, id_type: str) -> None:
         import torch
 
         from btfast.score.engine import Context
@@ -114,7 +113,7 @@ class _Ranker:
         self.loader: Any = ImageLoader(itc_pre, rt.workers)  # workers start while the model loads
         load = {"device": rt.device, "dtype": rt.dtype, "batch_size": rt.batch_size}
         try:
-            gallery = _gallery(cfg, rows, header, self.loader, **load)  # its ITC model is freed on return
+            gallery = _gallery(cfg, rows, rt.header(cfg), self.loader, **load)  # its ITC model is freed on return
             if itm_pre is None or itm_pre.config != itc_pre.config:  # else one worker pool serves both models
                 self.loader.close()
                 self.loader = None if itm_pre is None else ImageLoader(itm_pre, rt.workers)
@@ -207,7 +206,7 @@ def retrieve_job(cfg: JobConfig) -> Summary:
     ranker = None
     try:
         if not sink.finished and any(c.index not in sink.done for c in mine):
-            ranker = _Ranker(cfg, rows, rt, "string" if sink.fmt == "parquet" else "keep", header)
+            ranker = _Ranker(cfg, rows, rt, "string" if sink.fmt == "parquet" else "keep")
         # without a ranker every chunk of this shard is done: this only marks the job finished
         executor = LocalExecutor(None, ranker or (lambda c, x: []))
         total = sum(len(c.rows) for c in mine)

@@ -172,7 +172,7 @@ class ChunkSink(Sink):
         _fsync(self._progress)
 
     def write(self, chunk: int, rows: Any) -> dict[str, Any]:
-        """Write chunk `chunk`'s rows (dicts, or a pyarrow Table) and record it; returns the record."""
+        """`rows`: dicts, or a pyarrow Table."""
         if self._store is not None:
             return self._store.write(chunk, rows)
         if hasattr(rows, "to_pylist"):
@@ -185,8 +185,7 @@ class ChunkSink(Sink):
         return self.done[chunk]
 
     def finish(self, all_chunks: Sequence[int]) -> None:
-        """Mark the job complete once every chunk is done. Parquet: first join the parts, in order, into OUT
-        (through OUT.tmp) and record them; the parts go."""
+        """Parquet: the parts are first joined, in order, into OUT (through OUT.tmp) and recorded."""
         if self.finished:
             return
         records = []
