@@ -108,8 +108,7 @@ class _Ranker:
 
         itc_pre = cfg.image_preprocessor(cfg.itc_model or cfg.model)
         itm_pre = cfg.image_preprocessor(cfg.model) if cfg.rerank else None
-        self.top_k, self.limits, self.id_type = cfg.top_k, cfg.limits, id_type
-        self.pairs_reranked = 0
+        self.top_k, self.limits, self.id_type, self.pairs_reranked = cfg.top_k, cfg.limits, id_type, 0
         self.loader: Any = ImageLoader(itc_pre, rt.workers)  # workers start while the model loads
         load = {"device": rt.device, "dtype": rt.dtype, "batch_size": rt.batch_size}
         try:

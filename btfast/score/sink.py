@@ -101,8 +101,6 @@ class ChunkSink(Sink):
         self.header = header
         self.progress_path = Path(str(out) + ".btfast-progress")
         self.parts = Path(str(out) + ".btfast-parts")
-        self.done: dict[int, dict[str, Any]] = {}  # chunk -> its record (rows, errors, ...)
-        self.finished = False  # a previous run completed the job
         self._f = self._store = None  # JSONL: OUT open for appending; Parquet: the PartStore of the parts
         if overwrite:
             self.out.unlink(missing_ok=True)
@@ -114,11 +112,8 @@ class ChunkSink(Sink):
                 f"{self.out} exists but has no {self.progress_path.name}: not a btfast output to resume; "
                 "pass --overwrite to replace it"
             )
-        for rec in records or []:
-            if "chunk" in rec:
-                self.done[int(rec["chunk"])] = rec
-            elif rec.get("finished"):
-                self.finished = True
+        self.done: dict[int, dict[str, Any]] = {int(r["chunk"]): r for r in records or [] if "chunk" in r}
+        self.finished = any(r.get("finished") for r in records or [] if "chunk" not in r)  # a previous run completed it
         if records is None or self.finished:  # parts of an earlier job, or left by a kill after `finished`
             shutil.rmtree(self.parts, ignore_errors=True)
         if records is None:  # written whole: a kill leaves a header or no progress file
