@@ -191,9 +191,8 @@ def retrieve_job(cfg: JobConfig) -> Summary:
     source = ShardsSource(cfg, SIDES) if cfg.shards is not None else ListSource(cfg)
     source.check()  # a missing column or a wrong image root: fatal, before any model loads
     rows = dict(zip(SIDES, source.lists()))
-    header = rt.header(cfg)
     schema = retrieve_schema() if output_format(cfg.out) == "parquet" else None
-    sink = ChunkSink(cfg.out, header, overwrite=cfg.overwrite, schema=schema)
+    sink = ChunkSink(cfg.out, rt.header(cfg), overwrite=cfg.overwrite, schema=schema)
     gallery = Path(str(cfg.out) + GALLERY_SUFFIX)
     if cfg.overwrite:
         gallery.unlink(missing_ok=True)
