@@ -15,11 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from btfast.benchmark.device import DTYPES  # the --dtype names
 from btfast.preprocess import ImagePreprocessor, TextPreprocessor
 from btfast.score.rows import ImageResolver, Row, image_sources, parse_record
 from btfast.score.schema import EMBED, SCORES, id_value, score_columns
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtype names
 
 
 class ModelLoadError(RuntimeError):
@@ -125,37 +124,10 @@ class Context:
     def device(self) -> torch.device:
         return self.model.device
 
-    def logit_scale(self) -> float:
-        m = getattr(self.model, "model", self.model)
-        return float(m.logit_scale.detach().float().exp())
-
 
 def pixels(ctx: Context, canvases: Sequence[np.ndarray]) -> torch.Tensor:
     """(N, 3, S, S) normalised pixels on the model's device from uint8 canvases (the table lookup runs there)."""
     return ctx.images.normalize_torch(torch.from_numpy(np.stack(canvases)).to(ctx.device, non_blocking=True))
-
-
-def encode_images(ctx: Context, canvases: Sequence[np.ndarray]) -> Any:
-    """ImageStates of the canvases, in order, encoded in batches."""
-    from btfast.states import ImageStates
-
-    b = ctx.batch_size
-    return ImageStates.concat(
-        [ctx.model.encode_image(pixels(ctx, canvases[i : i + b])) for i in range(0, len(canvases), b)]
-    )
-
-
-def encode_texts(ctx: Context, ids: Sequence[Sequence[int]]) -> Any:
-    """TextStates of the token lists, in order (batches sorted by length, so little padding)."""
-    from btfast.states import TextStates
-
-    order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
-    parts = []
-    for s in range(0, len(order), ctx.batch_size):
-        input_ids, mask = ctx.texts.collate([ids[i] for i in order[s : s + ctx.batch_size]])
-        parts.append(ctx.model.encode_text(input_ids.to(ctx.device), mask.to(ctx.device)))
-    states = TextStates.concat(parts)
-    return states.index(torch.argsort(torch.tensor(order, dtype=torch.long)).to(states.bridges.device))
 
 
 def fuse_scores(ctx: Context, ts: Any, im: Any, lengths: Sequence[int], ti: Sequence[int], ii: Sequence[int]) -> Any:
@@ -177,13 +149,25 @@ def fuse_scores(ctx: Context, ts: Any, im: Any, lengths: Sequence[int], ti: Sequ
 
 
 def _encode(ctx: Context, side: str, keys: list[Any], canvases: dict[str, Any]) -> tuple[Any, list[int]]:
-    """States of the distinct `keys` (image keys or token id tuples), each encoded once, and each key's position."""
+    """States of the distinct `keys` (image keys, or token id tuples: batched sorted by length, so little padding),
+    each encoded once, and each key's position among them."""
+    from btfast.states import ImageStates, TextStates
+
     index: dict[Any, int] = {}
     at = [index.setdefault(k, len(index)) for k in keys]
     ctx.stats[side + "s_encoded"] += len(index)
+    uniq, b = list(index), ctx.batch_size
     if side == "image":
-        return encode_images(ctx, [canvases[k] for k in index]), at
-    return encode_texts(ctx, list(index)), at
+        pics = [canvases[k] for k in uniq]
+        parts = [ctx.model.encode_image(pixels(ctx, pics[i : i + b])) for i in range(0, len(pics), b)]
+        return ImageStates.concat(parts), at
+    order = sorted(range(len(uniq)), key=lambda i: (len(uniq[i]), i))
+    parts = []
+    for s in range(0, len(order), b):
+        input_ids, mask = ctx.texts.collate([uniq[i] for i in order[s : s + b]])
+        parts.append(ctx.model.encode_text(input_ids.to(ctx.device), mask.to(ctx.device)))
+    states = TextStates.concat(parts)
+    return states.index(torch.argsort(torch.tensor(order, dtype=torch.long)).to(states.bridges.device)), at
 
 
 def _put(ctx: Context, outs: list[dict[str, Any]], x: Any) -> None:
@@ -191,7 +175,7 @@ def _put(ctx: Context, outs: list[dict[str, Any]], x: Any) -> None:
     if ctx.head == "itm":
         vals = zip(x[:, 1].tolist(), x.softmax(-1)[:, 1].tolist())
     else:
-        scale = ctx.logit_scale()
+        scale = float(getattr(ctx.model, "model", ctx.model).logit_scale.detach().float().exp())
         vals = ((c, c * scale) for c in (x[0].float() * x[1].float()).sum(-1).cpu().tolist())
     for o, v in zip(outs, vals):
         o.update(zip(SCORES[ctx.head], v))
@@ -205,9 +189,8 @@ def _start(rows: Sequence[Row], canvases: dict[str, Any], columns: Sequence[str]
             cv = canvases.get(r.image_key)  # type: ignore[arg-type]
             if cv is None or isinstance(cv, str):
                 r.error = f"image: {cv or 'not loaded'}"
-        status = "ok" if r.error is None else "error"
         f = dict(kind="text" if r.kind == "text" else "image", row=r.row, id=r.id, image=r.image_name, text=r.text)
-        outs.append({c: f.get(c) for c in columns} | {"status": status, "error": r.error})
+        outs.append({c: f.get(c) for c in columns} | {"status": "ok" if r.error is None else "error", "error": r.error})
     return outs
 
 
@@ -237,8 +220,7 @@ def score_chunk(ctx: Context, rows: Sequence[Row], canvases: dict[str, np.ndarra
             _put(ctx, good_outs, fuse_scores(ctx, ts, im, [len(t.ids) for t in tok], ti, ii))
         else:
             t_emb, i_emb = ctx.model.itc_embeddings(text=ts, image=im)
-            dev = t_emb.device
-            _put(ctx, good_outs, (t_emb[torch.tensor(ti, device=dev)], i_emb[torch.tensor(ii, device=dev)]))
+            _put(ctx, good_outs, (t_emb[ti], i_emb[ii]))
     return outs
 
 

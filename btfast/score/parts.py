@@ -63,11 +63,8 @@ class PartStore(Sink):
             self.close()
             raise
 
-    def _join(self, name: str) -> str:
-        return fs.join(self.url, name)
-
     def _remove(self, name: str) -> None:
-        filesystem, p = fs.filesystem(self._join(name))
+        filesystem, p = fs.filesystem(fs.join(self.url, name))
         filesystem.rm_file(p)
 
     def _open(self, overwrite: bool) -> None:
@@ -83,25 +80,24 @@ class PartStore(Sink):
         # no part yet (a run that failed at its start): no output to protect, start afresh
         if JOB_FILE in names and any(PART_RE.match(n) for n in names) and not overwrite:
             try:
-                record = json.loads(fs.read_bytes(self._join(JOB_FILE)))
+                record = json.loads(fs.read_bytes(fs.join(self.url, JOB_FILE)))
                 old = record["header"]
             except (ValueError, KeyError, TypeError):
                 raise ResumeError(f"{self.out}/{JOB_FILE}: damaged; pass --overwrite to start again") from None
             same_job(old, self.header, self.out)
             self.finished = bool(record.get("finished"))
+            for n in names:
+                m = PART_RE.match(n)
+                info = self._read_meta(fs.join(self.url, n)) if m else None
+                if info is not None:
+                    self.done[int(m.group(1))] = info
+                elif m or TMP_RE.match(n):  # an unreadable part (cannot be ours and complete: redo it), or one cut
+                    self._remove(n)
         else:  # a fresh job (or --overwrite): clear what an earlier job left, then record the header
             for n in names:
                 if n != LOCK_FILE:
                     self._remove(n)
-            names = []
             self._write_job()
-        for n in names:
-            m = PART_RE.match(n)
-            info = self._read_meta(self._join(n)) if m else None
-            if info is not None:
-                self.done[int(m.group(1))] = info
-            elif m or TMP_RE.match(n):  # an unreadable part (cannot be ours and complete: redo it), or one cut
-                self._remove(n)
 
     @staticmethod
     def _read_meta(path: str) -> dict[str, int] | None:
@@ -117,7 +113,7 @@ class PartStore(Sink):
         return {"rows": rows, "errors": errors} if rows == md.num_rows else None
 
     def path(self, k: int) -> str:
-        return self._join(f"part-{k:08d}.parquet")
+        return fs.join(self.url, f"part-{k:08d}.parquet")
 
     def write(self, k: int, table: Any) -> dict[str, int]:
         """Write part k (a pyarrow Table, or rows as dicts with `schema`) whole; its row and error counts go into
@@ -136,19 +132,18 @@ class PartStore(Sink):
         return info
 
     def finish(self, parts: Iterable[int]) -> None:
-        """Mark the job complete once every one of `parts` is written."""
         parts = sorted(parts)
         missing = [k for k in parts if k not in self.done]
         if missing:
             raise RuntimeError(f"cannot finish {self.out}: {len(missing)} parts missing (first {missing[0]})")
         if not self.finished:
             self._write_job(finished=True, parts=len(parts), rows=self.rows_done, errors=self.errors_done)
-            fs.write_atomic(self._join(SUCCESS_FILE), b"")
+            fs.write_atomic(fs.join(self.url, SUCCESS_FILE), b"")
             self.finished = True
 
     def _write_job(self, **record: Any) -> None:
         data = json.dumps({"header": self.header, **record}, indent=1) + "\n"
-        fs.write_atomic(self._join(JOB_FILE), data.encode())
+        fs.write_atomic(fs.join(self.url, JOB_FILE), data.encode())
 
     def close(self) -> None:
         if self._lock_fd is not None:

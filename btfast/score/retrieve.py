@@ -17,6 +17,7 @@ heads' weights; a folder missing a head's weights is refused, never filled with 
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import json
 import os
@@ -29,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from btfast.io.fs import write_atomic
 from btfast.score.config import JobConfig
 from btfast.score.job import LocalExecutor, Summary, _config, run_chunks, stream
 from btfast.score.plan import Chunk, Limits, plan
@@ -65,45 +67,40 @@ def _embed_all(ctx: Any, rows: list[Row], loader: Any, limits: Limits, desc: str
     return emb, errors
 
 
-class _GalleryCache:
-    """The gallery's ITC embeddings beside the output, so a resumed run skips the ITC model altogether.
+def _gallery(cfg: JobConfig, rows: dict[str, list[Row]], header: dict[str, Any], loader: Any, **load: Any) -> Any:
+    """side -> (ITC embeddings, errors): from the file an interrupted run of this job left beside the output, else
+    embedded now and saved there. Keyed by the header and the rows' names and texts (images whose content changed
+    under the same names go unnoticed); the file is removed when the job finishes or with --overwrite."""
+    from btfast.score.engine import Context
 
-    Keyed by the job (its header) and the input rows' names and texts: a file whose images changed content under
-    the same names is not detected. Written atomically; removed when the job finishes or with --overwrite.
-    """
-
-    def __init__(self, out: str | os.PathLike, header: dict[str, Any], rows: list[Row]) -> None:
-        self.path = Path(str(out) + GALLERY_SUFFIX)
-        digest = hashlib.sha256(json.dumps(header, sort_keys=True, default=str).encode())
-        for r in rows:
-            digest.update(json.dumps([r.kind, r.image_name, r.text, r.error], default=str).encode())
-        self.key = digest.hexdigest()
-
-    def load(self) -> dict[str, Side] | None:
-        """side -> (embeddings, errors) from an earlier run of this job, or None."""
-        try:
-            with np.load(self.path, allow_pickle=False) as z:
-                if str(z["key"]) != self.key:
-                    return None
+    path = Path(str(cfg.out) + GALLERY_SUFFIX)
+    digest = hashlib.sha256(json.dumps(header, sort_keys=True, default=str).encode())
+    for r in rows["image"] + rows["text"]:
+        digest.update(json.dumps([r.kind, r.image_name, r.text, r.error], default=str).encode())
+    key = digest.hexdigest()
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["key"]) == key:
                 errors = json.loads(str(z["errors"]))
-                return {side: (z[side], errors[side]) for side in SIDES}
-        except (OSError, KeyError, ValueError):  # none yet, or unreadable: embed again
-            return None
-
-    def save(self, gallery: dict[str, Side]) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        errors = json.dumps({side: err for side, (_, err) in gallery.items()})
-        with open(tmp, "wb") as f:
-            np.savez(f, key=np.array(self.key), errors=np.array(errors), **{s: e for s, (e, _) in gallery.items()})
-        os.replace(tmp, self.path)
+                gallery = {side: (z[side], errors[side]) for side in SIDES}
+                print(f"retrieve: the gallery's ITC embeddings are reused from {path}", file=sys.stderr)
+                return gallery
+    except (OSError, KeyError, ValueError):  # none yet, or unreadable: embed again
+        pass
+    itc = Context.load(cfg.itc_model or cfg.model, "itc", images=loader.pre, **load)
+    gallery = {s: _embed_all(itc, rows[s], loader, cfg.limits, f"itc {s}s", cfg.progress) for s in SIDES}
+    errors = json.dumps({side: err for side, (_, err) in gallery.items()})
+    buf = io.BytesIO()
+    np.savez(buf, key=np.array(key), errors=np.array(errors), **{s: e for s, (e, _) in gallery.items()})
+    write_atomic(path, buf.getvalue())
+    return gallery
 
 
 class _Ranker:
-    """The gallery (ITC embeddings of every image and text) and the ITM model; ranks one chunk of queries."""
+    """The `_gallery` of `rows` (side -> rows) and the ITM model (none with `cfg.rerank=False`: ITC only); ranks one
+    chunk of queries a call. `id_type`: of the results' ids, "string" (Parquet) or "keep"."""
 
-    def __init__(self, cfg: JobConfig, rows: dict[str, list[Row]], rt: Any, id_type: str, cache: _GalleryCache):
-        """Embed the gallery of `rows` (side -> rows), or take it from `cache`, and load the ITM model (none with
-        `cfg.rerank=False`: ITC only). `id_type`: of the results' ids, "string" (Parquet) or "keep"."""
+    def __init__(self, cfg: JobConfig, rows: dict[str, list[Row]], rt: Any, id_type: str) -> None:
         import torch
 
         from btfast.score.engine import Context
@@ -111,21 +108,11 @@ class _Ranker:
 
         itc_pre = cfg.image_preprocessor(cfg.itc_model or cfg.model)
         itm_pre = cfg.image_preprocessor(cfg.model) if cfg.rerank else None
-        self.top_k, self.limits, self.id_type = cfg.top_k, cfg.limits, id_type
-        self.pairs_reranked = 0
+        self.top_k, self.limits, self.id_type, self.pairs_reranked = cfg.top_k, cfg.limits, id_type, 0
         self.loader: Any = ImageLoader(itc_pre, rt.workers)  # workers start while the model loads
         load = {"device": rt.device, "dtype": rt.dtype, "batch_size": rt.batch_size}
         try:
-            gallery = cache.load()
-            if gallery is not None:
-                print(f"retrieve: the gallery's ITC embeddings are reused from {cache.path}", file=sys.stderr)
-            else:
-                itc = Context.load(cfg.itc_model or cfg.model, "itc", images=itc_pre, **load)
-                gallery = {
-                    s: _embed_all(itc, rows[s], self.loader, cfg.limits, f"itc {s}s", cfg.progress) for s in SIDES
-                }
-                del itc  # freed before the ITM model loads
-                cache.save(gallery)
+            gallery = _gallery(cfg, rows, rt.header(cfg), self.loader, **load)  # its ITC model is freed on return
             if itm_pre is None or itm_pre.config != itc_pre.config:  # else one worker pool serves both models
                 self.loader.close()
                 self.loader = None if itm_pre is None else ImageLoader(itm_pre, rt.workers)
@@ -204,12 +191,11 @@ def retrieve_job(cfg: JobConfig) -> Summary:
     source = ShardsSource(cfg, SIDES) if cfg.shards is not None else ListSource(cfg)
     source.check()  # a missing column or a wrong image root: fatal, before any model loads
     rows = dict(zip(SIDES, source.lists()))
-    header = rt.header(cfg)
     schema = retrieve_schema() if output_format(cfg.out) == "parquet" else None
-    sink = ChunkSink(cfg.out, header, overwrite=cfg.overwrite, schema=schema)
-    cache = _GalleryCache(cfg.out, header, rows["image"] + rows["text"])
+    sink = ChunkSink(cfg.out, rt.header(cfg), overwrite=cfg.overwrite, schema=schema)
+    gallery = Path(str(cfg.out) + GALLERY_SUFFIX)
     if cfg.overwrite:
-        cache.path.unlink(missing_ok=True)
+        gallery.unlink(missing_ok=True)
     # texts then images, `chunk_queries` queries a chunk; a chunk holds one direction only (numbers run on)
     size = cfg.chunk_queries
     queries = [r[s : s + size] for r in (rows["text"], rows["image"]) for s in range(0, len(r), size)]
@@ -218,7 +204,7 @@ def retrieve_job(cfg: JobConfig) -> Summary:
     ranker = None
     try:
         if not sink.finished and any(c.index not in sink.done for c in mine):
-            ranker = _Ranker(cfg, rows, rt, "string" if sink.fmt == "parquet" else "keep", cache)
+            ranker = _Ranker(cfg, rows, rt, "string" if sink.fmt == "parquet" else "keep")
         # without a ranker every chunk of this shard is done: this only marks the job finished
         executor = LocalExecutor(None, ranker or (lambda c, x: []))
         total = sum(len(c.rows) for c in mine)
@@ -228,7 +214,7 @@ def retrieve_job(cfg: JobConfig) -> Summary:
             ranker.close()
         sink.close()
     if sink.finished:
-        cache.path.unlink(missing_ok=True)
+        gallery.unlink(missing_ok=True)
     job.seconds = time.perf_counter() - t0
     job.stats = {"images": len(rows["image"]), "texts": len(rows["text"])}
     job.stats["candidate pairs re-ranked by ITM"] = ranker.pairs_reranked if ranker is not None else 0

@@ -91,8 +91,7 @@ class Sink:
 
 
 class ChunkSink(Sink):
-    """One output file (`.jsonl` or `.parquet`) written a chunk at a time; knows which chunks a previous run
-    finished and how many errors they held."""
+    """One output file, `.jsonl` or `.parquet`, written a chunk at a time (see the module doc)."""
 
     def __init__(
         self, out: str | os.PathLike, header: dict[str, Any], overwrite: bool = False, schema: Any = None
@@ -100,11 +99,8 @@ class ChunkSink(Sink):
         self.out = Path(out)
         self.fmt = output_format(out)
         self.header = header
-        self.schema = schema  # pyarrow schema for Parquet (None: inferred per chunk)
         self.progress_path = Path(str(out) + ".btfast-progress")
         self.parts = Path(str(out) + ".btfast-parts")
-        self.done: dict[int, dict[str, Any]] = {}  # chunk -> its record (rows, errors, ...)
-        self.finished = False  # a previous run completed the job
         self._f = self._store = None  # JSONL: OUT open for appending; Parquet: the PartStore of the parts
         if overwrite:
             self.out.unlink(missing_ok=True)
@@ -116,11 +112,8 @@ class ChunkSink(Sink):
                 f"{self.out} exists but has no {self.progress_path.name}: not a btfast output to resume; "
                 "pass --overwrite to replace it"
             )
-        for rec in records or []:
-            if "chunk" in rec:
-                self.done[int(rec["chunk"])] = rec
-            elif rec.get("finished"):
-                self.finished = True
+        self.done: dict[int, dict[str, Any]] = {int(r["chunk"]): r for r in records or [] if "chunk" in r}
+        self.finished = any(r.get("finished") for r in records or [] if "chunk" not in r)  # a previous run completed it
         if records is None or self.finished:  # parts of an earlier job, or left by a kill after `finished`
             shutil.rmtree(self.parts, ignore_errors=True)
         if records is None:  # written whole: a kill leaves a header or no progress file
@@ -132,20 +125,16 @@ class ChunkSink(Sink):
             self.done = self._store.done
         elif self.fmt == "jsonl":
             end = max((int(r["end"]) for r in self.done.values()), default=0)
-            if end == 0 and not self.out.exists():  # a fresh job (or one killed before it created OUT)
-                self.out.touch()
-            size = self.out.stat().st_size if self.out.exists() else -1
+            size = self.out.stat().st_size if self.out.exists() else -1 if end else 0  # -1: OUT lost
             if size < end:
                 raise ResumeError(
                     f"{self.out} is shorter ({size} bytes) than its progress record ({end}): damaged; "
                     "pass --overwrite to start again"
                 )
+            self._f = open(self.out, "ab")  # created by a fresh job (or one killed before it created OUT)
             if size > end:  # the chunk being written when the last run died: drop it, it will be redone
-                with open(self.out, "r+b") as f:
-                    f.truncate(end)
-                    _fsync(f)
-            self._f = open(self.out, "ab")
-            self._offset = end
+                self._f.truncate(end)
+                _fsync(self._f)
         self._progress = open(self.progress_path, "a", encoding="utf-8")
 
     def _read_progress(self) -> list[dict[str, Any]] | None:
@@ -153,19 +142,17 @@ class ChunkSink(Sink):
         if not self.progress_path.exists():
             return None
         data = self.progress_path.read_bytes()
-        lines = data.split(b"\n")  # lines[-1]: after the last newline (torn by a kill, or empty)
-        records, good_end = [], 0  # good_end: bytes of whole, parsable lines
-        for i, line in enumerate(lines[:-1]):
+        *lines, tail = data.split(b"\n")  # tail: after the last newline (torn by a kill, or empty)
+        records = []
+        for i, line in enumerate(lines):
             try:
-                if line.strip():
-                    records.append(json.loads(line))
+                records += [json.loads(line)] if line.strip() else []
             except ValueError:
-                if i == len(lines) - 2 and not lines[-1].strip():
-                    break  # the last record, cut by the kill: that chunk is not done
-                raise ResumeError(
-                    f"{self.progress_path}: damaged record at byte {good_end}; pass --overwrite"
-                ) from None
-            good_end += len(line) + 1
+                if i < len(lines) - 1 or tail.strip():
+                    at = sum(len(x) + 1 for x in lines[:i])
+                    raise ResumeError(f"{self.progress_path}: damaged record at byte {at}; pass --overwrite") from None
+                lines.pop()  # the last record, cut by the kill: that chunk is not done
+        good_end = sum(len(x) + 1 for x in lines)  # bytes of whole, parsable lines
         if good_end < len(data):  # drop the torn tail: new records start on a new line
             with open(self.progress_path, "r+b") as f:
                 f.truncate(good_end)
@@ -180,46 +167,40 @@ class ChunkSink(Sink):
         _fsync(self._progress)
 
     def write(self, chunk: int, rows: Any) -> dict[str, Any]:
-        """Write chunk `chunk`'s rows (dicts, or a pyarrow Table) and record it; returns the record."""
+        """`rows`: dicts, or a pyarrow Table."""
         if self._store is not None:
             return self._store.write(chunk, rows)
         if hasattr(rows, "to_pylist"):
             rows = rows.to_pylist()
-        data = "".join(dumps(r) + "\n" for r in rows).encode("utf-8")
-        self._f.write(data)
+        self._f.write("".join(dumps(r) + "\n" for r in rows).encode("utf-8"))
         _fsync(self._f)
-        self._offset += len(data)
         errors = sum(r.get("status") != "ok" for r in rows)
-        self.done[chunk] = {"chunk": chunk, "rows": len(rows), "errors": errors, "end": self._offset}
+        self.done[chunk] = {"chunk": chunk, "rows": len(rows), "errors": errors, "end": self._f.tell()}  # appended
         self._record(self.done[chunk])
         return self.done[chunk]
 
     def finish(self, all_chunks: Sequence[int]) -> None:
-        """Mark the job complete (Parquet: join the parts into OUT, record them, remove them). Call once every chunk
-        is done."""
-        if not self.finished:
-            self._record(*self._join(sorted(all_chunks)), {"finished": True})
-            self.finished = True
-            shutil.rmtree(self.parts, ignore_errors=True)
+        """Parquet: the parts are first joined, in order, into OUT (through OUT.tmp) and recorded."""
+        if self.finished:
+            return
+        records = []
+        if self._store is not None:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
 
-    def _join(self, chunks: list[int]) -> list[dict[str, Any]]:
-        """Parquet: join the parts of `chunks`, in order, into OUT (through OUT.tmp); returns their records for the
-        progress file. JSONL: nothing to do."""
-        if self._store is None:
-            return []
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        paths = [self._store.path(k) for k in chunks]
-        schema = self.schema or (pq.read_schema(paths[0]).remove_metadata() if paths else pa.schema([]))
-        tmp = Path(str(self.out) + ".tmp")
-        with pq.ParquetWriter(tmp, schema) as writer:
-            for p in paths:
-                writer.write_table(pq.read_table(p).cast(schema))
-            if not paths:  # no rows at all
-                writer.write_table(schema.empty_table())
-        os.replace(tmp, self.out)
-        return [{"chunk": k, **r} for k, r in self.done.items()]
+            paths = [self._store.path(k) for k in sorted(all_chunks)]
+            schema = self._store.schema or (pq.read_schema(paths[0]).remove_metadata() if paths else pa.schema([]))
+            tmp = Path(str(self.out) + ".tmp")
+            with pq.ParquetWriter(tmp, schema) as writer:
+                for p in paths:
+                    writer.write_table(pq.read_table(p).cast(schema))
+                if not paths:  # no rows at all
+                    writer.write_table(schema.empty_table())
+            os.replace(tmp, self.out)
+            records = [{"chunk": k, **r} for k, r in self.done.items()]
+        self._record(*records, {"finished": True})
+        self.finished = True
+        shutil.rmtree(self.parts, ignore_errors=True)
 
     def close(self) -> None:
         for f in (self._f, self._progress, self._store):
