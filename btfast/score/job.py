@@ -154,7 +154,7 @@ def run_chunks(
             desc=desc,
             disable=not (progress and cfg.progress),
             dynamic_ncols=True,
-            smoothing=0.05,  # (on sys.stderr, tqdm's default)
+            smoothing=0.05,
         )
         errors = sink.errors_done
         try:
