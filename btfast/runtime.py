@@ -24,6 +24,8 @@ from tqdm import tqdm
 
 log = logging.getLogger("btfast")
 
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # by name
+
 DEFAULT_BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 DEFAULT_TEXT = (8, 16, 24, 32, 40, 48, 56, 64, 96, 128, 192, 256, 384, 512)
 

@@ -13,8 +13,6 @@ import re
 
 import torch
 
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 # The CPU flags (Linux /proc/cpuinfo) that mean native units for a half-precision matmul
 _CPU_FLAGS = {"bf16": ("avx512_bf16", "amx_bf16"), "fp16": ("avx512_fp16", "amx_fp16")}
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from btfast.benchmark.device import DTYPES
+from btfast.runtime import DTYPES
 
 # category of a profiled op or kernel, by the first pattern its lowercased name matches
 CATEGORIES = (

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from btfast.benchmark import timing
-from btfast.benchmark.device import DTYPES
 from btfast.benchmark.progress import Progress
+from btfast.runtime import DTYPES
 
 
 def _cpu_timer(fn: Callable[[], object]) -> float:

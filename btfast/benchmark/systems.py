@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from btfast.benchmark.device import DTYPES
 from btfast.benchmark.timing import trim_heap
+from btfast.runtime import DTYPES
 
 IMPLS = ("hf-eager", "hf-compile", "btfast", "btfast-torch", "btfast-triton")
 KERNELS = {"btfast": None, "btfast-torch": False, "btfast-triton": "all"}  # btfast impl -> optimize(kernels=...)

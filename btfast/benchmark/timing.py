@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from btfast.benchmark.device import DTYPES, emulated_reason, native
+from btfast.benchmark.device import emulated_reason, native
+from btfast.runtime import DTYPES
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from btfast.benchmark.device import DTYPES  # the --dtype names
 from btfast.preprocess import ImagePreprocessor, TextPreprocessor
+from btfast.runtime import DTYPES  # the --dtype names
 from btfast.score.rows import ImageResolver, Row, image_sources, parse_record
 from btfast.score.schema import EMBED, SCORES, id_value, score_columns
 
